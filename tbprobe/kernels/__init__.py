@@ -1,0 +1,125 @@
+"""Device reductions: statistics and histograms, computed where the tensor lives.
+
+``tensor_stats`` and ``histogram`` run on the tensor's own device with no host sync. Host
+(CPU) tensors and numpy arrays take a parallel sort-based path that is faster than numpy's
+own ``np.histogram``; other devices take the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tbprobe.kernels import host
+from tbprobe.kernels.reference import STAT_NAMES, auto_range, bin_counts, linear_edges, stats_row
+from tbprobe.kernels.reference import tensor_stats as tensor_stats
+
+__all__ = ["STAT_NAMES", "Histogram", "histogram", "tensor_stats", "tensorflow_edges"]
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorflow_edges_np() -> np.ndarray:
+    v, pos = 1e-12, []
+    while v < 1e20:
+        pos.append(v)
+        v *= 1.1
+    edges = np.array([-p for p in reversed(pos)] + [0.0] + pos, dtype=np.float64)
+    edges.flags.writeable = False
+    return edges
+
+
+def tensorflow_edges(device=None) -> torch.Tensor:
+    """TensorBoard's default histogram edges: float64 ``(1549,)``, i.e. 1548 bins."""
+    return torch.from_numpy(_tensorflow_edges_np().copy()).to(device)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """``counts`` int64 ``(n_bins,)``, ``edges`` float64 ``(n_bins + 1,)``, ``stats`` float64
+    ``(len(STAT_NAMES),)``; all on the input's device."""
+
+    counts: torch.Tensor
+    edges: torch.Tensor
+    stats: torch.Tensor
+
+
+def _check_bins(bins, range_):
+    """Validate ``bins``/``range``; returns ("tensorflow" | "linear" | "edges", payload)."""
+    if isinstance(bins, str):
+        if bins != "tensorflow":
+            raise ValueError(
+                f"bins: expected 'tensorflow', an int or a sequence of edges, got {bins!r}"
+            )
+        return "edges", _tensorflow_edges_np()
+    if isinstance(bins, (bool, np.bool_)):
+        raise TypeError("bins: expected 'tensorflow', an int or edges, got a bool")
+    if isinstance(bins, (int, np.integer)):
+        if bins < 1:
+            raise ValueError(f"bins: the number of bins must be at least 1, got {bins}")
+        if range_ is not None:
+            try:
+                lo, hi = (float(v) for v in range_)
+            except (TypeError, ValueError):
+                raise TypeError(f"range: expected (min, max), got {range_!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"range: must be finite, got {range_!r}")
+            if lo > hi:
+                raise ValueError(f"range: max must not be below min, got {range_!r}")
+        return "linear", int(bins)
+    if isinstance(bins, torch.Tensor):
+        bins = bins.detach().cpu().double().numpy()  # sync-ok: user-given edges, tiny
+    try:
+        edges = np.asarray(bins, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"bins: expected 'tensorflow', an int or edges, got {bins!r}") from None
+    if edges.size < 2:
+        raise ValueError(f"bins: expected at least 2 edges, got {edges.size}")
+    if np.isnan(edges).any() or np.any(edges[:-1] > edges[1:]):
+        raise ValueError("bins: edges must increase monotonically and not be NaN")
+    return "edges", edges
+
+
+def histogram(x, bins="tensorflow", range=None) -> Histogram:  # noqa: A002 - numpy's name
+    """Histogram of ``x`` (any shape, any real dtype), equal to ``np.histogram(x.double(), edges)``.
+
+    ``bins``: ``"tensorflow"`` (TensorBoard's default edges), an int (that many linear bins over
+    ``range``, default the finite min..max of ``x``), or the edges. NaN and ±Inf are never
+    counted in bins unless an edge is infinite; they are counted in ``stats``.
+
+    Example::
+
+        h = histogram(torch.randn(1000), bins=10)
+        h.counts.sum()  # 1000
+    """
+    kind, payload = _check_bins(bins, range)
+    if isinstance(x, np.ndarray) or (isinstance(x, torch.Tensor) and x.device.type == "cpu"):
+        return _histogram_host(x, kind, payload, range)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    stats = stats_row(x)
+    if kind == "linear":
+        lo, hi = auto_range(stats, range)
+        edges = linear_edges(lo, hi, payload)
+    else:
+        edges = torch.as_tensor(payload, dtype=torch.float64).to(x.device, non_blocking=True)
+    return Histogram(bin_counts(x, edges), edges, stats)
+
+
+def _histogram_host(x, kind, payload, range_) -> Histogram:
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"x: complex tensors are not supported (got {x.dtype})")
+        x = x.detach()
+        if x.dtype == torch.bfloat16 or "float8" in str(x.dtype):
+            x = x.float()
+        x = x.resolve_conj().resolve_neg().numpy()
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"x: expected real numeric values, got dtype {x.dtype}")
+    counts, edges, stats = host.histogram(x, payload, range_)
+    return Histogram(
+        torch.from_numpy(counts), torch.from_numpy(np.array(edges)), torch.from_numpy(stats)
+    )

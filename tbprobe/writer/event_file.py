@@ -1,0 +1,459 @@
+"""The asynchronous event-file writer: one background thread, a byte-bounded queue, files.
+
+Producers (the training thread) append already-serialised ``Event`` bytes, or a deferred item
+whose bytes depend on a device result, to a deque. The writer thread wakes at least every
+``TICK`` seconds, frames and CRCs the records, and writes them with one ``os.write`` per file,
+so a record reaches the OS within ~100 ms of its ``add_*`` call and a killed process leaves
+only whole records (plus at most one truncated tail, which both TensorBoard readers accept).
+
+Failure policy (DESIGN.md): a write error is stored and re-raised in the producer on its next
+call (or warned about once with ``on_error="warn"``); events that could not be written are
+counted in ``dropped``; a producer never blocks forever. After ``os.fork()`` the child gets a
+fresh queue, thread and file of its own on first use and never touches the parent's file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import errno
+import itertools
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+import weakref
+
+from tbprobe.writer.record import frame, frame_into
+
+TICK = 0.05  # seconds between writer wake-ups: the bound on event-to-OS latency is ~2 ticks
+DEFAULT_MAX_QUEUE_BYTES = 256 << 20  # back-pressure threshold
+_BATCH_BYTES = 4 << 20  # write out once this much is framed
+_SIGNAL_FLUSH_TIMEOUT = 5.0
+FILE_VERSION = "brain.Event:2"
+
+_file_counter = itertools.count()
+_writers: weakref.WeakSet[AsyncEventWriter] = weakref.WeakSet()
+_hooks_installed_pid: int | None = None
+_fork_generation = 0  # bumped in a forked child; cheaper to compare than os.getpid()
+_prev_sigterm = None
+
+
+class Deferred:
+    """A queued event whose bytes are computed on the writer thread (e.g. from a device)."""
+
+    __slots__ = ()
+
+    def resolve(self) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _Barrier:
+    __slots__ = ("done", "fsync")
+
+    def __init__(self, fsync: bool):
+        self.done = threading.Event()
+        self.fsync = fsync
+
+
+_STOP = object()
+
+
+def event_file_name(suffix: str = "") -> str:
+    """``events.out.tfevents.<time>.<host>.<pid>.<counter><suffix>``: unique per process."""
+    return (
+        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+        f".{os.getpid()}.{next(_file_counter)}{suffix}"
+    )
+
+
+class EventFile:
+    """One event file. Only the writer thread writes to it (the constructor aside)."""
+
+    def __init__(self, directory: str, suffix: str, header: list[bytes]):
+        self.directory = directory
+        self.suffix = suffix
+        self.header = header
+        self.fd = -1
+        self.path = ""
+        self.offset = 0  # bytes of whole records written
+        self.open()
+
+    def open(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        self.path = os.path.join(self.directory, event_file_name(self.suffix))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(self.path, flags, 0o644)
+        self.offset = 0
+        self.write(b"".join(frame(h) for h in self.header))
+
+    def write(self, data: bytes) -> None:
+        """Write whole records; on failure cut the file back to its last whole record."""
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(data):
+                n = os.write(self.fd, view[written:])
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+                written += n
+        except OSError:
+            if written:
+                try:
+                    os.ftruncate(self.fd, self.offset)
+                    os.lseek(self.fd, self.offset, os.SEEK_SET)
+                except OSError:
+                    pass
+            raise
+        self.offset += written
+
+    def unlinked(self) -> bool:
+        try:
+            return os.fstat(self.fd).st_nlink == 0
+        except OSError:
+            return True
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's descriptor without touching the file."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+class AsyncEventWriter:
+    """Event files of one run directory (and its sub-runs), fed through one background thread.
+
+    ``put(key, item, nbytes)`` queues ``item`` (``bytes`` of a serialised ``Event``, or a
+    :class:`Deferred`) for the file of sub-directory ``key`` (``None`` is the run itself).
+    """
+
+    def __init__(
+        self,
+        logdir: str,
+        *,
+        filename_suffix: str = "",
+        header: list[bytes],
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        flush_secs: float = 120.0,
+        on_error: str = "raise",
+    ):
+        self.logdir = logdir
+        self._suffix = filename_suffix
+        self._header = header
+        self._max_bytes = max_queue_bytes
+        self._fsync_every = flush_secs
+        self._on_error = on_error
+        self._files: dict[str | None, EventFile] = {}
+        self.dropped = 0
+        self._warned = False
+        self._closed = False
+        self._init_process_state()
+        _install_process_hooks()
+        _writers.add(self)
+        self._files[None] = EventFile(logdir, filename_suffix, header)  # may raise OSError
+        self._start_thread()
+
+    # ------------------------------------------------------------------ producer side
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._generation = _fork_generation
+        self._lock = threading.Lock()
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._dead = False
+
+    def _after_fork(self) -> None:
+        """First use in a forked child: forget the parent's queue, thread and files."""
+        for f in self._files.values():
+            f.forget()
+        self._files = {}
+        self._init_process_state()
+        _register_exit_finalizer()
+        self._start_thread()
+
+    @property
+    def path(self) -> str:
+        f = self._files.get(None)
+        return f.path if f is not None else ""
+
+    def put(self, key: str | None, item, nbytes: int) -> None:
+        if self._generation != _fork_generation:
+            self._after_fork()
+        if self._error is not None:
+            self._surface_error()
+        if self._closed:
+            raise ValueError("the writer is closed")
+        lock = self._lock
+        lock.acquire()
+        self._queue.append((key, item, nbytes))
+        self._bytes_in += nbytes
+        pending = self._bytes_in - self._bytes_out
+        lock.release()
+        if pending > _BATCH_BYTES:
+            if pending > self._max_bytes:
+                self._wait_for_space()
+            else:
+                self._wake.set()
+
+    def _start_thread(self) -> None:
+        t = threading.Thread(target=self._run, name="tbprobe-event-writer", daemon=True)
+        self._thread = t
+        t.start()
+
+    def _wait_for_space(self) -> None:
+        """Back-pressure: wait for the writer thread, which always drains (or drops)."""
+        while self._bytes_in - self._bytes_out > self._max_bytes:
+            if self._dead:
+                self._surface_error()
+                return
+            self._wake.set()
+            time.sleep(0.001)
+
+    def _surface_error(self) -> None:
+        err, self._error = self._error, None
+        if err is None:
+            return
+        if self._on_error == "raise":
+            raise err
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"tbprobe: writing events to {self.logdir} failed ({err}); events are being "
+                "dropped and counted in writer.dropped_events",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def flush(self, fsync: bool = False, timeout: float | None = None) -> bool:
+        """Barrier: return once everything put before it is written (True), or on timeout."""
+        if self._generation != _fork_generation:
+            self._after_fork()
+        done = self._barrier(fsync, timeout)
+        self._surface_error()
+        return done
+
+    def _barrier(self, fsync: bool, timeout: float | None, lock_free: bool = False) -> bool:
+        b = _Barrier(fsync)
+        if lock_free:  # from a signal handler: the interrupted frame may hold self._lock
+            self._queue.append((None, b, 0))
+        else:
+            with self._lock:
+                self._queue.append((None, b, 0))
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not b.done.wait(0.05):
+            if self._dead or not self._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Flush, fsync and close every file, and stop the thread. Idempotent."""
+        if self._closed:
+            return
+        if self._generation != _fork_generation:
+            self._after_fork()
+        try:
+            self._barrier(fsync=True, timeout=None)
+            self._queue.append((None, _STOP, 0))
+            self._wake.set()
+            self._thread.join()
+        finally:
+            self._closed = True
+            for f in self._files.values():
+                with contextlib.suppress(OSError):
+                    f.close()
+            _writers.discard(self)
+        self._surface_error()
+
+    def _fsync_files(self) -> None:
+        for f in self._files.values():
+            try:
+                f.fsync()
+            except OSError as e:
+                self._record_error(e, 0)
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        last_fsync = time.monotonic()
+        try:
+            while True:
+                self._wake.wait(TICK)
+                self._wake.clear()
+                if self._drain():
+                    return
+                if time.monotonic() - last_fsync > self._fsync_every:
+                    last_fsync = time.monotonic()
+                    self._fsync_files()
+        except BaseException as e:  # never die silently: producers must see it
+            self._record_error(e, 0)
+            self._dead = True
+            self._drop_queue()
+
+    def _drain(self) -> bool:
+        """Write out everything queued. Returns True when asked to stop."""
+        batch: dict[str | None, list[bytes]] = {}
+        counts: dict[str | None, int] = {}
+        size = accounted = 0
+        queue = self._queue
+        popleft = queue.popleft
+        while queue:
+            key, item, nbytes = popleft()
+            accounted += nbytes
+            if type(item) is not bytes:
+                if item is _STOP:
+                    self._write_batch(batch, counts)
+                    self._bytes_out += accounted
+                    return True
+                if type(item) is _Barrier:
+                    self._write_batch(batch, counts)
+                    batch, counts, size = {}, {}, 0
+                    if item.fsync:
+                        self._fsync_files()
+                    self._bytes_out += accounted
+                    accounted = 0
+                    item.done.set()
+                    continue
+                try:
+                    item = item.resolve()
+                except Exception as e:  # a bad deferred value must not stop the others
+                    self._warn_resolve(e)
+                    self.dropped += 1
+                    continue
+            parts = batch.get(key)
+            if parts is None:
+                parts = batch[key] = []
+                counts[key] = 0
+            counts[key] += 1
+            size += frame_into(parts, item)
+            if size >= _BATCH_BYTES:
+                self._write_batch(batch, counts)
+                batch, counts, size = {}, {}, 0
+                self._bytes_out += accounted
+                accounted = 0
+        self._write_batch(batch, counts)
+        self._bytes_out += accounted
+        return False
+
+    def _write_batch(self, batch: dict, counts: dict) -> None:
+        for key, records in batch.items():
+            try:
+                f = self._file(key)
+                if f.unlinked():  # the run directory was deleted under us: start a new file
+                    f.close()
+                    f.open()
+                f.write(b"".join(records))
+            except OSError as e:
+                self._record_error(e, counts[key])
+
+    def _file(self, key: str | None) -> EventFile:
+        f = self._files.get(key)
+        if f is None:
+            directory = self.logdir if key is None else os.path.join(self.logdir, key)
+            f = EventFile(directory, self._suffix, self._header[:1])
+            self._files[key] = f
+        return f
+
+    def _record_error(self, e: BaseException, n_dropped: int) -> None:
+        self.dropped += n_dropped
+        if self._error is None:
+            self._error = e
+
+    def _warn_resolve(self, e: Exception) -> None:
+        warnings.warn(
+            f"tbprobe: dropped an event whose value failed: {e!r}", RuntimeWarning, stacklevel=2
+        )
+
+    def _drop_queue(self) -> None:
+        while self._queue:
+            _, item, nbytes = self._queue.popleft()
+            self._bytes_out += nbytes
+            if type(item) is _Barrier:
+                item.done.set()
+            elif item is not _STOP:
+                self.dropped += 1
+
+
+# ---------------------------------------------------------------------- process-wide hooks
+def _close_all() -> None:
+    for w in list(_writers):
+        if w._pid == os.getpid():
+            try:
+                w.close()
+            except Exception as e:  # at exit: report, never raise
+                warnings.warn(f"tbprobe: closing {w.logdir} at exit failed: {e!r}", stacklevel=1)
+
+
+def _flush_all_from_signal() -> None:
+    deadline = time.monotonic() + _SIGNAL_FLUSH_TIMEOUT
+    for w in list(_writers):
+        if w._pid == os.getpid() and w._thread is not None and not w._closed:
+            w._barrier(False, max(0.0, deadline - time.monotonic()), lock_free=True)
+
+
+def _on_sigterm(signum, frame):
+    _flush_all_from_signal()
+    prev = _prev_sigterm
+    if callable(prev):
+        prev(signum, frame)
+    elif prev == signal.SIG_IGN:
+        return
+    else:  # default action: die by the same signal, as the process would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_finalizer_pid: int | None = None
+
+
+def _register_exit_finalizer() -> None:
+    """multiprocessing children leave through ``os._exit``, which skips atexit; their
+    finalizers run, but the registry is emptied when a child starts, so register per process."""
+    global _finalizer_pid
+    if _finalizer_pid == os.getpid():
+        return
+    _finalizer_pid = os.getpid()
+    try:
+        from multiprocessing import util
+
+        util.Finalize(None, _close_all, exitpriority=100)
+    except Exception:  # pragma: no cover - multiprocessing unavailable
+        pass
+
+
+def _forked_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+def _install_process_hooks() -> None:
+    """atexit close, SIGTERM flush (chaining to any handler already installed)."""
+    global _hooks_installed_pid, _prev_sigterm
+    if _hooks_installed_pid is not None:
+        return
+    _hooks_installed_pid = os.getpid()
+    os.register_at_fork(after_in_child=_forked_child)
+    atexit.register(_close_all)
+    _register_exit_finalizer()
+    if threading.current_thread() is threading.main_thread():
+        prev = signal.getsignal(signal.SIGTERM)
+        if prev is not _on_sigterm:
+            _prev_sigterm = prev
+            signal.signal(signal.SIGTERM, _on_sigterm)

@@ -1,0 +1,549 @@
+"""``SummaryWriter``: tensorboardX's API on top of the asynchronous event writer.
+
+The training thread only validates, reduces (on the value's own device) and serialises;
+framing, CRCs, PNG encoding of device images and file I/O happen on the writer thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import socket
+import time
+from datetime import datetime
+
+import numpy as np
+
+from tbprobe.writer import values as _values
+from tbprobe.writer.event_file import (
+    DEFAULT_MAX_QUEUE_BYTES,
+    FILE_VERSION,
+    AsyncEventWriter,
+    Deferred,
+)
+from tbprobe.writer.histogram import NUMPY_BIN_RULES, histogram_value, raw_histogram_value
+from tbprobe.writer.proto import event_pb2
+from tbprobe.writer.record import event_bytes, scalar_event, scalar_head, summary_bytes
+from tbprobe.writer.writer_extras import ExtrasMixin
+
+_time = time.time
+_INVALID_TAG_CHARS = re.compile(r"[^-/\w.]")
+MAX_TAG_LENGTH = 4096
+
+
+def clean_tag(tag, name: str = "tag") -> str:
+    """tensorboardX's tag rule: characters other than ``[-/\\w.]`` become ``_``, leading ``/``
+    are stripped. Raises TypeError for a non-str and ValueError for an empty or huge tag."""
+    if not isinstance(tag, str):
+        raise TypeError(f"{name}: expected a str, got {type(tag).__name__}")
+    if len(tag) > MAX_TAG_LENGTH:
+        raise ValueError(f"{name}: longer than {MAX_TAG_LENGTH} characters ({len(tag)})")
+    cleaned = _INVALID_TAG_CHARS.sub("_", tag).lstrip("/")
+    if not cleaned:
+        raise ValueError(f"{name}: must contain a character other than '/', got {tag!r}")
+    return cleaned
+
+
+def safe_subdir(logdir: str, parts, name: str) -> str:
+    """A relative directory under ``logdir`` built from untrusted ``parts``; never escapes it."""
+    comps = []
+    for p in parts:
+        if not isinstance(p, str):
+            raise TypeError(f"{name}: expected a str, got {type(p).__name__}")
+        for c in re.split(r"[/\\]", p.replace("\x00", "_")):
+            if c in ("", "."):
+                continue
+            comps.append("__" if c == ".." else c)
+    rel = os.path.join(*comps) if comps else "_"
+    root = os.path.realpath(logdir)
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, full]) != root:  # e.g. a symlink inside logdir
+        raise ValueError(f"{name}: {'/'.join(parts)!r} leads outside log_dir")
+    return rel
+
+
+def _check_step(step, name="global_step"):
+    if step is None:
+        return None
+    if isinstance(step, bool):
+        raise TypeError(f"{name}: expected an int, got bool")
+    try:
+        return step.__index__()
+    except (AttributeError, TypeError):
+        raise TypeError(f"{name}: expected an int, got {type(step).__name__}") from None
+
+
+def _check_walltime(walltime):
+    if walltime is None:
+        return time.time()
+    try:
+        w = float(walltime)
+    except (TypeError, ValueError):
+        raise TypeError(f"walltime: expected a number, got {type(walltime).__name__}") from None
+    if not math.isfinite(w):  # TensorBoard's data server marks a file with NaN wall time dead
+        raise ValueError(f"walltime: must be finite, got {walltime!r}")
+    return w
+
+
+class _DeferredScalar(Deferred):
+    __slots__ = ("copy", "head", "step", "wall")
+
+    def __init__(self, copy, head, wall, step):
+        self.copy, self.head, self.wall, self.step = copy, head, wall, step
+
+    def resolve(self) -> bytes:
+        (arr,) = self.copy.arrays()
+        return scalar_event(self.head, float(arr.reshape(())), self.wall, self.step)
+
+
+class DeferredValues(Deferred):
+    """Summary values built on the writer thread from a device result."""
+
+    __slots__ = ("build", "copy", "step", "wall")
+
+    def __init__(self, copy, build, wall, step):
+        self.copy, self.build, self.wall, self.step = copy, build, wall, step
+
+    def resolve(self) -> bytes:
+        values = self.build(*self.copy.arrays())
+        return event_bytes(
+            self.wall, self.step, summary_bytes(v.SerializeToString() for v in values)
+        )
+
+
+class SummaryWriter(ExtrasMixin):
+    """Writes TensorBoard event files; a drop-in for ``tensorboardX.SummaryWriter``.
+
+    Same arguments and methods as tensorboardX 2.6.5, plus:
+
+    - ``log_freq``: an ``add_*`` call whose ``global_step`` is given and not a multiple of
+      ``log_freq`` returns at once, doing no work.
+    - ``on_error``: ``"raise"`` (default) re-raises a failed write's ``OSError`` on the next
+      call; ``"warn"`` warns once and counts dropped events in ``dropped_events``.
+    - ``max_queue_bytes``: bound of the in-memory queue; a full queue makes ``add_*`` wait.
+
+    Events reach the OS within ~100 ms; ``flush()`` is a barrier; ``close()`` also fsyncs.
+    Values may be numbers, numpy arrays or torch tensors on any device: device tensors are
+    reduced where they live and resolved on the writer thread, so the caller never waits.
+
+    Examples::
+
+        from tbprobe import SummaryWriter
+        with SummaryWriter("runs/exp") as w:
+            for step in range(100):
+                w.add_scalar("loss", 1.0 / (step + 1), step)
+    """
+
+    def __init__(
+        self,
+        logdir: str | None = None,
+        comment: str = "",
+        purge_step: int | None = None,
+        max_queue: int = 10,
+        flush_secs: float = 120,
+        filename_suffix: str = "",
+        write_to_disk: bool = True,
+        log_dir: str | None = None,
+        comet_config: dict | None = None,
+        *,
+        log_freq: int = 1,
+        on_error: str = "raise",
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(f"SummaryWriter: unexpected keyword arguments {sorted(kwargs)}")
+        if comet_config not in (None, {"disabled": True}) and not comet_config.get("disabled"):
+            raise ValueError("comet_config: comet logging is not supported by tbprobe")
+        logdir = log_dir if log_dir is not None else logdir
+        if not isinstance(comment, str):
+            raise TypeError(f"comment: expected a str, got {type(comment).__name__}")
+        if logdir is None:
+            stamp = datetime.now().strftime("%b%d_%H-%M-%S")
+            logdir = os.path.join("runs", f"{stamp}_{socket.gethostname()}{comment}")
+        if not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir: expected a str or path, got {type(logdir).__name__}")
+        logdir = os.fspath(logdir)
+        if not logdir or "\x00" in logdir:
+            raise ValueError(f"logdir: expected a directory name, got {logdir!r}")
+        if not isinstance(filename_suffix, str) or re.search(r"[/\\\x00]", filename_suffix):
+            raise ValueError(f"filename_suffix: must be a str without '/', got {filename_suffix!r}")
+        self.purge_step = _check_step(purge_step, "purge_step")
+        for arg, v in (("max_queue", max_queue), ("log_freq", log_freq)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{arg}: expected a positive int, got {v!r}")
+        if not isinstance(flush_secs, (int, float)) or not flush_secs > 0:
+            raise ValueError(f"flush_secs: expected a positive number, got {flush_secs!r}")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error: expected 'raise' or 'warn', got {on_error!r}")
+        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1 << 16:
+            raise ValueError(f"max_queue_bytes: expected an int >= 65536, got {max_queue_bytes!r}")
+        self.logdir = logdir
+        self.log_freq = log_freq
+        self._max_queue = max_queue
+        self._flush_secs = float(flush_secs)
+        self._filename_suffix = filename_suffix
+        self._write_to_disk = bool(write_to_disk)
+        self._on_error = on_error
+        self._max_queue_bytes = max_queue_bytes
+        self._scalar_head: dict[str, bytes] = {}
+        self._meta_sent: set[tuple[str | None, str]] = set()
+        self._defaults: dict | None = None
+        self.scalar_dict: dict[str, list] = {}
+        self._writer: AsyncEventWriter | None = None
+        self._dropped_before = 0
+        self._get_writer()
+
+    # ------------------------------------------------------------------ plumbing
+    def _get_writer(self) -> AsyncEventWriter | None:
+        if self._writer is None and self._write_to_disk:
+            wall = time.time()
+            header = [
+                event_pb2.Event(wall_time=wall, file_version=FILE_VERSION).SerializeToString()
+            ]
+            if self.purge_step is not None:
+                header.append(
+                    event_pb2.Event(
+                        wall_time=wall, step=self.purge_step, file_version=FILE_VERSION
+                    ).SerializeToString()
+                )
+                start = event_pb2.Event(wall_time=wall, step=self.purge_step)
+                start.session_log.status = event_pb2.SessionLog.START
+                header.append(start.SerializeToString())
+            try:
+                self._writer = AsyncEventWriter(
+                    self.logdir,
+                    filename_suffix=self._filename_suffix,
+                    header=header,
+                    max_queue_bytes=self._max_queue_bytes,
+                    flush_secs=self._flush_secs,
+                    on_error=self._on_error,
+                )
+            except OSError:
+                if self._on_error == "raise":
+                    raise
+                import warnings
+
+                warnings.warn(
+                    f"tbprobe: cannot write to {self.logdir}; events are dropped",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._write_to_disk = False
+            self._meta_sent = set()
+        return self._writer
+
+    def _skip(self, step) -> bool:
+        return step is not None and self.log_freq != 1 and step % self.log_freq != 0
+
+    def _step_wall(self, global_step, walltime):
+        if self._defaults is not None:
+            if global_step is None:
+                global_step = self._defaults["global_step"]
+            if walltime is None:
+                walltime = self._defaults["walltime"]
+        return _check_step(global_step), _check_walltime(walltime)
+
+    def _put(self, key: str | None, item, nbytes: int) -> None:
+        w = self._writer if self._writer is not None else self._get_writer()
+        if w is not None:
+            w.put(key, item, nbytes)
+
+    def _emit(self, values, step, wall, key: str | None = None) -> None:
+        """Queue one event holding ``values`` (``Summary.Value`` protos) for file ``key``.
+
+        Plugin metadata goes out once per tag and file: readers keep the first one."""
+        encoded = []
+        for v in values:
+            if v.metadata.plugin_data.plugin_name:
+                seen = (key, v.tag)
+                if seen in self._meta_sent:
+                    v = _without_metadata(v)
+                else:
+                    self._meta_sent.add(seen)
+            encoded.append(v.SerializeToString())
+        data = event_bytes(wall, step, summary_bytes(encoded))
+        self._put(key, data, len(data))
+
+    def _emit_deferred(self, tensors, build, step, wall, key: str | None = None) -> None:
+        from tbprobe.writer.device import host_copy
+
+        copy = host_copy(tensors)
+        nbytes = 256 + sum(t.numel() * t.element_size() for t in tensors)
+        self._put(key, DeferredValues(copy, build, wall, step), nbytes)
+
+    def _emit_event(self, event: event_pb2.Event, key: str | None = None) -> None:
+        data = event.SerializeToString()
+        self._put(key, data, len(data))
+
+    # ------------------------------------------------------------------ scalars
+    def add_scalar(
+        self,
+        tag: str,
+        scalar_value,
+        global_step: int | None = None,
+        walltime: float | None = None,
+        display_name: str = "",
+        summary_description: str = "",
+    ):
+        """Add one scalar: a number, or a one-element array or tensor on any device.
+
+        Examples::
+
+            writer.add_scalar("train/loss", loss, step)   # loss may be a CUDA tensor
+        """
+        if global_step is not None and self.log_freq != 1 and global_step % self.log_freq:
+            return
+        head = self._scalar_head.get(tag)
+        if head is None:
+            head = self._scalar_head[tag] = scalar_head(clean_tag(tag))
+        if type(global_step) is int and walltime is None and self._defaults is None:
+            step, wall = global_step, _time()  # the common case, checked cheaply
+        else:
+            step, wall = self._step_wall(global_step, walltime)
+        if display_name or summary_description:
+            self._add_scalar_with_metadata(
+                tag, scalar_value, step, wall, display_name, summary_description
+            )
+            return
+        t = type(scalar_value)
+        if t is float or t is int:
+            data = scalar_event(head, scalar_value, wall, step)
+        elif _values.is_device_tensor(scalar_value):
+            self._put_device_scalar(head, scalar_value, wall, step)
+            return
+        else:
+            data = scalar_event(head, _values.to_float(scalar_value, "scalar_value"), wall, step)
+        w = self._writer
+        if w is not None:
+            w.put(None, data, len(data))
+        else:
+            self._put(None, data, len(data))
+
+    def _put_device_scalar(self, head, tensor, wall, step) -> None:
+        import torch
+
+        if tensor.numel() != 1:
+            raise ValueError(
+                f"scalar_value: expected a single value, got shape {tuple(tensor.shape)}"
+            )
+        if tensor.is_complex():
+            raise TypeError(f"scalar_value: complex tensors are not supported ({tensor.dtype})")
+        from tbprobe.writer.device import host_copy
+
+        copy = host_copy([tensor.detach().reshape(()).to(torch.float64)])
+        self._put(None, _DeferredScalar(copy, head, wall, step), 64)
+
+    def _add_scalar_with_metadata(self, tag, value, step, wall, display_name, description):
+        from tbprobe.writer.proto import summary_pb2
+
+        for arg, v in (("display_name", display_name), ("summary_description", description)):
+            if not isinstance(v, str):
+                raise TypeError(f"{arg}: expected a str, got {type(v).__name__}")
+        v = summary_pb2.Summary.Value(tag=clean_tag(tag))
+        v.simple_value = _values.to_float(value, "scalar_value")
+        v.metadata.display_name = display_name
+        v.metadata.summary_description = description
+        self._emit([v], step, wall)
+
+    def add_scalars(
+        self,
+        main_tag: str,
+        tag_scalar_dict: dict,
+        global_step: int | None = None,
+        walltime: float | None = None,
+    ):
+        """Several scalars in one chart: each ``tag`` goes to the sub-run ``main_tag/tag``.
+
+        Examples::
+
+            writer.add_scalars("loss", {"train": 0.5, "val": 0.7}, step)
+        """
+        if self._skip(global_step):
+            return
+        if not isinstance(tag_scalar_dict, dict):
+            raise TypeError(
+                f"tag_scalar_dict: expected a dict, got {type(tag_scalar_dict).__name__}"
+            )
+        step, wall = self._step_wall(global_step, walltime)
+        head = scalar_head(clean_tag(main_tag, "main_tag"))
+        for sub, value in tag_scalar_dict.items():
+            key = safe_subdir(self.logdir, [main_tag, sub], "tag_scalar_dict")
+            if _values.is_device_tensor(value):
+                raise TypeError(
+                    "tag_scalar_dict: device tensors are not accepted here (they would need a "
+                    "sync for export_scalars_to_json); pass floats or use add_scalar"
+                )
+            v = _values.to_float(value, f"tag_scalar_dict[{sub!r}]")
+            data = scalar_event(head, v, wall, step)
+            self._put(key, data, len(data))
+            self.scalar_dict.setdefault(os.path.join(self.logdir, main_tag, sub), []).append(
+                [wall, step, v]
+            )
+
+    def export_scalars_to_json(self, path):
+        """Write what ``add_scalars`` logged, ``{run/tag: [[walltime, step, value], ...]}``, to
+        ``path`` as JSON, then forget it (as tensorboardX does)."""
+        with open(path, "w") as f:
+            json.dump(self.scalar_dict, f)
+        self.scalar_dict = {}
+
+    # ------------------------------------------------------------------ histograms
+    def add_histogram(
+        self,
+        tag: str,
+        values,
+        global_step: int | None = None,
+        bins="tensorflow",
+        walltime: float | None = None,
+        max_bins: int | None = None,
+    ):
+        """Histogram of ``values`` (any shape; numbers, arrays or tensors on any device).
+
+        ``bins``: ``"tensorflow"`` (TensorBoard's default exponential bins), a numpy rule
+        (``"auto"``, ``"fd"``, ...), an int, or the edges. NaN and ±Inf are counted apart and
+        reported in the summary description; they never raise or poison min/max/sum.
+
+        Examples::
+
+            writer.add_histogram("weights/fc1", model.fc1.weight, step)
+        """
+        if self._skip(global_step):
+            return
+        tag = clean_tag(tag)
+        step, wall = self._step_wall(global_step, walltime)
+        if max_bins is not None and (
+            isinstance(max_bins, bool) or not isinstance(max_bins, int) or max_bins < 1
+        ):
+            raise ValueError(f"max_bins: expected a positive int or None, got {max_bins!r}")
+        from tbprobe import kernels
+
+        if isinstance(bins, str) and bins in NUMPY_BIN_RULES:
+            self._histogram_numpy_rule(tag, values, bins, max_bins, step, wall)
+            return
+        if _values.is_device_tensor(values):
+            if values.numel() == 0:
+                raise ValueError("values: the histogram input is empty")
+            h = kernels.histogram(values, bins)
+
+            def build(counts, edges, stats):
+                return [histogram_value(tag, counts, edges, stats, max_bins)]
+
+            self._emit_deferred([h.counts, h.edges, h.stats], build, step, wall)
+            return
+        arr = _host_values(values)
+        h = kernels.histogram(arr, bins)
+        value = histogram_value(tag, h.counts.numpy(), h.edges.numpy(), h.stats.numpy(), max_bins)
+        self._emit([value], step, wall)
+
+    def _histogram_numpy_rule(self, tag, values, rule, max_bins, step, wall):
+        from tbprobe import kernels
+
+        def build(arr):
+            flat = np.asarray(arr).reshape(-1)
+            finite = flat[np.isfinite(flat)]
+            edges = np.histogram_bin_edges(finite.astype(np.float64), bins=rule)
+            h = kernels.histogram(flat, edges)
+            return [
+                histogram_value(tag, h.counts.numpy(), h.edges.numpy(), h.stats.numpy(), max_bins)
+            ]
+
+        if _values.is_device_tensor(values):
+            if values.numel() == 0:
+                raise ValueError("values: the histogram input is empty")
+            t = _values.widen_tensor(values, "values").reshape(-1)
+            self._emit_deferred([t], build, step, wall)
+        else:
+            self._emit(build(_host_values(values)), step, wall)
+
+    def add_histogram_raw(
+        self,
+        tag: str,
+        min,  # noqa: A002 - tensorboardX's argument names
+        max,  # noqa: A002
+        num,
+        sum,  # noqa: A002
+        sum_squares,
+        bucket_limits,
+        bucket_counts,
+        global_step: int | None = None,
+        walltime: float | None = None,
+    ):
+        """A histogram from precomputed buckets (right edges ``bucket_limits``)."""
+        if self._skip(global_step):
+            return
+        step, wall = self._step_wall(global_step, walltime)
+        value = raw_histogram_value(
+            clean_tag(tag), min, max, num, sum, sum_squares, bucket_limits, bucket_counts
+        )
+        self._emit([value], step, wall)
+
+    # ------------------------------------------------------------------ lifecycle
+    def get_logdir(self) -> str:
+        """The run directory."""
+        return self.logdir
+
+    @property
+    def dropped_events(self) -> int:
+        """Events that could not be written (write failures with ``on_error="warn"``)."""
+        w = self._writer
+        return self._dropped_before + (w.dropped if w is not None else 0)
+
+    @contextlib.contextmanager
+    def use_metadata(self, *, global_step=None, walltime=None):
+        """Default ``global_step``/``walltime`` for the ``add_*`` calls inside the block.
+
+        Examples::
+
+            with writer.use_metadata(global_step=10):
+                writer.add_scalar("loss", 3.0)
+        """
+        if self._defaults is not None:
+            raise RuntimeError("use_metadata: already inside a use_metadata block")
+        if global_step is None and walltime is None:
+            raise ValueError("use_metadata: give global_step or walltime")
+        self._defaults = {
+            "global_step": _check_step(global_step),
+            "walltime": None if walltime is None else _check_walltime(walltime),
+        }
+        try:
+            yield self
+        finally:
+            self._defaults = None
+
+    def flush(self):
+        """Barrier: when it returns, everything added before it is in the file."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        """Flush, fsync and close the files. Idempotent; a later ``add_*`` opens a new file."""
+        w, self._writer = self._writer, None
+        if w is not None:
+            self._dropped_before += w.dropped
+            w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.close()
+
+
+def _without_metadata(v):
+    from tbprobe.writer.proto import summary_pb2
+
+    copy = summary_pb2.Summary.Value()
+    copy.CopyFrom(v)
+    copy.ClearField("metadata")
+    return copy
+
+
+def _host_values(values) -> np.ndarray:
+    arr = _values.to_numpy(values, "values")
+    if arr.size == 0:
+        raise ValueError("values: the histogram input is empty")
+    return arr

@@ -1,0 +1,203 @@
+"""Histograms and statistics of the torch reference and the host path against numpy in fp64."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tbprobe import kernels
+from tbprobe.kernels import reference
+from tbprobe.kernels.reference import STAT_NAMES
+
+SHAPES = [(), (1,), (17,), (1024,), (1041,), (311, 384), (5, 9999), (0,), (3, 0, 4)]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
+BINS = ["tensorflow", 1, 7, 64, [-3.0, -1.0, 0.0, 0.5, 2.0000001, 5.0]]
+
+
+def _sample(shape, dtype, seed=0, nonfinite=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
+    if dtype.is_floating_point:
+        x = x.to(dtype)
+        if nonfinite and x.numel() >= 4 and dtype not in (torch.float8_e4m3fn,):
+            flat = x.view(-1)
+            flat[0], flat[1], flat[2] = math.nan, math.inf, -math.inf
+        elif nonfinite and x.numel() >= 4:  # e4m3fn has NaN but no infinities
+            x.view(-1)[0] = math.nan
+        return x
+    if dtype == torch.bool:
+        return x > 0
+    info = torch.iinfo(dtype)
+    return (x * 10).clamp(info.min, info.max).to(dtype)
+
+
+def _np_reference(x, bins):
+    xd = x.double().numpy().reshape(-1)
+    if bins == "tensorflow":
+        return np.histogram(xd, kernels.tensorflow_edges().numpy())
+    if isinstance(bins, int):
+        finite = xd[np.isfinite(xd)]
+        return np.histogram(finite, bins)
+    return np.histogram(xd, bins)
+
+
+def _stats_reference(x):
+    xd = x.double().numpy().reshape(-1)
+    fin = xd[np.isfinite(xd)]
+    return np.array(
+        [
+            fin.size,
+            fin.sum(),
+            (fin * fin).sum(),
+            fin.min() if fin.size else math.inf,
+            fin.max() if fin.size else -math.inf,
+            np.abs(fin).max() if fin.size else 0.0,
+            np.isnan(xd).sum(),
+            (xd == math.inf).sum(),
+            (xd == -math.inf).sum(),
+            (xd == 0).sum(),
+        ]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bins", BINS, ids=str)
+def test_counts_equal_numpy_every_dtype(dtype, bins):
+    """Host and torch-reference counts equal np.histogram(x.double()) exactly, every dtype."""
+    x = _sample((311, 384), dtype)
+    ref_counts, ref_edges = _np_reference(x, bins)
+    h = kernels.histogram(x, bins)
+    assert h.counts.dtype == torch.int64
+    np.testing.assert_array_equal(h.counts.numpy(), ref_counts)
+    np.testing.assert_array_equal(h.edges.numpy(), ref_edges)
+    ref = reference.bin_counts(x, torch.from_numpy(ref_edges))
+    np.testing.assert_array_equal(ref.numpy(), ref_counts)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_counts_and_stats_every_shape(shape):
+    """Odd, zero-size and scalar shapes give numpy's counts and fp64 statistics."""
+    x = _sample(shape, torch.float32, seed=1, nonfinite=False)
+    for bins in ("tensorflow", 10):
+        ref_counts, _ = _np_reference(x, bins)
+        h = kernels.histogram(x, bins)
+        np.testing.assert_array_equal(h.counts.numpy(), ref_counts)
+        np.testing.assert_allclose(h.stats.numpy(), _stats_reference(x), rtol=1e-6)
+        np.testing.assert_allclose(reference.stats_row(x).numpy(), _stats_reference(x), rtol=1e-9)
+
+
+def test_noncontiguous_and_transposed():
+    """Non-contiguous and transposed inputs histogram like their contiguous copies."""
+    base = _sample((64, 96), torch.float32, seed=2)
+    for x in (base.t(), base[::3, 1::2], base.t()[5:]):
+        ref_counts, _ = _np_reference(x.contiguous(), 16)
+        np.testing.assert_array_equal(kernels.histogram(x, 16).counts.numpy(), ref_counts)
+
+
+def test_nonfinite_counted_apart_and_never_poison():
+    """NaN/±Inf are counted in stats, left out of bins, and never reach min/max/sum."""
+    x = torch.tensor([1.0, -2.0, math.nan, math.inf, -math.inf, math.nan, 0.0])
+    h = kernels.histogram(x, 4)
+    stats = dict(zip(STAT_NAMES, h.stats.tolist(), strict=True))
+    assert stats == {
+        "count": 3,
+        "sum": -1.0,
+        "sum_sq": 5.0,
+        "min": -2.0,
+        "max": 1.0,
+        "abs_max": 2.0,
+        "nan": 2,
+        "pos_inf": 1,
+        "neg_inf": 1,
+        "zeros": 1,
+    }
+    assert int(h.counts.sum()) == 3
+
+
+def test_all_nan_uses_numpy_default_range():
+    """With no finite value, integer bins span [0, 1] like numpy's empty-input default."""
+    h = kernels.histogram(torch.full((10,), math.nan), 4)
+    np.testing.assert_array_equal(h.edges.numpy(), np.linspace(0, 1, 5))
+    assert int(h.counts.sum()) == 0
+    assert h.stats[3].item() == math.inf and h.stats[4].item() == -math.inf
+
+
+def test_range_and_constant_input():
+    """An explicit range and a constant input follow numpy's edge rules."""
+    x = torch.full((100,), 3.0)
+    np.testing.assert_array_equal(
+        kernels.histogram(x, 3).edges.numpy(), np.histogram(x.double().numpy(), 3)[1]
+    )
+    y = _sample((1000,), torch.float32, nonfinite=False)
+    got = kernels.histogram(y, 5, range=(-1, 1))
+    ref = np.histogram(y.double().numpy(), 5, range=(-1, 1))
+    np.testing.assert_array_equal(got.counts.numpy(), ref[0])
+    np.testing.assert_array_equal(got.edges.numpy(), ref[1])
+
+
+def test_large_parallel_path_matches_numpy():
+    """Arrays big enough for the parallel sort give numpy's counts and fp64 sums (1e-6)."""
+    x = _sample((3_000_017,), torch.float32, seed=3)
+    ref_counts, _ = _np_reference(x, "tensorflow")
+    h = kernels.histogram(x)
+    np.testing.assert_array_equal(h.counts.numpy(), ref_counts)
+    np.testing.assert_allclose(h.stats.numpy(), _stats_reference(x), rtol=1e-6)
+
+
+def test_numpy_input_and_edge_values():
+    """numpy arrays work, and values on edges follow [e_i, e_i+1) with the last bin closed."""
+    edges = [0.0, 1.0, 2.0, 3.0]
+    x = np.array([0.0, 1.0, 2.0, 3.0, 3.0, -0.0, 2.9999], dtype=np.float32)
+    np.testing.assert_array_equal(kernels.histogram(x, edges).counts.numpy(), [2, 1, 4])
+
+
+@pytest.mark.parametrize(
+    "bins, error",
+    [
+        ("auto", ValueError),
+        (0, ValueError),
+        (True, TypeError),
+        ([1.0], ValueError),
+        ([2.0, 1.0], ValueError),
+        ([0.0, math.nan], ValueError),
+        ({"a": 1}, TypeError),
+    ],
+)
+def test_bad_bins(bins, error):
+    """Bad bins raise a clear error naming the argument."""
+    with pytest.raises(error, match="bins"):
+        kernels.histogram(torch.ones(3), bins)
+
+
+def test_bad_inputs():
+    """Complex tensors and bad ranges raise TypeError/ValueError naming the argument."""
+    with pytest.raises(TypeError, match="complex"):
+        kernels.histogram(torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="range"):
+        kernels.histogram(torch.ones(3), 4, range=(2, 1))
+    with pytest.raises(TypeError, match="x"):
+        kernels.histogram("abc")
+    with pytest.raises(ValueError, match="tensors"):
+        kernels.tensor_stats([])
+
+
+def test_tensor_stats_rows():
+    """tensor_stats gives one float64 STAT_NAMES row per tensor."""
+    ts = [_sample((7, 5), torch.float32, seed=s) for s in range(3)] + [torch.zeros(0)]
+    out = kernels.tensor_stats(ts)
+    assert out.shape == (4, len(STAT_NAMES)) and out.dtype == torch.float64
+    for row, t in zip(out, ts, strict=True):
+        np.testing.assert_allclose(row.numpy(), _stats_reference(t), rtol=1e-9)
