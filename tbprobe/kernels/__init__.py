@@ -104,9 +104,22 @@ def histogram(x, bins="tensorflow", range=None) -> Histogram:  # noqa: A002 - nu
     if kind == "linear":
         lo, hi = auto_range(stats, range)
         edges = linear_edges(lo, hi, payload)
+    elif payload is _tensorflow_edges_np():
+        edges = _tensorflow_edges_on(x.device)
     else:
-        edges = torch.as_tensor(payload, dtype=torch.float64).to(x.device, non_blocking=True)
+        edges = torch.as_tensor(payload, dtype=torch.float64).to(x.device)
     return Histogram(bin_counts(x, edges), edges, stats)
+
+
+_edges_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def _tensorflow_edges_on(device: torch.device) -> torch.Tensor:
+    """The default edges, copied to each device once (read-only by convention)."""
+    edges = _edges_by_device.get(device)
+    if edges is None:
+        edges = _edges_by_device[device] = tensorflow_edges(device)
+    return edges
 
 
 def _histogram_host(x, kind, payload, range_) -> Histogram:

@@ -96,14 +96,14 @@ class ExtrasMixin:
     ):
         """A batch of videos ``(N, T, C, H, W)`` as one animated GIF grid (encoded with pillow,
         no moviepy needed)."""
-        from tbprobe.writer import image
+        from tbprobe.writer.video import video_value
 
         if self._skip(global_step):
             return
         tag = self._clean(tag)
         step, wall = self._step_wall(global_step, walltime)
         arr = _values.to_numpy(vid_tensor, "vid_tensor")
-        self._emit([image.video_value(tag, arr, fps=fps, dataformats=dataformats)], step, wall)
+        self._emit([video_value(tag, arr, fps=fps, dataformats=dataformats)], step, wall)
 
     # ------------------------------------------------------------------ audio, text, tensors
     def add_audio(self, tag, snd_tensor, global_step=None, sample_rate=44100, walltime=None):
