@@ -239,10 +239,18 @@ def test_add_embedding_files(tmp_path):
     ours, ref = _both(tmp_path, lambda w: w.add_embedding(mat, meta, imgs, 2, tag="emb"))
     for root in (ours, ref):
         assert os.path.exists(os.path.join(root, "projector_config.pbtxt"))
-    ours_files = sorted(os.path.relpath(os.path.join(r, f), ours)
-                        for r, _, fs in os.walk(ours) for f in fs if "tfevents" not in f)
-    ref_files = sorted(os.path.relpath(os.path.join(r, f), ref)
-                       for r, _, fs in os.walk(ref) for f in fs if "tfevents" not in f)
+    ours_files = sorted(
+        os.path.relpath(os.path.join(r, f), ours)
+        for r, _, fs in os.walk(ours)
+        for f in fs
+        if "tfevents" not in f
+    )
+    ref_files = sorted(
+        os.path.relpath(os.path.join(r, f), ref)
+        for r, _, fs in os.walk(ref)
+        for f in fs
+        if "tfevents" not in f
+    )
     assert ours_files == ref_files
 
 
