@@ -32,6 +32,7 @@ from tbprobe.writer.record import frame, frame_into
 TICK = 0.05  # seconds between writer wake-ups: the bound on event-to-OS latency is ~2 ticks
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20  # back-pressure threshold
 _BATCH_BYTES = 4 << 20  # write out once this much is framed
+_BATCH_CPU_SECONDS = 0.005  # ... or once framing it took this much of the thread's CPU time
 _SIGNAL_FLUSH_TIMEOUT = 5.0
 FILE_VERSION = "brain.Event:2"
 
@@ -205,11 +206,10 @@ class AsyncEventWriter:
         self._bytes_in += nbytes
         pending = self._bytes_in - self._bytes_out
         lock.release()
-        if pending > _BATCH_BYTES:
-            if pending > self._max_bytes:
-                self._wait_for_space()
-            else:
-                self._wake.set()
+        if pending > self._max_bytes:  # checked first: the bound may be below _BATCH_BYTES
+            self._wait_for_space()
+        elif pending > _BATCH_BYTES:
+            self._wake.set()
 
     def _start_thread(self) -> None:
         t = threading.Thread(target=self._run, name="tbprobe-event-writer", daemon=True)
@@ -311,9 +311,14 @@ class AsyncEventWriter:
         """Write out everything queued. Returns True when asked to stop."""
         batch: dict[str | None, list[bytes]] = {}
         counts: dict[str | None, int] = {}
-        size = accounted = 0
+        size = accounted = framed = 0
         queue = self._queue
         popleft = queue.popleft
+        # A producer that never pauses keeps the queue non-empty: write out on a CPU-time budget
+        # (not wall time, which includes waiting for the GIL and would make tiny writes), or
+        # after a tick of wall time (a blocking Deferred), to keep the ~100 ms bound.
+        cpu_deadline = time.thread_time() + _BATCH_CPU_SECONDS
+        wall_deadline = time.monotonic() + TICK
         while queue:
             key, item, nbytes = popleft()
             accounted += nbytes
@@ -343,11 +348,17 @@ class AsyncEventWriter:
                 counts[key] = 0
             counts[key] += 1
             size += frame_into(parts, item)
-            if size >= _BATCH_BYTES:
+            framed += 1
+            if size >= _BATCH_BYTES or (
+                not framed & 255
+                and (time.thread_time() > cpu_deadline or time.monotonic() > wall_deadline)
+            ):
                 self._write_batch(batch, counts)
                 batch, counts, size = {}, {}, 0
                 self._bytes_out += accounted
                 accounted = 0
+                cpu_deadline = time.thread_time() + _BATCH_CPU_SECONDS
+                wall_deadline = time.monotonic() + TICK
         self._write_batch(batch, counts)
         self._bytes_out += accounted
         return False
