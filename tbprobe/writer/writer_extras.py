@@ -154,7 +154,7 @@ class ExtrasMixin:
         )
         if run_metadata is not None:
             ev = event_pb2.Event(wall_time=time.time())
-            ev.tagged_run_metadata.tag = "step1"
+            ev.tagged_run_metadata.tag = "profiler"  # tensorboardX's tag
             ev.tagged_run_metadata.run_metadata = run_metadata.SerializeToString()
             self._emit_event(ev)
 
@@ -316,7 +316,7 @@ class ExtrasMixin:
     def add_hparams(self, hparam_dict, metric_dict, name=None, global_step=None):
         """One hyperparameter session, written to the sub-run ``name`` (default: the time),
         with its metrics as scalars there."""
-        from tbprobe.writer.plugins import hparams_values
+        from tbprobe.writer.hparams import hparams_values
         from tbprobe.writer.record import scalar_event, scalar_head
         from tbprobe.writer.summary_writer import safe_subdir
 

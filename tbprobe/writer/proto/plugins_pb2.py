@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tbprobe/writer/proto/plugins.proto\x12\rtbprobe.proto\x1a\x1cgoogle/protobuf/struct.proto\"!\n\x0eTextPluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\"<\n\x11PrCurvePluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x16\n\x0enum_thresholds\x18\x02 \x01(\r\"\x92\x02\n\x0eMeshPluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12?\n\x0c\x63ontent_type\x18\x03 \x01(\x0e\x32).tbprobe.proto.MeshPluginData.ContentType\x12\x13\n\x0bjson_config\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\x05\x12=\n\ncomponents\x18\x07 \x03(\x0e\x32).tbprobe.proto.MeshPluginData.ContentType\"=\n\x0b\x43ontentType\x12\r\n\tUNDEFINED\x10\x00\x12\n\n\x06VERTEX\x10\x01\x12\x08\n\x04\x46\x41\x43\x45\x10\x02\x12\t\n\x05\x43OLOR\x10\x03\"$\n\x15MultilineChartContent\x12\x0b\n\x03tag\x18\x01 \x03(\t\"\x85\x01\n\x12MarginChartContent\x12\x38\n\x06series\x18\x01 \x03(\x0b\x32(.tbprobe.proto.MarginChartContent.Series\x1a\x35\n\x06Series\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\t\x12\r\n\x05upper\x18\x03 \x01(\t\"\x91\x01\n\x05\x43hart\x12\r\n\x05title\x18\x01 \x01(\t\x12\x39\n\tmultiline\x18\x02 \x01(\x0b\x32$.tbprobe.proto.MultilineChartContentH\x00\x12\x33\n\x06margin\x18\x03 \x01(\x0b\x32!.tbprobe.proto.MarginChartContentH\x00\x42\t\n\x07\x63ontent\"N\n\x08\x43\x61tegory\x12\r\n\x05title\x18\x01 \x01(\t\x12#\n\x05\x63hart\x18\x02 \x03(\x0b\x32\x14.tbprobe.proto.Chart\x12\x0e\n\x06\x63losed\x18\x03 \x01(\x08\"D\n\x06Layout\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12)\n\x08\x63\x61tegory\x18\x02 \x03(\x0b\x32\x17.tbprobe.proto.Category\"0\n\x08Interval\x12\x11\n\tmin_value\x18\x01 \x01(\x01\x12\x11\n\tmax_value\x18\x02 \x01(\x01\"\xe7\x01\n\nHParamInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x04type\x18\x04 \x01(\x0e\x32\x1d.tbprobe.proto.HParamDataType\x12\x35\n\x0f\x64omain_discrete\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x12\x32\n\x0f\x64omain_interval\x18\x06 \x01(\x0b\x32\x17.tbprobe.proto.IntervalH\x00\x42\x08\n\x06\x64omain\"(\n\nMetricName\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"`\n\nMetricInfo\x12\'\n\x04name\x18\x01 \x01(\x0b\x32\x19.tbprobe.proto.MetricName\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\xba\x01\n\nExperiment\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x19\n\x11time_created_secs\x18\x03 \x01(\x01\x12/\n\x0chparam_infos\x18\x04 \x03(\x0b\x32\x19.tbprobe.proto.HParamInfo\x12/\n\x0cmetric_infos\x18\x05 \x03(\x0b\x32\x19.tbprobe.proto.MetricInfo\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xee\x01\n\x10SessionStartInfo\x12=\n\x07hparams\x18\x01 \x03(\x0b\x32,.tbprobe.proto.SessionStartInfo.HparamsEntry\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x13\n\x0bmonitor_url\x18\x03 \x01(\t\x12\x12\n\ngroup_name\x18\x04 \x01(\t\x12\x17\n\x0fstart_time_secs\x18\x05 \x01(\x01\x1a\x46\n\x0cHparamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"U\n\x0eSessionEndInfo\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.tbprobe.proto.SessionStatus\x12\x15\n\rend_time_secs\x18\x02 \x01(\x01\"\xd7\x01\n\x11HParamsPluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12/\n\nexperiment\x18\x02 \x01(\x0b\x32\x19.tbprobe.proto.ExperimentH\x00\x12=\n\x12session_start_info\x18\x03 \x01(\x0b\x32\x1f.tbprobe.proto.SessionStartInfoH\x00\x12\x39\n\x10session_end_info\x18\x04 \x01(\x0b\x32\x1d.tbprobe.proto.SessionEndInfoH\x00\x42\x06\n\x04\x64\x61ta*f\n\x0eHParamDataType\x12\x13\n\x0f\x44\x41TA_TYPE_UNSET\x10\x00\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x01\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x03*_\n\rSessionStatus\x12\x12\n\x0eSTATUS_UNKNOWN\x10\x00\x12\x12\n\x0eSTATUS_SUCCESS\x10\x01\x12\x12\n\x0eSTATUS_FAILURE\x10\x02\x12\x12\n\x0eSTATUS_RUNNING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tbprobe/writer/proto/plugins.proto\x12\rtbprobe.proto\x1a\x1cgoogle/protobuf/struct.proto\"!\n\x0eTextPluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\"<\n\x11PrCurvePluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x16\n\x0enum_thresholds\x18\x02 \x01(\r\"\xe7\x01\n\x0eMeshPluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12?\n\x0c\x63ontent_type\x18\x03 \x01(\x0e\x32).tbprobe.proto.MeshPluginData.ContentType\x12\x13\n\x0bjson_config\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\x05\x12\x12\n\ncomponents\x18\x07 \x01(\r\"=\n\x0b\x43ontentType\x12\r\n\tUNDEFINED\x10\x00\x12\n\n\x06VERTEX\x10\x01\x12\x08\n\x04\x46\x41\x43\x45\x10\x02\x12\t\n\x05\x43OLOR\x10\x03\"$\n\x15MultilineChartContent\x12\x0b\n\x03tag\x18\x01 \x03(\t\"\x85\x01\n\x12MarginChartContent\x12\x38\n\x06series\x18\x01 \x03(\x0b\x32(.tbprobe.proto.MarginChartContent.Series\x1a\x35\n\x06Series\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\t\x12\r\n\x05upper\x18\x03 \x01(\t\"\x91\x01\n\x05\x43hart\x12\r\n\x05title\x18\x01 \x01(\t\x12\x39\n\tmultiline\x18\x02 \x01(\x0b\x32$.tbprobe.proto.MultilineChartContentH\x00\x12\x33\n\x06margin\x18\x03 \x01(\x0b\x32!.tbprobe.proto.MarginChartContentH\x00\x42\t\n\x07\x63ontent\"N\n\x08\x43\x61tegory\x12\r\n\x05title\x18\x01 \x01(\t\x12#\n\x05\x63hart\x18\x02 \x03(\x0b\x32\x14.tbprobe.proto.Chart\x12\x0e\n\x06\x63losed\x18\x03 \x01(\x08\"D\n\x06Layout\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12)\n\x08\x63\x61tegory\x18\x02 \x03(\x0b\x32\x17.tbprobe.proto.Category\"0\n\x08Interval\x12\x11\n\tmin_value\x18\x01 \x01(\x01\x12\x11\n\tmax_value\x18\x02 \x01(\x01\"\xe7\x01\n\nHParamInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x04type\x18\x04 \x01(\x0e\x32\x1d.tbprobe.proto.HParamDataType\x12\x35\n\x0f\x64omain_discrete\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x12\x32\n\x0f\x64omain_interval\x18\x06 \x01(\x0b\x32\x17.tbprobe.proto.IntervalH\x00\x42\x08\n\x06\x64omain\"(\n\nMetricName\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"`\n\nMetricInfo\x12\'\n\x04name\x18\x01 \x01(\x0b\x32\x19.tbprobe.proto.MetricName\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\xba\x01\n\nExperiment\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x19\n\x11time_created_secs\x18\x03 \x01(\x01\x12/\n\x0chparam_infos\x18\x04 \x03(\x0b\x32\x19.tbprobe.proto.HParamInfo\x12/\n\x0cmetric_infos\x18\x05 \x03(\x0b\x32\x19.tbprobe.proto.MetricInfo\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xee\x01\n\x10SessionStartInfo\x12=\n\x07hparams\x18\x01 \x03(\x0b\x32,.tbprobe.proto.SessionStartInfo.HparamsEntry\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x13\n\x0bmonitor_url\x18\x03 \x01(\t\x12\x12\n\ngroup_name\x18\x04 \x01(\t\x12\x17\n\x0fstart_time_secs\x18\x05 \x01(\x01\x1a\x46\n\x0cHparamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"U\n\x0eSessionEndInfo\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.tbprobe.proto.SessionStatus\x12\x15\n\rend_time_secs\x18\x02 \x01(\x01\"\xd7\x01\n\x11HParamsPluginData\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12/\n\nexperiment\x18\x02 \x01(\x0b\x32\x19.tbprobe.proto.ExperimentH\x00\x12=\n\x12session_start_info\x18\x03 \x01(\x0b\x32\x1f.tbprobe.proto.SessionStartInfoH\x00\x12\x39\n\x10session_end_info\x18\x04 \x01(\x0b\x32\x1d.tbprobe.proto.SessionEndInfoH\x00\x42\x06\n\x04\x64\x61ta*f\n\x0eHParamDataType\x12\x13\n\x0f\x44\x41TA_TYPE_UNSET\x10\x00\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x01\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x03*_\n\rSessionStatus\x12\x12\n\x0eSTATUS_UNKNOWN\x10\x00\x12\x12\n\x0eSTATUS_SUCCESS\x10\x01\x12\x12\n\x0eSTATUS_FAILURE\x10\x02\x12\x12\n\x0eSTATUS_RUNNING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,46 +24,46 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_SESSIONSTARTINFO_HPARAMSENTRY']._options = None
   _globals['_SESSIONSTARTINFO_HPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_HPARAMDATATYPE']._serialized_start=2088
-  _globals['_HPARAMDATATYPE']._serialized_end=2190
-  _globals['_SESSIONSTATUS']._serialized_start=2192
-  _globals['_SESSIONSTATUS']._serialized_end=2287
+  _globals['_HPARAMDATATYPE']._serialized_start=2045
+  _globals['_HPARAMDATATYPE']._serialized_end=2147
+  _globals['_SESSIONSTATUS']._serialized_start=2149
+  _globals['_SESSIONSTATUS']._serialized_end=2244
   _globals['_TEXTPLUGINDATA']._serialized_start=83
   _globals['_TEXTPLUGINDATA']._serialized_end=116
   _globals['_PRCURVEPLUGINDATA']._serialized_start=118
   _globals['_PRCURVEPLUGINDATA']._serialized_end=178
   _globals['_MESHPLUGINDATA']._serialized_start=181
-  _globals['_MESHPLUGINDATA']._serialized_end=455
-  _globals['_MESHPLUGINDATA_CONTENTTYPE']._serialized_start=394
-  _globals['_MESHPLUGINDATA_CONTENTTYPE']._serialized_end=455
-  _globals['_MULTILINECHARTCONTENT']._serialized_start=457
-  _globals['_MULTILINECHARTCONTENT']._serialized_end=493
-  _globals['_MARGINCHARTCONTENT']._serialized_start=496
-  _globals['_MARGINCHARTCONTENT']._serialized_end=629
-  _globals['_MARGINCHARTCONTENT_SERIES']._serialized_start=576
-  _globals['_MARGINCHARTCONTENT_SERIES']._serialized_end=629
-  _globals['_CHART']._serialized_start=632
-  _globals['_CHART']._serialized_end=777
-  _globals['_CATEGORY']._serialized_start=779
-  _globals['_CATEGORY']._serialized_end=857
-  _globals['_LAYOUT']._serialized_start=859
-  _globals['_LAYOUT']._serialized_end=927
-  _globals['_INTERVAL']._serialized_start=929
-  _globals['_INTERVAL']._serialized_end=977
-  _globals['_HPARAMINFO']._serialized_start=980
-  _globals['_HPARAMINFO']._serialized_end=1211
-  _globals['_METRICNAME']._serialized_start=1213
-  _globals['_METRICNAME']._serialized_end=1253
-  _globals['_METRICINFO']._serialized_start=1255
-  _globals['_METRICINFO']._serialized_end=1351
-  _globals['_EXPERIMENT']._serialized_start=1354
-  _globals['_EXPERIMENT']._serialized_end=1540
-  _globals['_SESSIONSTARTINFO']._serialized_start=1543
-  _globals['_SESSIONSTARTINFO']._serialized_end=1781
-  _globals['_SESSIONSTARTINFO_HPARAMSENTRY']._serialized_start=1711
-  _globals['_SESSIONSTARTINFO_HPARAMSENTRY']._serialized_end=1781
-  _globals['_SESSIONENDINFO']._serialized_start=1783
-  _globals['_SESSIONENDINFO']._serialized_end=1868
-  _globals['_HPARAMSPLUGINDATA']._serialized_start=1871
-  _globals['_HPARAMSPLUGINDATA']._serialized_end=2086
+  _globals['_MESHPLUGINDATA']._serialized_end=412
+  _globals['_MESHPLUGINDATA_CONTENTTYPE']._serialized_start=351
+  _globals['_MESHPLUGINDATA_CONTENTTYPE']._serialized_end=412
+  _globals['_MULTILINECHARTCONTENT']._serialized_start=414
+  _globals['_MULTILINECHARTCONTENT']._serialized_end=450
+  _globals['_MARGINCHARTCONTENT']._serialized_start=453
+  _globals['_MARGINCHARTCONTENT']._serialized_end=586
+  _globals['_MARGINCHARTCONTENT_SERIES']._serialized_start=533
+  _globals['_MARGINCHARTCONTENT_SERIES']._serialized_end=586
+  _globals['_CHART']._serialized_start=589
+  _globals['_CHART']._serialized_end=734
+  _globals['_CATEGORY']._serialized_start=736
+  _globals['_CATEGORY']._serialized_end=814
+  _globals['_LAYOUT']._serialized_start=816
+  _globals['_LAYOUT']._serialized_end=884
+  _globals['_INTERVAL']._serialized_start=886
+  _globals['_INTERVAL']._serialized_end=934
+  _globals['_HPARAMINFO']._serialized_start=937
+  _globals['_HPARAMINFO']._serialized_end=1168
+  _globals['_METRICNAME']._serialized_start=1170
+  _globals['_METRICNAME']._serialized_end=1210
+  _globals['_METRICINFO']._serialized_start=1212
+  _globals['_METRICINFO']._serialized_end=1308
+  _globals['_EXPERIMENT']._serialized_start=1311
+  _globals['_EXPERIMENT']._serialized_end=1497
+  _globals['_SESSIONSTARTINFO']._serialized_start=1500
+  _globals['_SESSIONSTARTINFO']._serialized_end=1738
+  _globals['_SESSIONSTARTINFO_HPARAMSENTRY']._serialized_start=1668
+  _globals['_SESSIONSTARTINFO_HPARAMSENTRY']._serialized_end=1738
+  _globals['_SESSIONENDINFO']._serialized_start=1740
+  _globals['_SESSIONENDINFO']._serialized_end=1825
+  _globals['_HPARAMSPLUGINDATA']._serialized_start=1828
+  _globals['_HPARAMSPLUGINDATA']._serialized_end=2043
 # @@protoc_insertion_point(module_scope)
