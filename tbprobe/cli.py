@@ -61,7 +61,9 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"step {step:4d}  loss {loss.item():.4f}  acc {acc.item():.2f}", flush=True)
         w.add_text("about", f"tbprobe demo: {args.steps} steps on {device}")
     print(f"done in {time.perf_counter() - t0:.1f}s; events in {logdir}")
-    print(f"look at it:  tensorboard --logdir {logdir}")
+    tb = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    tb = tb if os.path.exists(tb) else "tensorboard"
+    print(f"look at it:  {tb} --logdir {logdir}")
     return 0
 
 

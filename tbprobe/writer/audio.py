@@ -17,7 +17,6 @@ import numpy as np
 from tbprobe.writer.proto import summary_pb2
 from tbprobe.writer.values import to_numpy
 
-_PCM16_SCALE = 0x7FFF  # libsndfile's float -> 16-bit factor
 _MAX_SAMPLE_RATE = (2**32 - 1) // 4  # the WAV header's byte rate (rate * 4 for stereo) is u32
 _MAX_WAV_DATA = 2**32 - 64  # the WAV data chunk size is u32
 
@@ -57,14 +56,16 @@ def to_frames(snd, name: str = "snd_tensor") -> np.ndarray:
 
 
 def to_pcm16(frames: np.ndarray) -> np.ndarray:
-    """Little-endian int16 samples of ``(L, C)`` amplitudes, clipped to [-1, 1].
+    """Little-endian int16 samples of ``(L, C)`` amplitudes clipped to [-1, 1], converted as
+    libsndfile 1.2 (tensorboardX's writer, through soundfile) does: ``floor(x * 32768)``,
+    saturated to [-32768, 32767].
 
     Example: ``to_pcm16(np.array([[0.5], [2.0]]))`` -> ``[[16384], [32767]]``.
     """
-    work = np.float32 if frames.dtype in (np.float32, np.float16) else np.float64
-    x = np.clip(frames.astype(work, copy=False), -1, 1)  # a copy: clip never aliases input
-    x *= work(_PCM16_SCALE)
-    return np.rint(x, out=x).astype("<i2")
+    x = np.clip(frames.astype(np.float64), -1.0, 1.0)
+    x *= 32768.0
+    np.floor(x, out=x)
+    return np.clip(x, -32768, 32767).astype("<i2")
 
 
 def encode_wav(pcm16: np.ndarray, sample_rate: int) -> bytes:

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import socket
 import time
 from datetime import datetime
-
-import numpy as np
 
 from tbprobe.writer import values as _values
 from tbprobe.writer.event_file import (
@@ -24,68 +21,13 @@ from tbprobe.writer.event_file import (
     AsyncEventWriter,
     Deferred,
 )
-from tbprobe.writer.histogram import NUMPY_BIN_RULES, histogram_value, raw_histogram_value
+from tbprobe.writer.naming import _check_step, _check_walltime, clean_tag, safe_subdir
 from tbprobe.writer.proto import event_pb2
 from tbprobe.writer.record import event_bytes, scalar_event, scalar_head, summary_bytes
 from tbprobe.writer.writer_extras import ExtrasMixin
+from tbprobe.writer.writer_histograms import HistogramMixin
 
-_time = time.time
-_INVALID_TAG_CHARS = re.compile(r"[^-/\w.]")
-MAX_TAG_LENGTH = 4096
-
-
-def clean_tag(tag, name: str = "tag") -> str:
-    """tensorboardX's tag rule: characters other than ``[-/\\w.]`` become ``_``, leading ``/``
-    are stripped. Raises TypeError for a non-str and ValueError for an empty or huge tag."""
-    if not isinstance(tag, str):
-        raise TypeError(f"{name}: expected a str, got {type(tag).__name__}")
-    if len(tag) > MAX_TAG_LENGTH:
-        raise ValueError(f"{name}: longer than {MAX_TAG_LENGTH} characters ({len(tag)})")
-    cleaned = _INVALID_TAG_CHARS.sub("_", tag).lstrip("/")
-    if not cleaned:
-        raise ValueError(f"{name}: must contain a character other than '/', got {tag!r}")
-    return cleaned
-
-
-def safe_subdir(logdir: str, parts, name: str) -> str:
-    """A relative directory under ``logdir`` built from untrusted ``parts``; never escapes it."""
-    comps = []
-    for p in parts:
-        if not isinstance(p, str):
-            raise TypeError(f"{name}: expected a str, got {type(p).__name__}")
-        for c in re.split(r"[/\\]", p.replace("\x00", "_")):
-            if c in ("", "."):
-                continue
-            comps.append("__" if c == ".." else c)
-    rel = os.path.join(*comps) if comps else "_"
-    root = os.path.realpath(logdir)
-    full = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([root, full]) != root:  # e.g. a symlink inside logdir
-        raise ValueError(f"{name}: {'/'.join(parts)!r} leads outside log_dir")
-    return rel
-
-
-def _check_step(step, name="global_step"):
-    if step is None:
-        return None
-    if isinstance(step, bool):
-        raise TypeError(f"{name}: expected an int, got bool")
-    try:
-        return step.__index__()
-    except (AttributeError, TypeError):
-        raise TypeError(f"{name}: expected an int, got {type(step).__name__}") from None
-
-
-def _check_walltime(walltime):
-    if walltime is None:
-        return time.time()
-    try:
-        w = float(walltime)
-    except (TypeError, ValueError):
-        raise TypeError(f"walltime: expected a number, got {type(walltime).__name__}") from None
-    if not math.isfinite(w):  # TensorBoard's data server marks a file with NaN wall time dead
-        raise ValueError(f"walltime: must be finite, got {walltime!r}")
-    return w
+_time = time.time  # bound once: add_scalar's hot path
 
 
 class _DeferredScalar(Deferred):
@@ -114,7 +56,7 @@ class DeferredValues(Deferred):
         )
 
 
-class SummaryWriter(ExtrasMixin):
+class SummaryWriter(HistogramMixin, ExtrasMixin):
     """Writes TensorBoard event files; a drop-in for ``tensorboardX.SummaryWriter``.
 
     Same arguments and methods as tensorboardX 2.6.5, plus:
@@ -391,97 +333,6 @@ class SummaryWriter(ExtrasMixin):
             json.dump(self.scalar_dict, f)
         self.scalar_dict = {}
 
-    # ------------------------------------------------------------------ histograms
-    def add_histogram(
-        self,
-        tag: str,
-        values,
-        global_step: int | None = None,
-        bins="tensorflow",
-        walltime: float | None = None,
-        max_bins: int | None = None,
-    ):
-        """Histogram of ``values`` (any shape; numbers, arrays or tensors on any device).
-
-        ``bins``: ``"tensorflow"`` (TensorBoard's default exponential bins), a numpy rule
-        (``"auto"``, ``"fd"``, ...), an int, or the edges. NaN and ±Inf are counted apart and
-        reported in the summary description; they never raise or poison min/max/sum.
-
-        Examples::
-
-            writer.add_histogram("weights/fc1", model.fc1.weight, step)
-        """
-        if self._skip(global_step):
-            return
-        tag = clean_tag(tag)
-        step, wall = self._step_wall(global_step, walltime)
-        if max_bins is not None and (
-            isinstance(max_bins, bool) or not isinstance(max_bins, int) or max_bins < 1
-        ):
-            raise ValueError(f"max_bins: expected a positive int or None, got {max_bins!r}")
-        from tbprobe import kernels
-
-        if isinstance(bins, str) and bins in NUMPY_BIN_RULES:
-            self._histogram_numpy_rule(tag, values, bins, max_bins, step, wall)
-            return
-        if _values.is_device_tensor(values):
-            if values.numel() == 0:
-                raise ValueError("values: the histogram input is empty")
-            h = kernels.histogram(values, bins)
-
-            def build(counts, edges, stats):
-                return [histogram_value(tag, counts, edges, stats, max_bins)]
-
-            self._emit_deferred([h.counts, h.edges, h.stats], build, step, wall)
-            return
-        arr = _host_values(values)
-        h = kernels.histogram(arr, bins)
-        value = histogram_value(tag, h.counts.numpy(), h.edges.numpy(), h.stats.numpy(), max_bins)
-        self._emit([value], step, wall)
-
-    def _histogram_numpy_rule(self, tag, values, rule, max_bins, step, wall):
-        from tbprobe import kernels
-
-        def build(arr):
-            flat = np.asarray(arr).reshape(-1)
-            finite = flat[np.isfinite(flat)]
-            edges = np.histogram_bin_edges(finite.astype(np.float64), bins=rule)
-            h = kernels.histogram(flat, edges)
-            return [
-                histogram_value(tag, h.counts.numpy(), h.edges.numpy(), h.stats.numpy(), max_bins)
-            ]
-
-        if _values.is_device_tensor(values):
-            if values.numel() == 0:
-                raise ValueError("values: the histogram input is empty")
-            t = _values.widen_tensor(values, "values").reshape(-1)
-            self._emit_deferred([t], build, step, wall)
-        else:
-            self._emit(build(_host_values(values)), step, wall)
-
-    def add_histogram_raw(
-        self,
-        tag: str,
-        min,  # noqa: A002 - tensorboardX's argument names
-        max,  # noqa: A002
-        num,
-        sum,  # noqa: A002
-        sum_squares,
-        bucket_limits,
-        bucket_counts,
-        global_step: int | None = None,
-        walltime: float | None = None,
-    ):
-        """A histogram from precomputed buckets (right edges ``bucket_limits``)."""
-        if self._skip(global_step):
-            return
-        step, wall = self._step_wall(global_step, walltime)
-        value = raw_histogram_value(
-            clean_tag(tag), min, max, num, sum, sum_squares, bucket_limits, bucket_counts
-        )
-        self._emit([value], step, wall)
-
-    # ------------------------------------------------------------------ lifecycle
     def get_logdir(self) -> str:
         """The run directory."""
         return self.logdir
@@ -540,10 +391,3 @@ def _without_metadata(v):
     copy.CopyFrom(v)
     copy.ClearField("metadata")
     return copy
-
-
-def _host_values(values) -> np.ndarray:
-    arr = _values.to_numpy(values, "values")
-    if arr.size == 0:
-        raise ValueError("values: the histogram input is empty")
-    return arr

@@ -317,8 +317,8 @@ class ExtrasMixin:
         """One hyperparameter session, written to the sub-run ``name`` (default: the time),
         with its metrics as scalars there."""
         from tbprobe.writer.hparams import hparams_values
+        from tbprobe.writer.naming import safe_subdir
         from tbprobe.writer.record import scalar_event, scalar_head
-        from tbprobe.writer.summary_writer import safe_subdir
 
         if not isinstance(metric_dict, dict):
             raise TypeError(f"metric_dict: expected a dict, got {type(metric_dict).__name__}")
@@ -333,6 +333,6 @@ class ExtrasMixin:
             self._put(key, data, len(data))
 
     def _clean(self, tag, name="tag"):
-        from tbprobe.writer.summary_writer import clean_tag
+        from tbprobe.writer.naming import clean_tag
 
         return clean_tag(tag, name)

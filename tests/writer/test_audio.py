@@ -1,9 +1,11 @@
 """Audio clips: 16-bit PCM WAV decoded with the stdlib ``wave`` module and compared with the
-samples libsndfile (tensorboardX's encoder) writes: ``lrint(clip(x, -1, 1) * 32767)``."""
+samples libsndfile 1.2 (tensorboardX's encoder, via soundfile) writes, measured:
+``floor(clip(x, -1, 1) * 32768)`` saturated to int16."""
 
 from __future__ import annotations
 
 import io
+import math
 import wave
 
 import numpy as np
@@ -29,20 +31,13 @@ def decode(value):
 
 
 def libsndfile_samples(x) -> np.ndarray:
-    """Reference, one sample at a time: libsndfile's float->PCM16 after tensorboardX's clip.
-
-    float32 input is scaled in float32 (``lrintf``), everything else in float64 (``lrint``);
-    Python's round() is half-to-even like the default FP rounding mode.
-    """
-    arr = np.asarray(x)
-    single = arr.dtype in (np.float32, np.float16)
+    """Reference, one sample at a time: libsndfile 1.2's float->PCM16 after tensorboardX's
+    clip, as measured with soundfile 0.13 (floor of x * 32768, saturated)."""
+    arr = np.asarray(x, dtype=np.float64)
     out = np.empty(arr.shape, np.int16)
     for idx, v in np.ndenumerate(arr):
-        if single:
-            scaled = np.float32(min(max(np.float32(v), -1), 1)) * np.float32(32767)
-        else:
-            scaled = min(max(float(v), -1.0), 1.0) * 32767.0
-        out[idx] = round(float(scaled))
+        scaled = math.floor(min(max(float(v), -1.0), 1.0) * 32768.0)
+        out[idx] = min(max(scaled, -32768), 32767)
     return out
 
 
@@ -69,19 +64,19 @@ def test_shapes_and_dtypes(shape, dtype):
     np.testing.assert_array_equal(samples, libsndfile_samples(x).reshape(len(x), -1))
 
 
-def test_rounding_boundaries_half_to_even():
-    """Values scaling to exact halves round to even, in the input's precision."""
-    halves = (np.arange(-6, 7) + 0.5) / 32767.0
+def test_rounding_boundaries_floor():
+    """Values near sample boundaries round down, as libsndfile does."""
+    halves = (np.arange(-6, 7) + 0.5) / 32768.0
     samples, _, _ = decode(audio_value("a", halves))
     np.testing.assert_array_equal(samples[:, 0], libsndfile_samples(halves))
-    assert samples[6, 0] == 0 and samples[7, 0] == 2  # 0.5 -> 0, 1.5 -> 2
+    assert samples[6, 0] == 0 and samples[7, 0] == 1  # 0.5 -> 0, 1.5 -> 1
 
 
 def test_out_of_range_and_infinities_are_clipped():
-    """Amplitudes beyond [-1, 1], including infinities, clip to +-32767 (never -32768)."""
+    """Amplitudes beyond [-1, 1], including infinities, clip to 32767 and -32768."""
     x = np.array([2.0, -2.0, np.inf, -np.inf, 1.0, -1.0, 0.0])
     samples, _, _ = decode(audio_value("a", x))
-    assert samples[:, 0].tolist() == [32767, -32767, 32767, -32767, 32767, -32767, 0]
+    assert samples[:, 0].tolist() == [32767, -32768, 32767, -32768, 32767, -32768, 0]
 
 
 def test_torch_inputs_incl_bf16_and_ints():
@@ -90,7 +85,7 @@ def test_torch_inputs_incl_bf16_and_ints():
     samples, _, _ = decode(audio_value("a", t))
     np.testing.assert_array_equal(samples[:, 0], libsndfile_samples(t.float().numpy()))
     samples, _, _ = decode(audio_value("a", torch.tensor([-3, 0, 1, 5])))
-    assert samples[:, 0].tolist() == [-32767, 0, 32767, 32767]
+    assert samples[:, 0].tolist() == [-32768, 0, 32767, 32767]
 
 
 def test_tensorboard_reads_the_value():
