@@ -322,6 +322,8 @@ class ExtrasMixin:
 
         if not isinstance(metric_dict, dict):
             raise TypeError(f"metric_dict: expected a dict, got {type(metric_dict).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name: expected a str or None, got {type(name).__name__}")
         run = name if name else str(time.time())
         key = safe_subdir(self.logdir, [run], "name")
         step, wall = self._step_wall(global_step, None)
