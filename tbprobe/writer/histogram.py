@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tbprobe.writer.proto import summary_pb2
+from tbprobe.writer.values import to_float, to_numpy
 
 NUMPY_BIN_RULES = ("auto", "fd", "doane", "scott", "stone", "rice", "sturges", "sqrt")
 
@@ -74,8 +75,8 @@ def raw_histogram_value(
     bucket_counts,  # noqa: A002
 ) -> summary_pb2.Summary.Value:
     """``add_histogram_raw``: the caller's buckets, checked for matching lengths."""
-    limits = np.asarray(bucket_limits, dtype=np.float64).reshape(-1)
-    counts = np.asarray(bucket_counts, dtype=np.float64).reshape(-1)
+    limits = to_numpy(bucket_limits, "bucket_limits").astype(np.float64).reshape(-1)
+    counts = to_numpy(bucket_counts, "bucket_counts").astype(np.float64).reshape(-1)
     if len(limits) != len(counts):
         raise ValueError(
             f"bucket_limits and bucket_counts: lengths differ ({len(limits)} != {len(counts)})"
@@ -84,8 +85,8 @@ def raw_histogram_value(
         raise ValueError("bucket_limits: expected at least one bucket")
     value = summary_pb2.Summary.Value(tag=tag)
     h = value.histo
-    h.min, h.max, h.num = float(min), float(max), float(num)
-    h.sum, h.sum_squares = float(sum), float(sum_squares)
+    h.min, h.max, h.num = to_float(min, "min"), to_float(max, "max"), to_float(num, "num")
+    h.sum, h.sum_squares = to_float(sum, "sum"), to_float(sum_squares, "sum_squares")
     h.bucket_limit.extend(limits.tolist())
     h.bucket.extend(counts.tolist())
     return value

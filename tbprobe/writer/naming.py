@@ -33,7 +33,12 @@ def safe_subdir(logdir: str, parts, name: str) -> str:
         for c in re.split(r"[/\\]", p.replace("\x00", "_")):
             if c in ("", "."):
                 continue
-            comps.append("__" if c == ".." else c)
+            c = "__" if c == ".." else c
+            if len(c.encode("utf-8", "surrogatepass")) > 255:  # NAME_MAX on every common FS
+                raise ValueError(
+                    f"{name}: a path component is longer than 255 bytes: {c[:40]!r}..."
+                )
+            comps.append(c)
     rel = os.path.join(*comps) if comps else "_"
     root = os.path.realpath(logdir)
     full = os.path.realpath(os.path.join(root, rel))
