@@ -31,6 +31,7 @@ from tbprobe.writer.record import frame, frame_into
 
 TICK = 0.05  # seconds between writer wake-ups: the bound on event-to-OS latency is ~2 ticks
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20  # back-pressure threshold
+STALL_TIMEOUT = 60.0  # a full queue and no write progress for this long: drop, don't hang
 _BATCH_BYTES = 4 << 20  # write out once this much is framed
 _BATCH_CPU_SECONDS = 0.005  # ... or once framing it took this much of the thread's CPU time
 _SIGNAL_FLUSH_TIMEOUT = 5.0
@@ -178,6 +179,8 @@ class AsyncEventWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._dead = False
+        self._stall_warned = False
+        self._stalled_out: int | None = None
 
     def _after_fork(self) -> None:
         """First use in a forked child: forget the parent's queue, thread and files."""
@@ -200,15 +203,16 @@ class AsyncEventWriter:
             self._surface_error()
         if self._closed:
             raise ValueError("the writer is closed")
+        if self._bytes_in - self._bytes_out > self._max_bytes and not self._wait_for_space():
+            self.dropped += 1  # the writer is stuck: keep memory bounded, never hang training
+            return
         lock = self._lock
         lock.acquire()
         self._queue.append((key, item, nbytes))
         self._bytes_in += nbytes
         pending = self._bytes_in - self._bytes_out
         lock.release()
-        if pending > self._max_bytes:  # checked first: the bound may be below _BATCH_BYTES
-            self._wait_for_space()
-        elif pending > _BATCH_BYTES:
+        if pending > _BATCH_BYTES:
             self._wake.set()
 
     def _start_thread(self) -> None:
@@ -216,14 +220,35 @@ class AsyncEventWriter:
         self._thread = t
         t.start()
 
-    def _wait_for_space(self) -> None:
-        """Back-pressure: wait for the writer thread, which always drains (or drops)."""
+    def _wait_for_space(self) -> bool:
+        """Back-pressure: wait while the writer thread makes progress. Returns False (the
+        caller drops the event) when it is dead or has written nothing for STALL_TIMEOUT s."""
+        if self._stalled_out is not None:  # already found stuck: drop at once until it moves
+            if self._bytes_out == self._stalled_out:
+                return False
+            self._stalled_out = None
+        last_out, last_change = self._bytes_out, time.monotonic()
         while self._bytes_in - self._bytes_out > self._max_bytes:
             if self._dead:
                 self._surface_error()
-                return
+                return False
+            if self._bytes_out != last_out:
+                last_out, last_change = self._bytes_out, time.monotonic()
+            elif time.monotonic() - last_change > STALL_TIMEOUT:
+                self._stalled_out = last_out
+                if not self._stall_warned:
+                    self._stall_warned = True
+                    warnings.warn(
+                        f"tbprobe: the event writer for {self.logdir} made no progress for "
+                        f"{STALL_TIMEOUT:.0f} s with a full queue; new events are dropped and "
+                        "counted in dropped_events until it recovers",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                return False
             self._wake.set()
             time.sleep(0.001)
+        return True
 
     def _surface_error(self) -> None:
         err, self._error = self._error, None

@@ -360,3 +360,30 @@ def test_histogram_any_input_never_crashes_badly(tmp_path_factory, values, bins)
     (_, v) = values_by_tag(d)["h"][0]
     finite = [x for x in values if math.isfinite(x)]
     assert v.histo.num == len(finite)
+
+
+def test_stuck_writer_never_hangs_training(logdir, monkeypatch):
+    """With a full queue and a writer that makes no progress, add_* returns and counts drops."""
+    import threading
+
+    from tbprobe.writer import event_file
+
+    monkeypatch.setattr(event_file, "STALL_TIMEOUT", 0.2)
+    gate = threading.Event()
+    real_write = event_file.EventFile.write
+
+    def stuck_write(self, data):
+        gate.wait()
+        real_write(self, data)
+
+    w = SummaryWriter(logdir, max_queue_bytes=1 << 16)
+    monkeypatch.setattr(event_file.EventFile, "write", stuck_write)
+    payload = "x" * 2000
+    with pytest.warns(RuntimeWarning, match="no progress"):
+        for i in range(200):  # ~400 KB of text events against a 64 KiB bound
+            w.add_text("t", payload, i)
+    assert w.dropped_events > 0
+    gate.set()
+    w.close()
+    written = sum(1 for ev in read_events(logdir, errors="raise") if ev.summary.value)
+    assert written + w.dropped_events == 200

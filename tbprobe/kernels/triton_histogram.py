@@ -1,0 +1,417 @@
+"""Triton histograms equal to ``np.histogram(x.double(), edges)``, on the device, no host sync.
+
+Each element's bin is found in the kernel in one of three ways, picked by the caller's ``kind``:
+
+- ``"tensorflow"``: TensorBoard's exponential edges. A guess from ``log|x|`` in fp32 is at most
+  one bin off, and numpy's ±1 correction against the edges in memory makes it exact.
+- ``"linear"``: ``n`` equal bins over ``[e_0, e_n]``: numpy's fast-path formula
+  ``(x - lo) / (hi - lo) * n`` and the same ±1 correction numpy applies after it.
+- ``"edges"``: any increasing edges: a branch-free binary search, ``ceil(log2(n + 1))`` steps.
+
+Every comparison is ``x`` in float64 against the float64 edges, as numpy compares ``x.double()``.
+A program counts its blocks in registers with ``tl.histogram`` (one extra bin takes NaN and
+out-of-range values) and adds its non-zero bins to the int64 counts with atomics once, at the
+end; the grid is a few programs per SM, so the atomic traffic is ``n_bins x programs`` whatever
+the size of ``x``, and no second launch reduces partials. More than ``_MAX_REGISTER_BINS`` bins
+do not fit in registers: then each element adds itself to the counts with an atomic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from tbprobe.kernels import reference
+from tbprobe.kernels.triton_stats import tensor_stats
+
+__all__ = ["KINDS", "bin_counts", "histogram", "histogram_many"]
+
+KINDS = ("tensorflow", "linear", "edges")
+# torch dtype -> (element type loaded, widen through fp32, format decoded from the raw bits).
+# bf16 and fp8 are read as integers and decoded exactly in the kernel: the interpreter's own
+# conversions flush bf16 subnormals and turn fp8 NaN/Inf into finite numbers, and the decode is
+# a few integer ops on every GPU.
+_ELEMENT = {
+    torch.float32: (tl.float32, False, ""),
+    torch.float64: (tl.float64, False, ""),
+    torch.float16: (tl.float16, True, ""),
+    torch.bfloat16: (tl.int16, False, "bf16"),
+    torch.float8_e4m3fn: (tl.uint8, False, "e4m3fn"),
+    torch.float8_e5m2: (tl.uint8, False, "e5m2"),
+    torch.int8: (tl.int8, False, ""),
+    torch.int16: (tl.int16, False, ""),
+    torch.int32: (tl.int32, False, ""),
+    torch.int64: (tl.int64, False, ""),
+    torch.uint8: (tl.uint8, False, ""),
+    torch.bool: (tl.uint8, False, ""),  # one byte holding 0 or 1
+}
+_VIEW = {  # the raw bits of the dtypes decoded in the kernel
+    torch.bool: torch.uint8,
+    torch.bfloat16: torch.int16,
+    torch.float8_e4m3fn: torch.uint8,
+    torch.float8_e5m2: torch.uint8,
+}
+_MAX_REGISTER_BINS = 2048  # 1548 "tensorflow" bins pad to 2048; more would spill registers
+_N_TF_EDGES = 1549
+_INT32_SAFE = 1 << 30  # elements per program at most, so its int32 counts cannot overflow
+_TABLE_CACHE_SIZE = 64
+_LN_1E_12 = tl.constexpr(math.log(1e-12))
+_INV_LN_1_1 = tl.constexpr(1.0 / math.log(1.1))
+
+
+@triton.jit
+def _bits_to_f32(b_bits, FORMAT: tl.constexpr):
+    """bf16 / fp8 bits -> fp32 exactly. bf16: the top half of an fp32; e5m2: the top byte of an
+    fp16; e4m3fn (bias 7, no Inf): ``(-1)^s * 2^(e-7) * (1 + m/8)``, ``m * 2^-9`` when
+    ``e == 0``, NaN when ``e`` and ``m`` are all ones."""
+    b = b_bits.to(tl.int32)  # int16 sign-extends (shifted out below), uint8 zero-extends
+    if FORMAT == "bf16":
+        return (b << 16).to(tl.float32, bitcast=True)
+    if FORMAT == "e5m2":
+        return (b << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    e = (b >> 3) & 15
+    m = b & 7
+    b_mag = ((e + 120) << 23 | m << 20).to(tl.float32, bitcast=True)
+    b_mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, b_mag)
+    b_mag = tl.where((b & 127) == 127, float("nan"), b_mag)
+    return tl.where(b >= 128, -b_mag, b_mag)
+
+
+@triton.jit
+def _correct(b_x, b_i, p_edges, n_bins):
+    """numpy's fast-path correction of a guess ``i`` in ``[0, n)``: ``i -= x < e[i]``, then
+    ``i += x >= e[i + 1]`` unless ``i`` is the last bin. Exact when ``i`` is at most one off."""
+    b_i = tl.maximum(tl.where(b_x < tl.load(p_edges + b_i), b_i - 1, b_i), 0)
+    m_up = (b_x >= tl.load(p_edges + b_i + 1)) & (b_i != n_bins - 1)
+    return tl.where(m_up, b_i + 1, b_i)
+
+
+@triton.jit
+def _bin_index(b_x, m_ok, p_edges, n_bins, KIND: tl.constexpr, N_STEPS: tl.constexpr):
+    """Bin ``i`` in ``[0, n)`` with ``e_i <= x < e_{i+1}`` (``x == e_n`` in the last bin) where
+    ``m_ok``; any index in ``[0, n)`` elsewhere."""
+    if KIND == "tensorflow":
+        # Positive edges are 1e-12 * 1.1**k (to 1e-13 relative), the 0.0 edge is edge n/2, the
+        # negative ones mirror them. k ~ log(|x| / 1e-12) / log(1.1); the fp32 log is off by
+        # < 1e-3 in k, so floor(k) is off by at most one bin, which _correct repairs.
+        b_a = tl.where(m_ok, tl.abs(b_x), 1.0)
+        b_a = tl.minimum(tl.maximum(b_a, 1e-13), 1e21).to(tl.float32)
+        b_k = tl.maximum(tl.floor((tl.log(b_a) - _LN_1E_12) * _INV_LN_1_1), -1.0).to(tl.int32)
+        half = n_bins // 2
+        b_i = tl.where(b_x >= 0, half + 1 + b_k, half - 2 - b_k)
+        b_i = _correct(b_x, tl.minimum(tl.maximum(b_i, 0), n_bins - 1), p_edges, n_bins)
+    elif KIND == "linear":
+        lo = tl.load(p_edges)  # linspace puts lo and hi at both ends exactly
+        hi = tl.load(p_edges + n_bins)
+        b_f = (tl.where(m_ok, b_x, lo) - lo) / (hi - lo) * n_bins  # numpy's order of operations
+        b_i = _correct(b_x, tl.minimum(b_f.to(tl.int32), n_bins - 1), p_edges, n_bins)
+    else:
+        # The largest i in [0, n] with e_i <= x, one bit per step; i = n (x == e_n) joins bin n-1.
+        b_i = tl.zeros(b_x.shape, tl.int32)
+        for s in tl.static_range(N_STEPS):
+            b_j = tl.minimum(b_i + (1 << (N_STEPS - 1 - s)), n_bins)
+            b_i = tl.where(tl.load(p_edges + b_j) <= b_x, b_j, b_i)
+        b_i = tl.minimum(b_i, n_bins - 1)
+    return b_i
+
+
+@triton.jit
+def _histogram_kernel(
+    x_ptr, numel, edges_ptr, edges_stride, counts_ptr, n_bins,
+    X_DTYPE: tl.constexpr, MULTI: tl.constexpr, WIDEN_F32: tl.constexpr, BITS: tl.constexpr,
+    KIND: tl.constexpr,
+    N_STEPS: tl.constexpr, IN_REGISTERS: tl.constexpr, NUM_BINS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``counts[r, i] += #{x in t : e_i <= x < e_{i+1}}`` (last bin closed), ``x`` in float64.
+    Program ``(t, p)`` reads blocks ``p, p + P, ...`` of tensor ``t`` (``MULTI``: row ``t`` of an
+    int64 table ``(address, numel, r)``; else ``x_ptr``, ``numel``, ``r = 0``), counts them in
+    int32 registers (bin ``n_bins`` takes NaN and out-of-range) and atomically adds its non-zero
+    bins to the int64 row ``r`` once. Edges of row ``r`` start at ``edges_ptr + r * stride``."""
+    i_t = tl.program_id(0)
+    i_p = tl.program_id(1)
+    if MULTI:
+        p_row = x_ptr + i_t * 3
+        p_x = tl.load(p_row).to(tl.pointer_type(X_DTYPE))
+        n_x = tl.load(p_row + 1)
+        i_r = tl.load(p_row + 2)
+    else:
+        p_x = x_ptr
+        n_x = numel
+        i_r = 0
+    p_edges = edges_ptr + i_r * edges_stride
+    p_counts = counts_ptr + i_r * n_bins
+    e_first = tl.load(p_edges)
+    e_last = tl.load(p_edges + n_bins)
+    b_hist = tl.zeros((NUM_BINS,), tl.int32)
+    step = tl.num_programs(1).to(tl.int64) * BLOCK
+    for start in range(i_p.to(tl.int64) * BLOCK, n_x, step):  # int64: over 2^31 elements
+        o_x = start + tl.arange(0, BLOCK)
+        m_x = o_x < n_x
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0)
+        if BITS != "":
+            b_x = _bits_to_f32(b_x, BITS)
+        if WIDEN_F32:  # fp16 -> fp32 -> fp64, both exact
+            b_x = b_x.to(tl.float32)
+        b_x = b_x.to(tl.float64)
+        m_ok = m_x & (b_x >= e_first) & (b_x <= e_last)  # NaN fails both
+        b_i = _bin_index(b_x, m_ok, p_edges, n_bins, KIND, N_STEPS)
+        if IN_REGISTERS:
+            b_hist += tl.histogram(tl.where(m_ok, b_i, n_bins), NUM_BINS)
+        else:
+            b_one = tl.full((BLOCK,), 1, tl.int64)
+            tl.atomic_add(p_counts + b_i, b_one, mask=m_ok, sem="relaxed")
+    if IN_REGISTERS:
+        o_bin = tl.arange(0, NUM_BINS)
+        m_bin = (o_bin < n_bins) & (b_hist > 0)
+        tl.atomic_add(p_counts + o_bin, b_hist.to(tl.int64), mask=m_bin, sem="relaxed")
+
+
+def _flat(x, name: str) -> torch.Tensor:
+    """Contiguous 1-D view (a copy only when needed)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{name}: complex tensors are not supported (got {x.dtype})")
+    if x.dtype not in _ELEMENT:
+        raise TypeError(f"{name}: unsupported dtype {x.dtype}")
+    return x.detach().reshape(-1).contiguous()
+
+
+def _element_args(dtype: torch.dtype) -> dict:
+    element, widen, bits = _ELEMENT[dtype]
+    return dict(X_DTYPE=element, WIDEN_F32=widen, BITS=bits)
+
+
+@functools.lru_cache(maxsize=16)
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another
+
+
+def _config(n_bins: int, kind: str, device: torch.device) -> dict:
+    num_bins = triton.next_power_of_2(n_bins + 1)  # + the bin for NaN and out-of-range
+    in_registers = num_bins <= _MAX_REGISTER_BINS
+    block = 2048 if num_bins >= 1024 else 1024
+    if device.type != "cuda":  # the interpreter pays per operation, not per element
+        block = 8192
+    return dict(
+        KIND=kind,
+        N_STEPS=max(1, n_bins.bit_length()),  # 2**N_STEPS > n: reaches every index 0..n
+        IN_REGISTERS=in_registers,
+        NUM_BINS=num_bins if in_registers else 32,
+        BLOCK=block,
+        num_warps=4,
+    )
+
+
+def _programs(numel: int, n_tensors: int, device: torch.device, block: int) -> int:
+    """Programs per tensor: together a few per SM, each at most ``_INT32_SAFE`` elements."""
+    per_tensor = max(1, triton.cdiv(_target_programs(device), n_tensors))
+    return max(min(triton.cdiv(numel, block), per_tensor), triton.cdiv(numel, _INT32_SAFE))
+
+
+def _check_edges(edges, device: torch.device, kind: str) -> int:
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if not isinstance(edges, torch.Tensor) or edges.dtype != torch.float64 or edges.dim() != 1:
+        raise TypeError("edges: expected a 1-D float64 tensor")
+    if edges.numel() < 2 or edges.device != device:
+        raise ValueError(f"edges: expected >= 2 edges on {device}, got {edges.numel()}")
+    if kind == "tensorflow" and edges.numel() != _N_TF_EDGES:
+        raise ValueError(f"edges: 'tensorflow' expects {_N_TF_EDGES} edges, got {edges.numel()}")
+    return edges.numel() - 1
+
+
+def _launch_one(flat: torch.Tensor, edges: torch.Tensor, kind: str, counts: torch.Tensor) -> None:
+    """``counts += `` the bins of ``flat``; ``counts`` int64 ``(n_bins,)``, zeroed by the caller."""
+    if flat.numel() == 0:
+        return
+    n_bins = edges.numel() - 1
+    cfg = _config(n_bins, kind, flat.device)
+    grid = (1, _programs(flat.numel(), 1, flat.device, cfg["BLOCK"]))
+    x = flat.view(_VIEW.get(flat.dtype, flat.dtype))
+    _histogram_kernel[grid](
+        x, flat.numel(), edges, 0, counts, n_bins, MULTI=False, **_element_args(flat.dtype), **cfg
+    )
+
+
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _device_table(rows: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+    """int64 ``(len(rows), 3)`` on ``device``, built in pinned memory and copied non_blocking;
+    cached, since parameters and gradients keep their addresses from step to step."""
+    key = (device, tuple(rows))
+    if device.type == "cuda":  # a table copied on one stream is only known ready on that one
+        key += (torch.cuda.current_stream(device).cuda_stream,)
+    table = _tables.get(key)
+    if table is None:
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        table = _tables[key] = host.to(device, non_blocking=True)
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    return table
+
+
+def _launch_many(flats, edges, edges_stride, kind, counts) -> None:
+    """Row ``r`` of ``counts`` (int64 ``(T, n_bins)``, zeroed) ``+=`` the bins of ``flats[r]``;
+    one launch per dtype."""
+    n_bins = counts.shape[1]
+    cfg = _config(n_bins, kind, counts.device)
+    groups: dict[torch.dtype, list[int]] = {}
+    for r, flat in enumerate(flats):
+        if flat.numel():
+            groups.setdefault(flat.dtype, []).append(r)
+    for dtype, rows in groups.items():
+        table = _device_table(
+            [(flats[r].data_ptr(), flats[r].numel(), r) for r in rows], counts.device
+        )
+        largest = max(flats[r].numel() for r in rows)
+        grid = (len(rows), _programs(largest, len(rows), counts.device, cfg["BLOCK"]))
+        _histogram_kernel[grid](
+            table, 0, edges, edges_stride, counts, n_bins, MULTI=True, **_element_args(dtype), **cfg
+        )
+
+
+def bin_counts(x: torch.Tensor, edges: torch.Tensor, kind: str = "edges") -> torch.Tensor:
+    """int64 ``(n_bins,)`` counts of ``x`` (any shape, flattened) with numpy's rule: bins
+    ``[e_i, e_{i+1})``, the last one closed, NaN never counted, ±Inf only on an infinite edge.
+
+    ``edges``: float64 ``(n_bins + 1,)`` on ``x``'s device, increasing. ``kind`` says how the
+    kernel finds a bin: ``"tensorflow"`` (``edges`` must be ``tensorflow_edges()``),
+    ``"linear"`` (``edges`` must be ``linear_edges(lo, hi, n_bins)``) or ``"edges"`` (any).
+
+    Example::
+
+        bin_counts(x, torch.tensor([0.0, 0.5, 1.0], device=x.device))  # (2,)
+    """
+    flat = _flat(x, "x")
+    n_bins = _check_edges(edges, flat.device, kind)
+    counts = torch.zeros(n_bins, dtype=torch.int64, device=flat.device)
+    _launch_one(flat, edges.contiguous(), kind, counts)
+    return counts
+
+
+_edges_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float64 host array on ``device`` with no sync: pinned memory, non_blocking copy."""
+    host = torch.from_numpy(np.array(array, dtype=np.float64))
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _tensorflow_edges(device: torch.device) -> torch.Tensor:
+    edges = _edges_by_device.get(device)
+    if edges is None:
+        from tbprobe.kernels import _tensorflow_edges_np
+
+        edges = _edges_by_device[device] = _to_device(_tensorflow_edges_np(), device)
+    return edges
+
+
+def _explicit_range(range_, n: int, device: torch.device):
+    """numpy's outer edges of a given range as float64 ``(n,)`` device tensors, with no copy."""
+    lo, hi = float(range_[0]), float(range_[1])
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    full = functools.partial(torch.full, (n,), dtype=torch.float64, device=device)
+    return full(lo), full(hi)
+
+
+def _linear_edges_rows(lo: torch.Tensor, hi: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``reference.linear_edges`` row by row: float64 ``(T, n_bins + 1)`` from ``(T,)`` ends,
+    numpy's ``linspace`` bit for bit (the same operations in the same order)."""
+    lo, hi = lo[:, None], hi[:, None]
+    delta = hi - lo
+    steps = torch.arange(n_bins + 1, dtype=torch.float64, device=lo.device)
+    step = delta / n_bins
+    edges = torch.where(step == 0, steps / n_bins * delta, steps * step) + lo
+    edges[:, -1] = hi[:, 0]
+    return edges
+
+
+def histogram_many(tensors, bins="tensorflow", range=None) -> list:  # noqa: A002 - numpy's name
+    """One ``Histogram`` per tensor, with the same ``bins``: one kernel launch per dtype.
+
+    ``tensors``: a sequence of real tensors on one device (any shapes). ``bins`` and ``range``
+    as in ``histogram``; with an int and no range each tensor gets its own finite min..max.
+    ``counts`` int64 ``(n_bins,)``, ``edges`` float64 ``(n_bins + 1,)`` and ``stats`` float64
+    ``(10,)`` of each result are views of stacked device tensors.
+
+    Example::
+
+        hs = histogram_many([w.grad for w in model.parameters()], bins=64)
+    """
+    from tbprobe.kernels import Histogram, _check_bins, _tensorflow_edges_np
+
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors: expected at least one tensor")
+    flats = [_flat(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
+    device = flats[0].device
+    if any(f.device != device for f in flats):
+        raise ValueError("tensors: expected every tensor on one device")
+    kind, payload = _check_bins(bins, range)
+    stats = tensor_stats(tensors)  # (T, 10): the first pass over the tensors
+    if kind == "linear":
+        if range is None:
+            lo, hi = reference.auto_range(stats.T, None)  # per column: (T,) each
+        else:
+            lo, hi = _explicit_range(range, len(flats), device)
+        edges = _linear_edges_rows(lo, hi, payload)  # (T, n_bins + 1)
+        edges_stride = edges.shape[1]
+    else:
+        if payload is _tensorflow_edges_np():
+            kind, shared = "tensorflow", _tensorflow_edges(device)
+        else:
+            shared = _to_device(payload, device)
+        edges, edges_stride = shared.expand(len(flats), -1), 0
+    counts = torch.zeros(len(flats), edges.shape[1] - 1, dtype=torch.int64, device=device)
+    _launch_many(flats, edges if edges_stride else shared, edges_stride, kind, counts)
+    return [Histogram(c, e, s) for c, e, s in zip(counts, edges, stats, strict=True)]
+
+
+def histogram(x, bins="tensorflow", range=None):  # noqa: A002 - numpy's name
+    """``Histogram(counts, edges, stats)`` of ``x``, equal to ``np.histogram(x.double(), edges)``.
+
+    ``x``: a real tensor, any shape and dtype. ``bins``: ``"tensorflow"`` (TensorBoard's 1548
+    bins), an int (that many equal bins over ``range``, default the finite min..max of ``x``)
+    or increasing edges. ``counts`` int64 ``(n_bins,)``, ``edges`` float64 ``(n_bins + 1,)``,
+    ``stats`` float64 ``(10,)``: all on ``x``'s device, computed with no host sync.
+
+    Example::
+
+        h = histogram(torch.randn(1000, device="cuda"), bins=10)
+        h.counts.sum()  # 1000
+    """
+    from tbprobe.kernels import Histogram, _check_bins, _tensorflow_edges_np
+
+    flat = _flat(x, "x")
+    kind, payload = _check_bins(bins, range)
+    stats = tensor_stats([x])[0]  # the first pass over x; the histogram is the second
+    if kind == "linear":
+        if range is None:
+            lo, hi = reference.auto_range(stats, None)
+        else:
+            lo, hi = (v[0] for v in _explicit_range(range, 1, flat.device))
+        edges = reference.linear_edges(lo, hi, payload)
+    elif payload is _tensorflow_edges_np():
+        kind, edges = "tensorflow", _tensorflow_edges(flat.device)
+    else:
+        edges = _to_device(payload, flat.device)
+    counts = torch.zeros(edges.numel() - 1, dtype=torch.int64, device=flat.device)
+    _launch_one(flat, edges, kind, counts)
+    return Histogram(counts, edges, stats)
