@@ -17,8 +17,16 @@ import torch
 from tbprobe.kernels import host
 from tbprobe.kernels.reference import STAT_NAMES, auto_range, bin_counts, linear_edges, stats_row
 from tbprobe.kernels.reference import tensor_stats as tensor_stats
+from tbprobe.kernels.thumbnail import thumbnail
 
-__all__ = ["STAT_NAMES", "Histogram", "histogram", "tensor_stats", "tensorflow_edges"]
+__all__ = [
+    "STAT_NAMES",
+    "Histogram",
+    "histogram",
+    "tensor_stats",
+    "tensorflow_edges",
+    "thumbnail",
+]
 
 
 @functools.lru_cache(maxsize=1)
