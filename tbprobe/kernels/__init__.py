@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tbprobe.kernels import host
+from tbprobe.kernels import host, reference
+from tbprobe.kernels.dispatch import use_triton
 from tbprobe.kernels.reference import STAT_NAMES, auto_range, bin_counts, linear_edges, stats_row
-from tbprobe.kernels.reference import tensor_stats as tensor_stats
 from tbprobe.kernels.thumbnail import thumbnail
 
 __all__ = [
     "STAT_NAMES",
     "Histogram",
     "histogram",
+    "histogram_many",
     "tensor_stats",
     "tensorflow_edges",
     "thumbnail",
@@ -104,10 +105,16 @@ def histogram(x, bins="tensorflow", range=None) -> Histogram:  # noqa: A002 - nu
         h.counts.sum()  # 1000
     """
     kind, payload = _check_bins(bins, range)
-    if isinstance(x, np.ndarray) or (isinstance(x, torch.Tensor) and x.device.type == "cpu"):
+    if isinstance(x, np.ndarray):
         return _histogram_host(x, kind, payload, range)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if use_triton(x.device):
+        from tbprobe.kernels import triton_histogram
+
+        return triton_histogram.histogram(x, bins, range)
+    if x.device.type == "cpu":
+        return _histogram_host(x, kind, payload, range)
     stats = stats_row(x)
     if kind == "linear":
         lo, hi = auto_range(stats, range)
@@ -117,6 +124,42 @@ def histogram(x, bins="tensorflow", range=None) -> Histogram:  # noqa: A002 - nu
     else:
         edges = torch.as_tensor(payload, dtype=torch.float64).to(x.device)
     return Histogram(bin_counts(x, edges), edges, stats)
+
+
+def histogram_many(tensors, bins="tensorflow", range=None) -> list[Histogram]:  # noqa: A002
+    """One :class:`Histogram` per tensor with the same ``bins`` (on CUDA: one launch per dtype).
+
+    Example::
+
+        hs = histogram_many([p.grad for p in model.parameters()], bins=64)
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors: expected at least one tensor")
+    first = tensors[0]
+    if isinstance(first, torch.Tensor) and use_triton(first.device):
+        from tbprobe.kernels import triton_histogram
+
+        return triton_histogram.histogram_many(tensors, bins, range)
+    return [histogram(t, bins, range) for t in tensors]
+
+
+def tensor_stats(tensors) -> torch.Tensor:
+    """float64 ``(len(tensors), len(STAT_NAMES))`` statistics on the tensors' device.
+
+    Moments over finite elements; NaN/±Inf counted apart. On CUDA the whole list takes one
+    Triton launch per dtype, with no host sync.
+
+    Example::
+
+        rows = tensor_stats([p.grad for p in model.parameters()])  # (n_params, 10)
+    """
+    tensors = list(tensors)
+    if tensors and isinstance(tensors[0], torch.Tensor) and use_triton(tensors[0].device):
+        from tbprobe.kernels import triton_stats
+
+        return triton_stats.tensor_stats(tensors)
+    return reference.tensor_stats(tensors)
 
 
 _edges_by_device: dict[torch.device, torch.Tensor] = {}

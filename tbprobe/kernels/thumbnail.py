@@ -31,10 +31,11 @@ with no finite pixel (NaN/±Inf only) is black (0). Separators and unused cells 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from tbprobe.kernels.dispatch import use_triton
 
 __all__ = ["KINDS", "grid_shape", "thumbnail", "thumbnail_reference", "thumbnail_shape"]
 
@@ -192,17 +193,10 @@ def thumbnail_reference(
 
 def _triton_launcher(x: torch.Tensor):
     """``thumbnail_triton`` when this call should use Triton, else None (the reference)."""
-    forced = os.environ.get("TBPROBE_KERNELS", "").strip().lower()
-    if forced not in ("", "auto", "torch", "triton"):
-        raise ValueError(f"TBPROBE_KERNELS: expected 'torch' or 'triton', got {forced!r}")
-    if forced == "torch" or (forced != "triton" and x.device.type != "cuda"):
+    if not use_triton(x.device):
         return None
-    try:
-        from tbprobe.kernels.triton_thumbnail import thumbnail_triton  # lazy: import is slow
-    except ImportError:
-        if forced == "triton":
-            raise
-        return None  # CUDA without Triton (e.g. Windows): the reference still works
+    from tbprobe.kernels.triton_thumbnail import thumbnail_triton  # lazy: import is slow
+
     return thumbnail_triton
 
 

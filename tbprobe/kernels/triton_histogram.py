@@ -14,6 +14,8 @@ out-of-range values) and adds its non-zero bins to the int64 counts with atomics
 end; the grid is a few programs per SM, so the atomic traffic is ``n_bins x programs`` whatever
 the size of ``x``, and no second launch reduces partials. More than ``_MAX_REGISTER_BINS`` bins
 do not fit in registers: then each element adds itself to the counts with an atomic.
+``histogram`` reads ``x`` twice: ``triton_stats.tensor_stats`` (the stats row and, for int bins,
+the range), then this kernel.
 """
 
 from __future__ import annotations
@@ -125,9 +127,8 @@ def _bin_index(b_x, m_ok, p_edges, n_bins, KIND: tl.constexpr, N_STEPS: tl.const
 def _histogram_kernel(
     x_ptr, numel, edges_ptr, edges_stride, counts_ptr, n_bins,
     X_DTYPE: tl.constexpr, MULTI: tl.constexpr, WIDEN_F32: tl.constexpr, BITS: tl.constexpr,
-    KIND: tl.constexpr,
-    N_STEPS: tl.constexpr, IN_REGISTERS: tl.constexpr, NUM_BINS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    KIND: tl.constexpr, N_STEPS: tl.constexpr, IN_REGISTERS: tl.constexpr,
+    NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``counts[r, i] += #{x in t : e_i <= x < e_{i+1}}`` (last bin closed), ``x`` in float64.
     Program ``(t, p)`` reads blocks ``p, p + P, ...`` of tensor ``t`` (``MULTI``: row ``t`` of an
@@ -208,7 +209,7 @@ def _config(n_bins: int, kind: str, device: torch.device) -> dict:
         IN_REGISTERS=in_registers,
         NUM_BINS=num_bins if in_registers else 32,
         BLOCK=block,
-        num_warps=4,
+        num_warps=max(1, min(8, block // 256)),  # 8 elements a thread: no register spills
     )
 
 
@@ -253,7 +254,9 @@ def _device_table(rows: list[tuple[int, int, int]], device: torch.device) -> tor
     if device.type == "cuda":  # a table copied on one stream is only known ready on that one
         key += (torch.cuda.current_stream(device).cuda_stream,)
     table = _tables.get(key)
-    if table is None:
+    if table is not None:
+        _tables.move_to_end(key)
+    else:
         host = torch.tensor(rows, dtype=torch.int64)
         if device.type == "cuda":
             host = host.pin_memory()
@@ -365,7 +368,7 @@ def histogram_many(tensors, bins="tensorflow", range=None) -> list:  # noqa: A00
     if any(f.device != device for f in flats):
         raise ValueError("tensors: expected every tensor on one device")
     kind, payload = _check_bins(bins, range)
-    stats = tensor_stats(tensors)  # (T, 10): the first pass over the tensors
+    stats = tensor_stats(flats)  # (T, 10): the first pass over the tensors
     if kind == "linear":
         if range is None:
             lo, hi = reference.auto_range(stats.T, None)  # per column: (T,) each
@@ -401,7 +404,7 @@ def histogram(x, bins="tensorflow", range=None):  # noqa: A002 - numpy's name
 
     flat = _flat(x, "x")
     kind, payload = _check_bins(bins, range)
-    stats = tensor_stats([x])[0]  # the first pass over x; the histogram is the second
+    stats = tensor_stats([flat])[0]  # the first pass over x; the histogram is the second
     if kind == "linear":
         if range is None:
             lo, hi = reference.auto_range(stats, None)
