@@ -1,25 +1,27 @@
 """Triton ``tensor_stats``: every tensor of a list read once, one launch per dtype.
 
-Design. The tensors are grouped by dtype and cut on the host (from ``numel`` alone, no sync)
-into chunks of ``BLOCK * CHUNK_BLOCKS`` elements (a tensor's last chunk may be shorter). One
-int64 metadata table describes the whole call:
+Design. The tensors are grouped by kernel variant (their dtype; bool and uint8 share one) and
+cut on the host, from ``numel`` alone (no sync), into chunks of ``BLOCK * CHUNK_BLOCKS``
+elements (a tensor's last chunk may be shorter). One int64 metadata table describes the call:
 
 - per chunk ``(address, start, end)``: the tensor's base address and the element range;
 - per output row ``(lo, hi)``: the range of chunks that belong to that input tensor.
 
-``_stats_chunks_kernel`` runs one program per chunk, one launch per dtype group; it casts the
+``_stats_chunks_kernel`` runs one program per chunk, one launch per group; it casts the
 address to a typed pointer and writes one partial row per chunk. ``_stats_finish_kernel``
 (one launch for the whole call, every dtype) folds each tensor's partial rows in a fixed order:
 no float atomics anywhere, so results are bitwise deterministic. (torch's ``index_add_`` would
-use float atomics on CUDA, so it is not used for the fold.)
+use float atomics on CUDA, so it is not used for the fold.) A call is ``groups + 1`` launches.
 
 On CUDA the table is built in pinned memory, copied ``non_blocking`` and cached by the
 tensors' (dtype, address, numel) and the stream, since parameters and gradients keep their
 addresses from step to step; a cache hit launches with no host-to-device copy at all.
-"""
+Transposed/permuted tensors are read in place (statistics ignore order); views with gaps or
+repeats are copied once with ``.contiguous()``."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -45,8 +47,8 @@ _CACHE_SIZE = 64
 _ELEMENT = {
     torch.float32: (tl.float32, False),
     torch.float16: (tl.float16, False),
-    torch.bfloat16: (tl.bfloat16, False),
-    torch.float8_e4m3fn: (tl.uint8, False),  # loaded as bytes, decoded in the kernel (FP8)
+    torch.bfloat16: (tl.uint16, False),  # loaded as bits, decoded in the kernel (DECODE)
+    torch.float8_e4m3fn: (tl.uint8, False),
     torch.float8_e5m2: (tl.uint8, False),
     torch.int8: (tl.int8, False),
     torch.int16: (tl.int16, False),
@@ -59,28 +61,47 @@ _ELEMENT = {
     torch.uint32: (tl.uint32, True),
     torch.uint64: (tl.uint64, True),
 }
-_FP8 = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}  # the kernel's FP8 switch
+_DECODE = {torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}  # else 0: a cast
 
 
 @triton.jit
-def _accumulate(b_raw, m_x, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, FP8):
-    """One block ``x`` (lanes ``m_x``) into the running state: ``s_sum += sum x``, ``s_sq +=
-    sum x^2`` over finite x (fp32 tree, then fp64), lane-wise min/max and packed counts."""
-    # fp8 is decoded from its bits through fp16, exactly: no fp8 type is needed (sm < 89
-    # has no e4m3 conversion; the interpreter decodes fp8 NaN/Inf wrongly).
-    if FP8 == 1:  # e4m3fn: |x| / 256 has the fp16 bits (b & 0x7F) << 7; S.1111.111 is NaN
+def _decode(b_raw, ACC: tl.constexpr, DECODE: tl.constexpr):
+    """``x`` in ``ACC`` from the loaded block: a plain cast, or bf16/fp8 decoded from their bits
+    exactly (the interpreter flushes bf16 subnormals and has no fp8 NaN/Inf; sm < 89 has no
+    e4m3 conversion; these integer forms are right everywhere)."""
+    if DECODE == 1:  # bf16 is the high half of an fp32
+        b_x = (b_raw.to(tl.uint32) << 16).to(tl.uint32).to(tl.float32, bitcast=True).to(ACC)
+    elif DECODE == 2:  # e4m3fn: |x| / 256 has the fp16 bits (b & 0x7F) << 7; S.1111.111 is NaN
         b_h = ((b_raw & 0x7F).to(tl.int16) << 7).to(tl.int16).to(tl.float16, bitcast=True)
         b_x = b_h.to(ACC) * 256.0
         b_x = tl.where(b_raw >= 0x80, -b_x, b_x)
         b_x = tl.where((b_raw & 0x7F) == 0x7F, float("nan"), b_x)
-    elif FP8 == 2:  # e5m2 is the high byte of an fp16
+    elif DECODE == 3:  # e5m2 is the high byte of an fp16
         b_x = (b_raw.to(tl.int16) << 8).to(tl.int16).to(tl.float16, bitcast=True).to(ACC)
     else:
         b_x = b_raw.to(ACC)
+    return b_x
+
+
+@triton.jit
+def _accumulate(b_raw, m_x, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, DECODE):
+    """One block ``x`` (lanes ``m_x``) into the running state: ``s_sum += sum x``, ``s_sq +=
+    sum x^2`` over finite x (a tree in ACC, added in fp64), lane-wise min/max, packed counts."""
+    b_x = _decode(b_raw, ACC, DECODE)
     m_fin = m_x & (tl.abs(b_x) < float("inf"))  # False for NaN and ±Inf
     b_f = tl.where(m_fin, b_x, 0.0)
-    s_sum += tl.sum(b_f, axis=0).to(tl.float64)
-    s_sq += tl.sum(b_f * b_f, axis=0).to(tl.float64)
+    b_s = tl.sum(b_f, axis=0).to(tl.float64)
+    b_q = tl.sum(b_f * b_f, axis=0).to(tl.float64)
+    # The outer `if` is resolved at compile time (ACC is a constexpr), the inner at run time.
+    if ACC == tl.float32:  # noqa: SIM102, SIM300 - see above; ACC is a parameter, not a constant
+        # fp32 squares overflow above |x| ~ 2^58 and lose precision below ~ 2^-40 (fp64 does
+        # neither): then, and for all-zero blocks, the block is summed again in fp64.
+        if (b_q < 2.0**-80) | (b_q > 2.0**126):
+            b_d = b_f.to(tl.float64)
+            b_s = tl.sum(b_d, axis=0)
+            b_q = tl.sum(b_d * b_d, axis=0)
+    s_sum += b_s
+    s_sq += b_q
     b_min = tl.minimum(b_min, tl.where(m_fin, b_x, float("inf")))
     b_max = tl.maximum(b_max, tl.where(m_fin, b_x, float("-inf")))
     n_special += (m_x & (b_x != b_x)).to(tl.int32)
@@ -96,7 +117,7 @@ def _stats_chunks_kernel(
     p_partials,
     ELEM: tl.constexpr,
     ACC: tl.constexpr,
-    FP8: tl.constexpr,
+    DECODE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -127,15 +148,16 @@ def _stats_chunks_kernel(
     for i in range(0, n_full):
         b_raw = tl.load(p_x + (start + i * BLOCK + o_b))
         s_sum, s_sq, b_min, b_max, n_special, n_zero = _accumulate(
-            b_raw, m_all, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, FP8
+            b_raw, m_all, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, DECODE
         )
-    o_x = start + n_full * BLOCK + o_b  # the tail block, possibly empty
-    m_x = o_x < end
-    # No `other=`: masked lanes are excluded from every statistic through m_x instead.
-    b_raw = tl.load(p_x + o_x, mask=m_x)
-    s_sum, s_sq, b_min, b_max, n_special, n_zero = _accumulate(
-        b_raw, m_x, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, FP8
-    )
+    if start + n_full * BLOCK < end:  # the tail block
+        o_x = start + n_full * BLOCK + o_b
+        m_x = o_x < end
+        # No `other=`: masked lanes are excluded from every statistic through m_x instead.
+        b_raw = tl.load(p_x + o_x, mask=m_x)
+        s_sum, s_sq, b_min, b_max, n_special, n_zero = _accumulate(
+            b_raw, m_x, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, DECODE
+        )
     n_nan = tl.sum(n_special & 1023, axis=0)
     n_pinf = tl.sum((n_special >> 10) & 1023, axis=0)
     n_ninf = tl.sum(n_special >> 20, axis=0)
@@ -181,11 +203,12 @@ def _stats_finish_kernel(p_rows, p_partials, p_out, BLOCK_C: tl.constexpr):
 
 class _Plan(NamedTuple):
     table: torch.Tensor  # int64 (3 * n_chunks + 2 * n_rows,) on the device
-    groups: tuple  # (ELEM, ACC, FP8, ALIGNED, first chunk, chunk count) per launch
+    groups: tuple  # (ELEM, ACC, DECODE, ALIGNED, first chunk, chunk count) per launch
     n_chunks: int
 
 
 _plans: OrderedDict = OrderedDict()
+_plans_lock = threading.Lock()  # hooks may run on several threads (FSDP's streams)
 
 
 def _new_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -221,10 +244,10 @@ def _source(t, i: int) -> torch.Tensor:
 
 
 def _variant(dtype: torch.dtype) -> tuple:
-    """The kernel's constexprs ``(ELEM, ACC, FP8)`` for ``dtype``: dtypes that share them
+    """The kernel's constexprs ``(ELEM, ACC, DECODE)`` for ``dtype``: dtypes that share them
     (bool and uint8) share a launch."""
     elem, wide = _ELEMENT[dtype]
-    return elem, tl.float64 if wide else tl.float32, _FP8.get(dtype, 0)
+    return elem, tl.float64 if wide else tl.float32, _DECODE.get(dtype, 0)
 
 
 def _build_table(sources: list[torch.Tensor], chunk: int):
@@ -261,10 +284,11 @@ def _plan(sources: list[torch.Tensor], device: torch.device, chunk: int) -> _Pla
     key = (device, chunk, tuple((t.dtype, t.data_ptr(), t.numel()) for t in sources))
     if device.type == "cuda":  # a table copied on one stream is only known ready on that one
         key += (torch.cuda.current_stream(device).cuda_stream,)
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is not None:
+            _plans.move_to_end(key)
+            return plan
     host, groups, n_chunks = _build_table(sources, chunk)
     table = torch.from_numpy(host)
     if device.type == "cuda":
@@ -275,9 +299,11 @@ def _plan(sources: list[torch.Tensor], device: torch.device, chunk: int) -> _Pla
         table = pinned.to(device, non_blocking=True)
     elif table.device != device:
         table = table.to(device)
-    plan = _plans[key] = _Plan(table, groups, n_chunks)
-    if len(_plans) > _CACHE_SIZE:
-        _plans.popitem(last=False)
+    plan = _Plan(table, groups, n_chunks)
+    with _plans_lock:
+        _plans[key] = plan
+        if len(_plans) > _CACHE_SIZE:
+            _plans.popitem(last=False)
     return plan
 
 
@@ -295,13 +321,13 @@ def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int = _CHUNK_BLOCK
             raise ValueError(f"tensors[{i}]: on {t.device}, expected every tensor on {device}")
     plan = _plan(sources, device, block * chunk_blocks)
     partials = _new_buffer((max(plan.n_chunks, 1), _N_STATS), device)  # (n_chunks, 10)
-    for elem, acc, fp8, aligned, lo, n in plan.groups:
+    for elem, acc, decode, aligned, lo, n in plan.groups:
         _stats_chunks_kernel[(n,)](
             plan.table[3 * lo :],
             partials[lo:],
             ELEM=elem,
             ACC=acc,
-            FP8=fp8,
+            DECODE=decode,
             ALIGNED=aligned,
             BLOCK=block,
             num_warps=8,

@@ -1,0 +1,330 @@
+"""Triton ``tensor_stats`` under the interpreter against numpy statistics in float64."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton sees the kernels
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from tbprobe.kernels import triton_stats  # noqa: E402
+from tbprobe.kernels.reference import STAT_NAMES  # noqa: E402
+from tbprobe.kernels.triton_stats import _decode  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+SHAPES = [(), (1,), (2,), (16,), (1024,), (4096,), (18,), (33,), (1041,), (4113,)]
+SHAPES += [(311, 384), (5, 9999)]
+SHAPES += [(0,), (3, 0, 4)]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+]
+EXACT = [STAT_NAMES.index(s) for s in STAT_NAMES if s not in ("sum", "sum_sq")]
+SUM, SUM_SQ = STAT_NAMES.index("sum"), STAT_NAMES.index("sum_sq")
+BIG = 2**31 + 64  # element offsets past int32 (a multiple of the BLOCK used with it)
+
+
+def _sample(shape, dtype, seed=0):
+    """Fixed-seed values of ``dtype``: floats carry NaN/±Inf, integers reach their extremes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
+    flat = x.view(-1)
+    if dtype.is_floating_point:
+        x = x.to(dtype)
+        flat = x.view(-1)
+        specials = [math.nan, math.inf, -math.inf, 0.0]
+        if dtype == torch.float8_e4m3fn:  # NaN but no infinities
+            specials = [math.nan, 0.0]
+        for i, v in enumerate(specials[: max(flat.numel() - 1, 0)]):
+            flat[i] = v
+        return x
+    if dtype == torch.bool:
+        return x > 0
+    info = torch.iinfo(dtype)
+    scale = 2.0 ** min(info.bits - 4, 50)  # int32/int64 values far beyond fp32's 2^24
+    if info.min == 0:
+        x = x.abs()
+    x = (x * scale).clamp(info.min, info.max).to(dtype)
+    if x.numel() >= 3:  # the extremes themselves, which fp32 would round
+        x.view(-1)[:2] = torch.tensor([info.min, info.max], dtype=dtype)
+    return x
+
+
+def _stats_reference(x):
+    xd = x.double().numpy().reshape(-1)
+    fin = xd[np.isfinite(xd)]
+    return np.array(
+        [
+            fin.size,
+            fin.sum(),
+            (fin * fin).sum(),
+            fin.min() if fin.size else math.inf,
+            fin.max() if fin.size else -math.inf,
+            np.abs(fin).max() if fin.size else 0.0,
+            np.isnan(xd).sum(),
+            (xd == math.inf).sum(),
+            (xd == -math.inf).sum(),
+            (xd == 0).sum(),
+        ]
+    )
+
+
+def _check(rows, tensors):
+    """Counts, min, max and abs_max exact; sums within 1e-6 of the sum of magnitudes (the
+    scale of a sum's rounding) and sum_sq within 1e-6 relative."""
+    assert rows.dtype == torch.float64 and rows.shape == (len(tensors), len(STAT_NAMES))
+    for i, x in enumerate(tensors):
+        ref, got = _stats_reference(x), rows[i].numpy()
+        np.testing.assert_array_equal(got[EXACT], ref[EXACT], err_msg=f"row {i}")
+        xd = x.double().numpy().reshape(-1)
+        scale = np.abs(xd[np.isfinite(xd)]).sum()
+        assert abs(got[SUM] - ref[SUM]) <= 1e-6 * scale, (i, got[SUM], ref[SUM])
+        np.testing.assert_allclose(got[SUM_SQ], ref[SUM_SQ], rtol=1e-6, err_msg=f"row {i}")
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Partial and output buffers start as NaN, so a row a kernel skips fails the test."""
+
+    def nan_buffer(shape, device):
+        return torch.full(shape, math.nan, dtype=torch.float64, device=device)
+
+    monkeypatch.setattr(triton_stats, "_new_buffer", nan_buffer)
+
+
+class _CountingLauncher:
+    """Wraps a kernel; counts ``kernel[grid](...)`` launches and their constexprs."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(tuple(kwargs.get(k) for k in ("ELEM", "ACC", "DECODE")))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _catalogue(dtype):
+    """Every catalogue shape, plus a strided slice (copied) and a transpose (read in place)."""
+    xs = [_sample(s, dtype, seed=i) for i, s in enumerate(SHAPES)]
+    base = _sample((64, 96), dtype, seed=99)
+    return [*xs, base[::3, 1::2], base.t(), base.t()[5:]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_every_shape(dtype):
+    """Every catalogue shape of one dtype, in one call, equals the float64 statistics."""
+    xs = _catalogue(dtype)
+    _check(triton_stats.tensor_stats(xs), xs)
+
+
+def test_nonfinite_counted_apart_and_never_poison():
+    """NaN/±Inf are counted and never reach the moments; no finite value gives identities."""
+    x = torch.tensor([1.0, -2.0, math.nan, math.inf, -math.inf, math.nan, 0.0])
+    nan = torch.full((5,), math.nan, dtype=torch.bfloat16)
+    rows = triton_stats.tensor_stats([x, nan, torch.zeros(0)])
+    got = [dict(zip(STAT_NAMES, r, strict=True)) for r in rows.tolist()]
+    assert got[0] == {
+        "count": 3,
+        "sum": -1.0,
+        "sum_sq": 5.0,
+        "min": -2.0,
+        "max": 1.0,
+        "abs_max": 2.0,
+        "nan": 2,
+        "pos_inf": 1,
+        "neg_inf": 1,
+        "zeros": 1,
+    }
+    identity = {"count": 0, "sum": 0, "sum_sq": 0, "min": math.inf, "max": -math.inf}
+    identity |= {"abs_max": 0, "pos_inf": 0, "neg_inf": 0, "zeros": 0}
+    assert got[1] == {**identity, "nan": 5}
+    assert got[2] == {**identity, "nan": 0}
+
+
+@triton.jit
+def _decode_kernel(p_bits, p_out, DECODE: tl.constexpr, N: tl.constexpr):
+    """``out = float32(decode(bits))`` for one block of ``N`` raw values."""
+    o = tl.arange(0, N)
+    tl.store(p_out + o, _decode(tl.load(p_bits + o), tl.float32, DECODE))
+
+
+@pytest.mark.parametrize(
+    "dtype, decode, bits",
+    [(torch.bfloat16, 1, torch.uint16), (torch.float8_e4m3fn, 2, torch.uint8)]
+    + [(torch.float8_e5m2, 3, torch.uint8)],
+    ids=str,
+)
+def test_decode_every_bit_pattern(dtype, decode, bits):
+    """Every bf16/fp8 bit pattern decodes to torch's float32 value (subnormals, ±0, NaN, Inf)."""
+    n = 1 << torch.finfo(dtype).bits
+    raw = torch.arange(n, dtype=torch.int32).to(bits)
+    out = torch.full((n,), math.nan)
+    _decode_kernel[(1,)](raw, out, DECODE=decode, N=n)
+    want = raw.view(dtype).float()
+    same = (out == want) | (out.isnan() & want.isnan())
+    assert same.all(), raw[~same][:8].tolist()
+    assert torch.equal(out.signbit() | out.isnan(), want.signbit() | want.isnan())  # -0.0 kept
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # fp32 squares, redone
+def test_tiny_and_huge_values():
+    """Values whose squares over- or underflow fp32 (|x| ~ 1e-40 .. 3e38) give fp64 sums."""
+    vals = [1e-40, -3e-39, 1e-30, 1e30, -3e38, 2e38, 0.0, 5.0]
+    xs = [torch.tensor(vals), torch.tensor([1e-40, 2e-41]), torch.tensor([3e38, 3e38, -3e38])]
+    xs += [torch.tensor(vals).bfloat16(), torch.tensor([6e-8, -6e-8, 1e-5]).half()]
+    xs += [torch.zeros(5000), torch.full((3000,), 1e-25)]
+    _check(triton_stats.tensor_stats(xs), xs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_every_fp8_bit_pattern(dtype):
+    """All 256 fp8 bit patterns, 16 to a tensor, decode exactly (NaN, ±Inf, subnormals, -0)."""
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    xs = list(bits.split(16))
+    _check(triton_stats.tensor_stats(xs), xs)
+
+
+def test_many_tensors_mixed_dtypes_one_launch_per_dtype(monkeypatch):
+    """A model-like list (1 element to 60k, seven dtypes, many chunks) takes one stats launch
+    per kernel variant (dtype, with bool and uint8 sharing one) and one fold, and every row is
+    right and in input order."""
+    chunks = _CountingLauncher(triton_stats._stats_chunks_kernel)
+    folds = _CountingLauncher(triton_stats._stats_finish_kernel)
+    monkeypatch.setattr(triton_stats, "_stats_chunks_kernel", chunks)
+    monkeypatch.setattr(triton_stats, "_stats_finish_kernel", folds)
+    sizes = [1, 60_000, 3, 0, 4096, 257, 7, 12_345, 1, 512, 9999, 2]
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.bool]
+    dtypes += [torch.uint8, torch.float8_e5m2]  # uint8 shares bool's kernel variant
+    xs = [_sample((n,), dtypes[i % len(dtypes)], seed=i) for i, n in enumerate(sizes * 2)]
+    rows = triton_stats._tensor_stats(xs, block=1024, chunk_blocks=8)  # 8192-element chunks
+    _check(rows, xs)
+    assert sorted(map(str, chunks.launches)) == sorted({str(e) for e in chunks.launches})
+    assert len(chunks.launches) == len(dtypes) - 1 and len(folds.launches) == 1
+
+
+@pytest.mark.parametrize("numel", [63, 64, 65, 128, 2 * 64 + 17])
+def test_chunk_boundaries(numel):
+    """Tensors ending just before, on and after a chunk edge (64 elements) are read whole."""
+    xs = [_sample((numel,), torch.float32, seed=numel), _sample((numel,), torch.int64)]
+    _check(triton_stats._tensor_stats(xs, block=16, chunk_blocks=4), xs)
+
+
+def test_int64_offsets_by_construction():
+    """A chunk starting past 2^31 elements is addressed with int64 arithmetic.
+
+    The interpreter is too slow for a real 2^31-element tensor, so the table is built by hand:
+    the base address is moved back by BIG elements and the chunk starts at BIG, which lands on
+    a small real tensor. A real >2^31-element run is left to the GPU check.
+    """
+    x = _sample((300,), torch.float32, seed=5)
+    table = torch.tensor(
+        [x.data_ptr() - BIG * 4, BIG, BIG + 128, x.data_ptr() - BIG * 4, BIG + 128, BIG + 300]
+        + [0, 2],  # the fold's (lo, hi) for one output row
+        dtype=torch.int64,
+    )
+    partials = torch.full((2, 10), math.nan, dtype=torch.float64)
+    triton_stats._stats_chunks_kernel[(2,)](
+        table, partials, ELEM=tl.float32, ACC=tl.float32, DECODE=0, ALIGNED=False, BLOCK=64
+    )
+    out = torch.full((1, 10), math.nan, dtype=torch.float64)
+    triton_stats._stats_finish_kernel[(1,)](table[6:], partials, out, BLOCK_C=16)
+    _check(out, [x])
+
+
+def test_host_table_int64_past_2_31():
+    """The host table gives int64 chunk starts/ends and row ranges for a >2^31-element tensor
+    (a stand-in with numel/data_ptr/dtype: nothing is allocated)."""
+
+    class Fake:
+        def __init__(self, n, dtype, ptr):
+            self.n, self.dtype, self.ptr = n, dtype, ptr
+
+        def numel(self):
+            return self.n
+
+        def data_ptr(self):
+            return self.ptr
+
+    chunk = 1 << 20
+    fakes = [Fake(BIG, torch.float16, 1 << 40), Fake(5, torch.float32, 4096)]
+    fakes.append(Fake(3 * chunk, torch.float16, 1 << 44))
+    host, groups, total = triton_stats._build_table(fakes, chunk)
+    n_big = -(-BIG // chunk)
+    assert total == n_big + 1 + 3
+    chunks, rows = host[: 3 * total].reshape(-1, 3), host[3 * total :].reshape(-1, 2)
+    assert host.dtype == np.int64
+    assert chunks[n_big - 1].tolist() == [1 << 40, (n_big - 1) * chunk, BIG]
+    assert chunks[n_big].tolist() == [1 << 44, 0, chunk]  # fp16 group continues
+    assert chunks[-1].tolist() == [4096, 0, 5]  # fp32 group last
+    assert rows.tolist() == [[0, n_big], [n_big + 3, n_big + 4], [n_big, n_big + 3]]
+    assert [g[-2:] for g in groups] == [(0, n_big + 3), (n_big + 3, 1)]
+
+
+def test_views_read_in_place_or_copied():
+    """Transposed/permuted tensors are read in place; gapped or expanded views are copied and
+    still counted element by element; a view off 16-byte alignment is read unvectorised."""
+    base = _sample((40, 50, 3), torch.float32, seed=3)
+    assert triton_stats._source(base.permute(2, 0, 1), 0).data_ptr() == base.data_ptr()
+    gapped = base[:, ::2]
+    assert triton_stats._source(gapped, 0).data_ptr() != base.data_ptr()
+    flat = base.view(-1)
+    aligned = [g[3] for g in triton_stats._build_table([flat, flat[1:]], 1024)[1]]
+    assert aligned == [False]  # one launch; an address off 16 bytes turns vector loads off
+    assert [g[3] for g in triton_stats._build_table([flat], 1024)[1]] == [True]
+    expanded = torch.arange(7.0).expand(5, 7)
+    neg = torch._neg_view(base)  # a lazily negated view
+    xs = [base.permute(2, 0, 1), gapped, expanded, neg, flat[1:]]
+    _check(triton_stats.tensor_stats(xs), [x.contiguous() for x in xs])
+
+
+def test_rare_float_dtype_widened():
+    """A real dtype without a Triton element type (fp8 e4m3fnuz) is widened and still right."""
+    x = _sample((100,), torch.float32, seed=4).nan_to_num(0.0).to(torch.float8_e4m3fnuz)
+    _check(triton_stats.tensor_stats([x]), [x])
+
+
+def test_plan_cached_and_deterministic():
+    """Repeated calls on the same tensors reuse the metadata table and agree bit for bit."""
+    xs = [_sample((3000,), torch.float32), _sample((5,), torch.bfloat16)]
+    first = triton_stats.tensor_stats(xs)
+    n_plans = len(triton_stats._plans)
+    again = triton_stats.tensor_stats(xs)
+    assert len(triton_stats._plans) == n_plans
+    assert torch.equal(first, again)
+
+
+def test_bad_input():
+    """An empty list, complex tensors, non-tensors and mixed devices raise, naming tensors;
+    more loop steps per chunk than the packed lane counts hold are refused."""
+    with pytest.raises(ValueError, match="tensors"):
+        triton_stats.tensor_stats([])
+    with pytest.raises(TypeError, match=r"tensors\[1\].*complex"):
+        triton_stats.tensor_stats([torch.ones(2), torch.ones(2, dtype=torch.complex64)])
+    with pytest.raises(TypeError, match=r"tensors\[0\]"):
+        triton_stats.tensor_stats([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"tensors\[1\]"):
+        triton_stats.tensor_stats([torch.ones(2), torch.ones(2, device="meta")])
+    with pytest.raises(ValueError, match="chunk_blocks"):
+        triton_stats._tensor_stats([torch.ones(2)], chunk_blocks=1024)
