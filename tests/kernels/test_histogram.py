@@ -9,21 +9,9 @@ import torch
 from tbprobe import kernels
 from tbprobe.kernels import reference
 from tbprobe.kernels.reference import STAT_NAMES
+from tests.kernels.catalogue import DTYPES
 
 SHAPES = [(), (1,), (17,), (1024,), (1041,), (311, 384), (5, 9999), (0,), (3, 0, 4)]
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.int8,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-]
 BINS = ["tensorflow", 1, 7, 64, [-3.0, -1.0, 0.0, 0.5, 2.0000001, 5.0]]
 
 

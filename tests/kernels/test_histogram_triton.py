@@ -13,23 +13,10 @@ import torch  # noqa: E402
 from tbprobe import kernels  # noqa: E402
 from tbprobe.kernels import reference  # noqa: E402
 from tbprobe.kernels import triton_histogram as th  # noqa: E402
+from tests.kernels.catalogue import DTYPES
 
 pytestmark = pytest.mark.interpreter
 
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-]
 INF = math.inf
 EDGES = [-3.0, -1.0, 0.0, 0.5, 2.0000001, 5.0]
 EDGES_DUP_INF = [-INF, -3.0, -1.0, -1.0, 0.0, 0.5, 2.0, 2.0, 5.0, INF]

@@ -15,29 +15,12 @@ import triton.language as tl  # noqa: E402
 from tbprobe.kernels import triton_stats  # noqa: E402
 from tbprobe.kernels.reference import STAT_NAMES  # noqa: E402
 from tbprobe.kernels.triton_stats import _decode  # noqa: E402
+from tests.kernels.catalogue import DTYPES as CAT_DTYPES
+from tests.kernels.catalogue import SHAPES, UNSIGNED_WIDE
 
 pytestmark = pytest.mark.interpreter
 
-SHAPES = [(), (1,), (2,), (16,), (1024,), (4096,), (18,), (33,), (1041,), (4113,)]
-SHAPES += [(311, 384), (5, 9999)]
-SHAPES += [(0,), (3, 0, 4)]
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-    torch.bool,
-]
+DTYPES = CAT_DTYPES + UNSIGNED_WIDE
 EXACT = [STAT_NAMES.index(s) for s in STAT_NAMES if s not in ("sum", "sum_sq")]
 SUM, SUM_SQ = STAT_NAMES.index("sum"), STAT_NAMES.index("sum_sq")
 BIG = 2**31 + 64  # element offsets past int32 (a multiple of the BLOCK used with it)

@@ -25,6 +25,7 @@ from tbprobe.kernels.thumbnail import (  # noqa: E402
     thumbnail_reference,
     thumbnail_shape,
 )
+from tests.kernels.catalogue import DTYPES  # noqa: E402
 
 try:
     from tbprobe.kernels import triton_thumbnail
@@ -33,20 +34,6 @@ except ImportError:  # no Triton on this platform: the interpreter tests skip
 
 needs_triton = pytest.mark.skipif(triton_thumbnail is None, reason="triton is not installed")
 
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-]
 
 # (shape, kwargs): the one shape catalogue. Kept small: the interpreter runs all of them.
 CASES = [
