@@ -34,6 +34,7 @@ DEFAULT_MAX_QUEUE_BYTES = 256 << 20  # back-pressure threshold
 STALL_TIMEOUT = 60.0  # a full queue and no write progress for this long: drop, don't hang
 _BATCH_BYTES = 4 << 20  # write out once this much is framed
 _BATCH_CPU_SECONDS = 0.005  # ... or once framing it took this much of the thread's CPU time
+_LAG_BYTES = 16 << 10  # with this much pending, a producer checks that the writer thread runs
 _SIGNAL_FLUSH_TIMEOUT = 5.0
 FILE_VERSION = "brain.Event:2"
 
@@ -42,6 +43,7 @@ _writers: weakref.WeakSet[AsyncEventWriter] = weakref.WeakSet()
 _hooks_installed_pid: int | None = None
 _fork_generation = 0  # bumped in a forked child; cheaper to compare than os.getpid()
 _prev_sigterm = None
+_sigterm_installed = False
 
 
 class Deferred:
@@ -181,6 +183,9 @@ class AsyncEventWriter:
         self._dead = False
         self._stall_warned = False
         self._stalled_out: int | None = None
+        self._progress = time.monotonic()  # when the writer thread last emptied the queue
+        self._gave_up_at: float | None = None  # _progress when the writer seemed blocked
+        self._next_yield = 0.0  # a writer slower than its producer is helped once per 2 ticks
 
     def _after_fork(self) -> None:
         """First use in a forked child: forget the parent's queue, thread and files."""
@@ -203,6 +208,9 @@ class AsyncEventWriter:
             self._surface_error()
         if self._closed:
             raise ValueError("the writer is closed")
+        if self._dead:  # the thread died (its error was surfaced above): nothing will drain
+            self.dropped += 1
+            return
         if self._bytes_in - self._bytes_out > self._max_bytes and not self._wait_for_space():
             self.dropped += 1  # the writer is stuck: keep memory bounded, never hang training
             return
@@ -214,6 +222,31 @@ class AsyncEventWriter:
         lock.release()
         if pending > _BATCH_BYTES:
             self._wake.set()
+        if pending > _LAG_BYTES and time.monotonic() - self._progress > 2 * TICK:
+            self._yield_to_writer()
+
+    def _yield_to_writer(self) -> None:
+        """The writer thread has not caught up for two ticks. A producer that holds the GIL and
+        drops it only for moments (short I/O, many torch calls) starves the writer thread
+        waiting for it, and SIGKILL would lose that growing backlog: let the writer catch up,
+        for at most a tick. A writer that writes nothing even then is blocked in the OS (a slow
+        disk): it is not waited for again until it catches up; one that is merely slower than
+        the producer is helped at most once every two ticks."""
+        progress = self._progress
+        now = time.monotonic()
+        if progress == self._gave_up_at or now < self._next_yield:
+            return
+        target, out = self._bytes_in, self._bytes_out
+        deadline = now + TICK
+        self._wake.set()
+        while self._bytes_out < target and not self._dead:
+            if time.monotonic() > deadline:
+                if self._bytes_out == out:
+                    self._gave_up_at = progress
+                else:
+                    self._next_yield = deadline + 2 * TICK
+                return
+            time.sleep(0.001)  # keeps the GIL released for a while: the writer takes it
 
     def _start_thread(self) -> None:
         t = threading.Thread(target=self._run, name="tbprobe-event-writer", daemon=True)
@@ -386,6 +419,7 @@ class AsyncEventWriter:
                 wall_deadline = time.monotonic() + TICK
         self._write_batch(batch, counts)
         self._bytes_out += accounted
+        self._progress = time.monotonic()
         return False
 
     def _write_batch(self, batch: dict, counts: dict) -> None:
@@ -408,9 +442,9 @@ class AsyncEventWriter:
         return f
 
     def _record_error(self, e: BaseException, n_dropped: int) -> None:
-        self.dropped += n_dropped
-        if self._error is None:
+        if self._error is None:  # before counting: whoever sees a drop can also see why
             self._error = e
+        self.dropped += n_dropped
 
     def _warn_resolve(self, e: Exception) -> None:
         warnings.warn(
@@ -481,14 +515,15 @@ def _forked_child() -> None:
 
 def _install_process_hooks() -> None:
     """atexit close, SIGTERM flush (chaining to any handler already installed)."""
-    global _hooks_installed_pid, _prev_sigterm
-    if _hooks_installed_pid is not None:
-        return
-    _hooks_installed_pid = os.getpid()
-    os.register_at_fork(after_in_child=_forked_child)
-    atexit.register(_close_all)
-    _register_exit_finalizer()
-    if threading.current_thread() is threading.main_thread():
+    global _hooks_installed_pid, _prev_sigterm, _sigterm_installed
+    if _hooks_installed_pid is None:
+        _hooks_installed_pid = os.getpid()
+        os.register_at_fork(after_in_child=_forked_child)
+        atexit.register(_close_all)
+        _register_exit_finalizer()
+    # signal handlers can only be set from the main thread: the first writer made there does it
+    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        _sigterm_installed = True
         prev = signal.getsignal(signal.SIGTERM)
         if prev is not _on_sigterm:
             _prev_sigterm = prev

@@ -42,8 +42,12 @@ def iter_records(path: str, errors: str = "warn") -> Iterator[bytes]:
     """
     if errors not in _ERRORS:
         raise ValueError(f"errors: expected one of {_ERRORS}, got {errors!r}")
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # opened now: a missing file raises here, not at iteration
         data = f.read()
+    return _records(path, data, errors)
+
+
+def _records(path: str, data: bytes, errors: str) -> Iterator[bytes]:
     offset, end = 0, len(data)
     while offset < end:
         if end - offset < HEADER_SIZE:
@@ -88,7 +92,8 @@ def read_events(
 ) -> Iterator[event_pb2.Event]:
     """Yield the ``Event`` protos of one event file or of every event file in a run directory.
 
-    Damage is reported with the file and offset (see :func:`iter_records`).
+    Damage is reported with the file and offset (see :func:`iter_records`). A bad ``errors``
+    or a missing path raises at the call, not at the first iteration.
 
     Example::
 
@@ -96,6 +101,13 @@ def read_events(
             for value in event.summary.value:
                 print(event.step, value.tag, value.simple_value)
     """
-    for path in event_files(os.fspath(path_or_dir), recursive):
+    if errors not in _ERRORS:
+        raise ValueError(f"errors: expected one of {_ERRORS}, got {errors!r}")
+    paths = event_files(os.fspath(path_or_dir), recursive)
+    return _events(paths, errors)
+
+
+def _events(paths: list[str], errors: str) -> Iterator[event_pb2.Event]:
+    for path in paths:
         for data in iter_records(path, errors):
             yield event_pb2.Event.FromString(data)

@@ -374,8 +374,10 @@ class SummaryWriter(HistogramMixin, ExtrasMixin):
         """Flush, fsync and close the files. Idempotent; a later ``add_*`` opens a new file."""
         w, self._writer = self._writer, None
         if w is not None:
-            self._dropped_before += w.dropped
-            w.close()
+            try:
+                w.close()
+            finally:  # after close: its final drain may drop events too
+                self._dropped_before += w.dropped
 
     def __enter__(self):
         return self
