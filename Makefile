@@ -32,3 +32,8 @@ bench: venv
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .ruff_cache
+
+# The prepared GPU check, run on the GPU machine (how: the top of benchmarks/gpu_check.sh).
+.PHONY: gpu-check
+gpu-check:
+	bash benchmarks/gpu_check.sh

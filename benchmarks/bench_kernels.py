@@ -1,0 +1,463 @@
+"""tbprobe's kernels vs the plain torch ops and the tensorboardX path, side by side in one run.
+
+One markdown table per kernel: median time, GB/s, that over the copy bandwidth measured in the
+same run (``× copy``), and the baselines users have today with tbprobe's speedup over them.
+
+- GB/s: copy = (bytes read + bytes written) / time of ``y.copy_(x)`` (1 GiB on GPU, 256 MiB on
+  CPU); a kernel = bytes of its input read *once* / time (a histogram reads its input twice,
+  stats then bins, and is credited once; a thumbnail is credited the maps it draws).
+- Timing: GPU ``triton.testing.do_bench`` (median, L2 flushed before each run); CPU and the
+  tensorboardX path ``time.perf_counter``, median of >= 5 calls after a warm-up. GPU
+  ``back-to-back``: wall time per call of 20 calls in a row, host work included.
+- Baselines: stats ``aminmax + sum + vector_norm + isnan().sum() + isinf().sum()`` (per tensor
+  for a model, whose one read is the faster of ``_foreach_norm`` and one ``amax`` over its flat
+  gradient buffer); histograms ``aminmax + histc`` (linear bins only: another result for other
+  bins) and tensorboardX's ``np.histogram(x.cpu().numpy().astype(float), edges)`` (tensorflow
+  bins; on GPU up to 32M elements); thumbnails ``adaptive_avg_pool2d`` of the maps drawn.
+- Each timed result is checked once, untimed: stats against float64 torch; histograms' counts
+  sum, exact counts vs the torch reference (whole tensor on GPU, 1M elements on CPU) and vs
+  tensorboardX's; thumbnails within 1 grey level of ``thumbnail_reference``.
+
+Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cpu|cuda]
+[--backend torch|triton|both] [--json PATH]`` (default: cuda with both backends if available,
+else cpu with torch). Exit status: 1 if a result was wrong, 2 on a bad command line, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tbprobe import kernels
+from tbprobe.kernels import reference
+from tbprobe.kernels.dispatch import _triton_importable
+from tbprobe.kernels.thumbnail import _layout, thumbnail_reference
+
+MiB = 1 << 20
+DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+EDGES = np.linspace(-4.0, 4.0, 101)
+BINS = [("tensorflow", "tensorflow", 1548), ("64", 64, 64), ("100 edges", EDGES, 100)]
+TBX_MAX_NUMEL = 1 << 25  # the tensorboardX path takes seconds per call beyond this
+CHECK_SLICE = 1 << 20  # on CPU, exact counts are compared on this many elements
+TARGET_MB = 64  # bandwidth targets apply to inputs of at least this many MiB
+
+
+def make_plan(device: str, quick: bool) -> dict:
+    """(dtype, numel) cases, histogram-only cases, (d_model, ffn, layers, vocab), thumb batch."""
+    if device.startswith("cuda"):  # negative: a size in bytes
+        spec = [1 << 20, -64 * MiB] if quick else [1 << 20, 1 << 24, -64 * MiB, -256 * MiB]
+        model = (768, 2048, 33, 32000) if quick else (1536, 4096, 33, 32000)  # 0.28B / 1.03B
+    else:
+        spec = [1 << 20] if quick else [1 << 20, 10_000_000]
+        model = (64, 176, 33, 2000) if quick else (128, 352, 33, 4000)  # 1.9M / 7.7M
+    sizes = [(d, v if v > 0 else -v // d.itemsize) for d in DTYPE_NAME for v in spec]
+    sizes = list(dict.fromkeys(sizes))  # fp32 16M elements is 64 MiB
+    extra = [] if (torch.float32, 10_000_000) in sizes else [(torch.float32, 10_000_000)]
+    return dict(sizes=sizes, hist_extra=extra, model=model, thumb_batch=2 if quick else 8)
+
+
+@dataclass(kw_only=True)
+class Env:
+    device: torch.device
+    backends: list[str]
+    sizes: list[tuple[torch.dtype, int]]
+    hist_extra: list[tuple[torch.dtype, int]]  # histogram-only: the 10M fp32 target
+    model: tuple[int, int, int, int]
+    thumb_batch: int
+    copy_bw: float = 0.0  # bytes/s, read + written
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def time(self, fn) -> float:
+        """Median seconds per call: do_bench on GPU, perf_counter on CPU."""
+        if self.cuda:
+            if _triton_importable():
+                from triton.testing import do_bench
+
+                return do_bench(fn, return_mode="median") * 1e-3
+            return host_median(lambda: (fn(), torch.cuda.synchronize()))
+        return host_median(fn)
+
+    def back_to_back(self, fn, n: int = 20) -> float | None:
+        """Wall seconds per call of ``n`` calls in a row, host work included (GPU only)."""
+        if not self.cuda:
+            return None
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
+
+    def add(self, kernel, case, backend, t, nbytes, check, **extra) -> None:
+        gbps = nbytes / t / 1e9
+        self.rows.append(
+            dict(kernel=kernel, case=case, backend=backend, time_s=t, bytes=nbytes, gbps=gbps)
+            | dict(x_copy=gbps * 1e9 / self.copy_bw, check=check, **extra)
+        )
+
+
+def host_median(fn, min_reps: int = 5, budget_s: float = 0.3) -> float:
+    t0 = time.perf_counter()
+    fn()  # warm-up
+    first = time.perf_counter() - t0
+    samples = []
+    for _ in range(max(min_reps, min(50, int(budget_s / max(first, 1e-9))))):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def forced_backend(name: str):
+    """``TBPROBE_KERNELS`` (read at each kernel call) set for a ``with`` block."""
+    return mock.patch.dict(os.environ, {"TBPROBE_KERNELS": name})
+
+
+def make(shape, dtype, device, seed: int = 0) -> torch.Tensor:
+    """Standard normal values with every 4099th element an exact zero."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype, device=device)
+    x.view(-1)[::4099] = 0
+    return x
+
+
+def label(dtype, n) -> str:
+    return f"({n:,},) {DTYPE_NAME[dtype]}, {n * dtype.itemsize / MiB:.3g} MiB"
+
+
+def check_stats(tensors, rows: torch.Tensor) -> str:
+    """``rows`` against float64 torch on the device: exact counts/extrema, sums to 1e-5."""
+    got = rows.cpu()
+    for i, t in enumerate(tensors):
+        x = t.detach().reshape(-1).double()  # (n,)
+        mn, mx = torch.aminmax(x)
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        exp = torch.stack(
+            [zero + x.numel(), x.sum(), (x * x).sum(), mn, mx, torch.maximum(-mn, mx)]
+            + [zero, zero, zero, (x == 0).sum().double(), x.abs().sum()]
+        ).cpu()
+        for j, name in enumerate(kernels.STAT_NAMES):
+            tol = 1e-5 * float(exp[10] if name == "sum" else exp[j]) if j in (1, 2) else 0.0
+            if abs(float(got[i, j]) - float(exp[j])) > tol:
+                return f"WRONG: tensor {i} {name} {float(got[i, j])!r} != {float(exp[j])!r}"
+    return "ok"
+
+
+def check_hist(x, h, bins, full: bool, tbx_counts=None) -> str:
+    """Counts sum, numpy's linear edges, exact counts vs the torch reference and tensorboardX."""
+    flat = x.reshape(-1)
+    if isinstance(bins, np.ndarray):
+        expected = int(((flat >= bins[0]) & (flat <= bins[-1])).sum())
+    else:
+        expected = flat.numel()
+    total = int(h.counts.sum())
+    if total != expected:
+        return f"WRONG: counts sum {total} != {expected}"
+    part = flat if full else flat[:CHECK_SLICE]
+    hp = h if part.numel() == flat.numel() else kernels.histogram(part, bins)
+    if isinstance(bins, int):
+        mn, mx = (float(v) for v in torch.aminmax(part.double()))
+        if not np.array_equal(hp.edges.cpu().numpy(), np.linspace(mn, mx, bins + 1)):
+            return "WRONG: linear edges differ from numpy's"
+    ref = reference.bin_counts(part, hp.edges.to(part.device))
+    if not torch.equal(hp.counts, ref):
+        return f"WRONG: {int((hp.counts != ref).sum())} bins differ from the torch reference"
+    if tbx_counts is not None and not np.array_equal(tbx_counts, h.counts.cpu().numpy()):
+        return "WRONG: counts differ from tensorboardX's np.histogram"
+    return "ok"
+
+
+def check_thumbnail(x, img, kind) -> str:
+    ref = thumbnail_reference(x, kind=kind)
+    if img.shape != ref.shape:
+        return f"WRONG: shape {tuple(img.shape)} != {tuple(ref.shape)}"
+    diff = int((img.int() - ref.int()).abs().max())
+    return "ok" if diff <= 1 else f"WRONG: {diff} grey levels off the reference"
+
+
+def copy_bandwidth(env: Env) -> float:
+    nbytes = (1 << 30) if env.cuda else 256 * MiB
+    x = torch.empty(nbytes // 4, device=env.device).uniform_()
+    y = torch.empty_like(x)
+    return 2 * nbytes / env.time(lambda: y.copy_(x))
+
+
+def bench_stats(env: Env) -> None:
+    for dtype, n in env.sizes:
+        x = make((n,), dtype, env.device)
+
+        def plain(x=x):
+            torch.aminmax(x), x.sum(), torch.linalg.vector_norm(x)
+            x.isnan().sum(), x.isinf().sum()
+
+        torch_s = env.time(plain)
+        for backend in env.backends:
+            with forced_backend(backend):
+                check = check_stats([x], kernels.tensor_stats([x]))
+                t = env.time(lambda x=x: kernels.tensor_stats([x]))
+            env.add("stats", label(dtype, n), backend, t, x.nbytes, check, torch_s=torch_s)
+
+
+def histc_baseline(x, n_bins):
+    """``aminmax`` + ``histc``, on fp32: bf16 ``histc`` counts in bf16 (exact only to 256), and
+    on CPU (torch 2.13) bf16 ``histc`` with 1548 bins of 10M values corrupts the heap."""
+    return lambda: (torch.aminmax(x), torch.histc(x.float(), bins=n_bins))
+
+
+def bench_histograms(env: Env) -> None:
+    tf_edges = kernels.tensorflow_edges().numpy()
+    for dtype, n in env.sizes + env.hist_extra:
+        x = make((n,), dtype, env.device, seed=1)
+
+        def tbx_path(x=x):  # tensorboardX raises on bf16: users must call .float() first
+            values = (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
+            return np.histogram(values.astype(float), tf_edges)[0]
+
+        for name, bins, n_bins in BINS:
+            torch_s = env.time(histc_baseline(x, n_bins))
+            tbx_s = tbx_counts = None
+            if name == "tensorflow" and (not env.cuda or n <= TBX_MAX_NUMEL):
+                tbx_counts, tbx_s = tbx_path(), host_median(tbx_path)
+            for backend in env.backends:
+                with forced_backend(backend):
+                    h = kernels.histogram(x, bins)
+                    check = check_hist(x, h, bins, full=env.cuda, tbx_counts=tbx_counts)
+                    t = env.time(lambda x=x, bins=bins: kernels.histogram(x, bins))
+                shown = "host" if backend == "torch" and not env.cuda else backend
+                env.add(
+                    "histogram", label(dtype, n), shown, t, x.nbytes, check,
+                    bins=name, torch_s=torch_s, tbx_s=tbx_s, numel=n, dtype=DTYPE_NAME[dtype],
+                )  # fmt: skip
+
+
+def model_shapes(d: int, ffn: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
+    """A llama-like model: embedding, per layer 2 norms + q/k/v/o + gate/up/down, head."""
+    layer = [(d,), (d, d), (d, d), (d, d), (d, d), (d,), (ffn, d), (ffn, d), (d, ffn)]
+    return [(vocab, d)] + layer * layers + [(d,), (vocab, d)]
+
+
+def bench_model(env: Env) -> None:
+    shapes = model_shapes(*env.model)
+    sizes = [int(np.prod(s)) for s in shapes]
+    flat = make((sum(sizes),), torch.bfloat16, env.device, seed=2)  # like DDP/FSDP flat buffers
+    grads = [g.view(s) for g, s in zip(flat.split(sizes), shapes, strict=True)]
+
+    def plain():
+        for g in grads:
+            torch.aminmax(g), g.sum(), torch.linalg.vector_norm(g)
+            g.isnan().sum(), g.isinf().sum()
+
+    torch_s = env.time(plain)
+    foreach_s = env.time(lambda: torch._foreach_norm(grads))
+    amax_s = env.time(lambda: flat.amax())
+    case = f"{len(grads)} bf16 tensors, {flat.numel() / 1e6:,.1f}M elements"
+    for backend in env.backends:
+        with forced_backend(backend):
+            check = check_stats(grads, kernels.tensor_stats(grads))
+            t = env.time(lambda: kernels.tensor_stats(grads))
+            wall = env.back_to_back(lambda: kernels.tensor_stats(grads))
+        env.add(
+            "model", case, backend, t, flat.nbytes, check, torch_s=torch_s,
+            foreach_s=foreach_s, amax_s=amax_s, read_once_s=min(foreach_s, amax_s), wall_s=wall,
+        )  # fmt: skip
+
+
+THUMBS = [("conv", (256, 56, 56)), ("sequence", (1024, 4096)), ("attention", (16, 1024, 1024))]
+
+
+def bench_thumbnails(env: Env) -> None:
+    for kind, rest in THUMBS:
+        shape = (env.thumb_batch, *rest)
+        x = torch.zeros(shape, dtype=torch.bfloat16, device=env.device)
+        x[0] = make(rest, torch.bfloat16, env.device, seed=3)  # only sample 0 is drawn
+        _, n, _, _, _, _, th, tw, _, _ = _layout(shape, kind, 64, None, 512)
+        maps = x[0, :n] if x.dim() == 4 else x[0][None]  # (n, h, w): what is drawn
+        torch_s = env.time(lambda maps=maps, th=th, tw=tw: F.adaptive_avg_pool2d(maps, (th, tw)))
+        for backend in env.backends:
+            with forced_backend(backend):
+                check = check_thumbnail(x, kernels.thumbnail(x, kind=kind), kind)
+                t = env.time(lambda x=x, kind=kind: kernels.thumbnail(x, kind=kind))
+                wall = env.back_to_back(lambda x=x, kind=kind: kernels.thumbnail(x, kind=kind))
+            case = f"{kind} {shape} bf16"
+            env.add("thumbnail", case, backend, t, maps.nbytes, check, torch_s=torch_s, wall_s=wall)
+
+
+def fmt_t(s) -> str:
+    if s is None:
+        return "—"
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_x(slow, fast) -> str:
+    return "—" if slow is None or fast is None else f"{slow / fast:.3g}×"
+
+
+def _t(key):
+    return lambda r: fmt_t(r[key])
+
+
+def _speedup(key):
+    return "speedup", lambda r: fmt_x(r[key], r["time_s"])
+
+
+COMMON = [
+    ("backend", lambda r: r["backend"]),
+    ("time", _t("time_s")),
+    ("GB/s", lambda r: f"{r['gbps']:.1f}"),
+    ("× copy", lambda r: f"{r['x_copy']:.2f}"),
+]
+CASE, CHECK = ("case", lambda r: r["case"]), ("check", lambda r: r["check"])
+TABLES = {  # kernel: (title, columns)
+    "stats": (
+        "tensor_stats of one tensor (vs aminmax + sum + vector_norm + isnan/isinf sums)",
+        [CASE, *COMMON, ("plain torch", _t("torch_s")), _speedup("torch_s"), CHECK],
+    ),
+    "histogram": (
+        "histogram (vs aminmax + histc, and tensorboardX's .cpu().numpy() + np.histogram)",
+        [CASE, ("bins", lambda r: r["bins"]), *COMMON, ("aminmax + histc", _t("torch_s"))]
+        + [_speedup("torch_s"), ("tensorboardX", _t("tbx_s")), _speedup("tbx_s"), CHECK],
+    ),
+    "model": (
+        "tensor_stats of a model's bf16 gradients (one read: _foreach_norm or one amax)",
+        [CASE, *COMMON, ("back-to-back", _t("wall_s")), ("per-tensor torch", _t("torch_s"))]
+        + [_speedup("torch_s"), ("_foreach_norm", _t("foreach_s")), ("amax", _t("amax_s"))]
+        + [("÷ one read", lambda r: f"{r['time_s'] / r['read_once_s']:.2f}×"), CHECK],
+    ),
+    "thumbnail": (
+        "thumbnail (GB/s of the maps drawn; vs adaptive_avg_pool2d of those maps)",
+        [CASE, *COMMON, ("back-to-back", _t("wall_s")), ("adaptive_avg_pool2d", _t("torch_s"))]
+        + [_speedup("torch_s"), CHECK],
+    ),
+}
+
+
+def report(env: Env) -> str:
+    parts = []
+    for kernel, (title, columns) in TABLES.items():
+        rows = [r for r in env.rows if r["kernel"] == kernel]
+        lines = [f"### {title}", "", "| " + " | ".join(h for h, _ in columns) + " |"]
+        lines.append(
+            "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h, _ in columns) + "|"
+        )
+        lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+TEXT_COLUMNS = ("case", "bins", "backend", "check")
+
+
+def targets(env: Env) -> list[dict]:
+    """The GPU targets, judged on the Triton rows (on CPU the values are shown, not judged);
+    a wrong result in scope fails its target."""
+    rows = [r for r in env.rows if r["backend"] == "triton" or not env.cuda]
+    for r in rows:
+        r["read_ratio"] = r["time_s"] / r["read_once_s"] if "read_once_s" in r else None
+        r["time_us"] = r["time_s"] * 1e6
+        r["tbx_speedup"] = r["tbx_s"] / r["time_s"] if r.get("tbx_s") else None
+    big, tf10m = TARGET_MB * MiB, ("fp32", 10_000_000, "tensorflow")
+    specs = [  # (target, what is measured, rows in scope, key, aggregate, passes)
+        ("stats ≥ 80% of copy bandwidth on inputs ≥ 64 MiB", "min × copy",
+         [r for r in rows if r["kernel"] == "stats" and r["bytes"] >= big], "x_copy", min,
+         lambda v: v >= 0.8),
+        ("histogram ≥ 80% of copy bandwidth on inputs ≥ 64 MiB", "min × copy",
+         [r for r in rows if r["kernel"] == "histogram" and r["bytes"] >= big], "x_copy", min,
+         lambda v: v >= 0.8),
+        ("bf16 gradient stats of a 1B-param model within 1.3× of one read", "÷ one read",
+         [r for r in rows if r["kernel"] == "model"], "read_ratio", max, lambda v: v <= 1.3),
+        ("thumbnails < 50 µs", "max µs",
+         [r for r in rows if r["kernel"] == "thumbnail"], "time_us", max, lambda v: v < 50),
+        ("10M fp32 histogram ≥ 1000× faster than the tensorboardX path", "speedup",
+         [r for r in rows if (r.get("dtype"), r.get("numel"), r.get("bins")) == tf10m],
+         "tbx_speedup", min, lambda v: v >= 1000),
+    ]  # fmt: skip
+    out = []
+    for name, what, scope, key, pick, passes in specs:
+        vals = [r[key] for r in scope if r[key] is not None]
+        value = pick(vals) if vals else None
+        if not env.cuda:
+            verdict = "n/a on cpu"
+        elif not rows:
+            verdict = "n/a (triton backend not run)"
+        elif value is None:
+            verdict = "n/a (no case in scope)"
+        elif any(r["check"] != "ok" for r in scope):
+            verdict = "FAIL (wrong result)"
+        else:
+            verdict = "PASS" if passes(value) else "FAIL"
+        out.append(dict(target=name, measure=what, value=value, verdict=verdict))
+    return out
+
+
+def machine(env: Env) -> dict:
+    triton = sys.modules.get("triton") if _triton_importable() else None
+    return dict(
+        device=torch.cuda.get_device_name(env.device) if env.cuda else "cpu",
+        cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+        python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+        triton=getattr(triton, "__version__", "not installed"),
+    )  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller cases")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--backend", choices=("torch", "triton", "both"), help="default: cuda both")
+    p.add_argument("--json", metavar="PATH", help="write every number here")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here; run with --device cpu")
+    backend = args.backend or ("both" if device == "cuda" else "torch")
+    if device == "cpu" and backend != "torch":
+        p.error("--device cpu runs the torch backend only: the Triton interpreter is no benchmark")
+    backends = ["torch", "triton"] if backend == "both" else [backend]
+    if "triton" in backends and not _triton_importable():
+        print("triton is not importable: benchmarking the torch backend only", file=sys.stderr)
+        backends = ["torch"]
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    env = Env(device=torch.device(device), backends=backends, **make_plan(device, args.quick))
+    info = machine(env)
+    print(f"# bench_kernels.py: {', '.join(f'{k} {v}' for k, v in info.items())}")
+    print(f"\nCommand: `{' '.join(['python', *sys.argv])}`\n")
+    env.copy_bw = copy_bandwidth(env)
+    print(f"Copy bandwidth (y.copy_(x), bytes read + written): {env.copy_bw / 1e9:.1f} GB/s\n")
+    t0 = time.perf_counter()
+    for bench in (bench_stats, bench_histograms, bench_model, bench_thumbnails):
+        bench(env)
+        if env.cuda:
+            torch.cuda.empty_cache()
+    print(report(env))
+    results = targets(env)
+    for t in results:
+        shown = "—" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"- {t['verdict']}: {t['target']} ({t['measure']}: {shown})")
+    wrong = [r for r in env.rows if r["check"] != "ok"]
+    print(f"\n{len(env.rows)} results, {len(wrong)} wrong; {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            doc = dict(machine=info, argv=sys.argv, copy_bytes_per_s=env.copy_bw)
+            json.dump(doc | dict(rows=env.rows, targets=results), f, indent=1)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
