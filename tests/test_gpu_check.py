@@ -102,7 +102,12 @@ def test_scripts_are_valid_shell():
         if shutil.which("shellcheck"):
             subprocess.run(["shellcheck", str(script)], check=True, timeout=60)
     made = subprocess.run(
-        ["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ["make", "--no-print-directory", "-n", "gpu-check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )
     assert made.stdout.strip() == "bash benchmarks/gpu_check.sh"
 
