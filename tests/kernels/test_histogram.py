@@ -73,6 +73,7 @@ def test_counts_equal_numpy_every_dtype(dtype, bins):
     np.testing.assert_array_equal(h.edges.numpy(), ref_edges)
     ref = reference.bin_counts(x, torch.from_numpy(ref_edges))
     np.testing.assert_array_equal(ref.numpy(), ref_counts)
+    np.testing.assert_allclose(h.stats.numpy(), _stats_reference(x), rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
