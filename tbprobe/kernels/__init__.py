@@ -180,7 +180,7 @@ def _histogram_host(x, kind, payload, range_) -> Histogram:
         x = x.detach()
         if x.dtype == torch.bfloat16 or "float8" in str(x.dtype):
             x = x.float()
-        x = x.resolve_conj().resolve_neg().numpy()
+        x = x.resolve_conj().resolve_neg().numpy()  # sync-ok: a CPU tensor, no device
     if x.dtype.kind not in "biuf":
         raise TypeError(f"x: expected real numeric values, got dtype {x.dtype}")
     counts, edges, stats = host.histogram(x, payload, range_)

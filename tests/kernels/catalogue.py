@@ -1,5 +1,8 @@
 """The shared test catalogue of the kernels: the dtypes a model may hold and the odd shapes."""
 
+import math
+
+import numpy as np
 import torch
 
 # Every real dtype a model's weights, gradients or activations may have.
@@ -25,3 +28,23 @@ UNSIGNED_WIDE = [torch.uint16, torch.uint32, torch.uint64]
 SHAPES = [(), (1,), (2,), (16,), (1024,), (4096,), (18,), (33,), (1041,), (4113,)]
 SHAPES += [(311, 384), (5, 9999)]
 SHAPES += [(0,), (3, 0, 4)]
+
+
+def stats_reference(x: torch.Tensor) -> np.ndarray:
+    """The STAT_NAMES row of a CPU tensor, in float64 numpy: the oracle of every stats test."""
+    xd = x.double().numpy().reshape(-1)
+    fin = xd[np.isfinite(xd)]
+    return np.array(
+        [
+            fin.size,
+            fin.sum(),
+            (fin * fin).sum(),
+            fin.min() if fin.size else math.inf,
+            fin.max() if fin.size else -math.inf,
+            np.abs(fin).max() if fin.size else 0.0,
+            np.isnan(xd).sum(),
+            (xd == math.inf).sum(),
+            (xd == -math.inf).sum(),
+            (xd == 0).sum(),
+        ]
+    )

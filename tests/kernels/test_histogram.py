@@ -10,6 +10,7 @@ from tbprobe import kernels
 from tbprobe.kernels import reference
 from tbprobe.kernels.reference import STAT_NAMES
 from tests.kernels.catalogue import DTYPES
+from tests.kernels.catalogue import stats_reference as _stats_reference
 
 SHAPES = [(), (1,), (17,), (1024,), (1041,), (311, 384), (5, 9999), (0,), (3, 0, 4)]
 BINS = ["tensorflow", 1, 7, 64, [-3.0, -1.0, 0.0, 0.5, 2.0000001, 5.0]]
@@ -40,25 +41,6 @@ def _np_reference(x, bins):
         finite = xd[np.isfinite(xd)]
         return np.histogram(finite, bins)
     return np.histogram(xd, bins)
-
-
-def _stats_reference(x):
-    xd = x.double().numpy().reshape(-1)
-    fin = xd[np.isfinite(xd)]
-    return np.array(
-        [
-            fin.size,
-            fin.sum(),
-            (fin * fin).sum(),
-            fin.min() if fin.size else math.inf,
-            fin.max() if fin.size else -math.inf,
-            np.abs(fin).max() if fin.size else 0.0,
-            np.isnan(xd).sum(),
-            (xd == math.inf).sum(),
-            (xd == -math.inf).sum(),
-            (xd == 0).sum(),
-        ]
-    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

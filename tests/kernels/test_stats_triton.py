@@ -17,6 +17,7 @@ from tbprobe.kernels.reference import STAT_NAMES  # noqa: E402
 from tbprobe.kernels.triton_stats import _decode  # noqa: E402
 from tests.kernels.catalogue import DTYPES as CAT_DTYPES
 from tests.kernels.catalogue import SHAPES, UNSIGNED_WIDE
+from tests.kernels.catalogue import stats_reference as _stats_reference
 
 pytestmark = pytest.mark.interpreter
 
@@ -50,25 +51,6 @@ def _sample(shape, dtype, seed=0):
     if x.numel() >= 3:  # the extremes themselves, which fp32 would round
         x.view(-1)[:2] = torch.tensor([info.min, info.max], dtype=dtype)
     return x
-
-
-def _stats_reference(x):
-    xd = x.double().numpy().reshape(-1)
-    fin = xd[np.isfinite(xd)]
-    return np.array(
-        [
-            fin.size,
-            fin.sum(),
-            (fin * fin).sum(),
-            fin.min() if fin.size else math.inf,
-            fin.max() if fin.size else -math.inf,
-            np.abs(fin).max() if fin.size else 0.0,
-            np.isnan(xd).sum(),
-            (xd == math.inf).sum(),
-            (xd == -math.inf).sum(),
-            (xd == 0).sum(),
-        ]
-    )
 
 
 def _check(rows, tensors):
