@@ -1,7 +1,7 @@
 # tbprobe: `make demo` runs the demo, `make test` runs the tests. Both set up .venv first.
 PY := .venv/bin/python
 
-.PHONY: venv demo test lint format protos bench clean
+.PHONY: venv chromium demo test lint format protos bench clean docs-screenshots
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -9,8 +9,16 @@ venv:
 demo: venv
 	$(PY) -m tbprobe.cli demo
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest -q
+
+# Headless Debian chromium for the TensorBoard dashboard screenshots in tests/e2e (needs root).
+chromium:
+	@bash scripts/install_chromium.sh
+
+# Refresh docs/tensorboard-*.png from a fresh run of the screenshot tests.
+docs-screenshots: venv chromium
+	TBPROBE_UPDATE_DOCS=1 $(PY) -m pytest -q tests/e2e/test_dashboard_screenshots.py
 
 lint: venv
 	$(PY) -m ruff check .
