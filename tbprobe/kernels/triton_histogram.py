@@ -3,9 +3,12 @@
 Each element's bin is found in the kernel in one of three ways, picked by the caller's ``kind``:
 
 - ``"tensorflow"``: TensorBoard's exponential edges. A guess from ``log|x|`` in fp32 is at most
-  one bin off, and numpy's ±1 correction against the edges in memory makes it exact.
-- ``"linear"``: ``n`` equal bins over ``[e_0, e_n]``: numpy's fast-path formula
-  ``(x - lo) / (hi - lo) * n`` and the same ±1 correction numpy applies after it.
+  one bin off, and numpy's ±1 correction against the edges in memory makes it exact; only
+  lanes whose guess is within 2^-8 bin of an edge gather the edges (the others are exact).
+- ``"linear"``: ``n`` equal bins over ``[e_0, e_n]`` (int bins, or explicit edges that are
+  numpy's linspace): numpy's fast-path formula ``(x - lo) / (hi - lo) * n`` and the same ±1
+  correction, near edges only. A range so narrow that edges repeat (one large int64 with
+  min == max) takes the binary search instead, decided per row at run time.
 - ``"edges"``: any increasing edges: a branch-free binary search, ``ceil(log2(n + 1))`` steps.
 
 Every comparison is ``x`` in float64 against the float64 edges, as numpy compares ``x.double()``.
@@ -24,12 +27,11 @@ import functools
 import math
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from tbprobe.kernels import reference
+from tbprobe.kernels import triton_edges
 from tbprobe.kernels.triton_stats import tensor_stats
 
 __all__ = ["KINDS", "bin_counts", "histogram", "histogram_many"]
@@ -61,6 +63,7 @@ _VIEW = {  # the raw bits of the dtypes decoded in the kernel
 }
 _MAX_REGISTER_BINS = 2048  # 1548 "tensorflow" bins pad to 2048; more would spill registers
 _N_TF_EDGES = 1549
+_WINDOW = 256  # bins of the moving window (the cost of tl.histogram grows with its bins)
 _INT32_SAFE = 1 << 30  # elements per program at most, so its int32 counts cannot overflow
 _TABLE_CACHE_SIZE = 64
 _LN_1E_12 = tl.constexpr(math.log(1e-12))
@@ -86,12 +89,34 @@ def _bits_to_f32(b_bits, FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _correct(b_x, b_i, p_edges, n_bins):
-    """numpy's fast-path correction of a guess ``i`` in ``[0, n)``: ``i -= x < e[i]``, then
-    ``i += x >= e[i + 1]`` unless ``i`` is the last bin. Exact when ``i`` is at most one off."""
-    b_i = tl.maximum(tl.where(b_x < tl.load(p_edges + b_i), b_i - 1, b_i), 0)
-    m_up = (b_x >= tl.load(p_edges + b_i + 1)) & (b_i != n_bins - 1)
+def _correct(b_x, b_i, p_edges, n_bins, m_near):
+    """numpy's fast-path correction of a guess ``i`` in ``[0, n)`` where ``m_near``: ``i -= x <
+    e[i]``, then ``i += x >= e[i + 1]`` unless ``i`` is the last bin; exact when ``i`` is at most
+    one off. Lanes off ``m_near`` (guess provably exact) load nothing and keep ``i``."""
+    e_lo = tl.load(p_edges + b_i, mask=m_near, other=float("-inf"))
+    b_i = tl.maximum(tl.where(b_x < e_lo, b_i - 1, b_i), 0)
+    e_hi = tl.load(p_edges + b_i + 1, mask=m_near, other=float("inf"))
+    m_up = (b_x >= e_hi) & (b_i != n_bins - 1)
     return tl.where(m_up, b_i + 1, b_i)
+
+
+@triton.jit
+def _near_integer(b_f):
+    """True where ``b_f`` is within 2^-8 of an integer: a guess ``floor(b_f)`` whose error is
+    below 2^-8 bin can be wrong only there (NaN: True)."""
+    b_frac = b_f - tl.floor(b_f)
+    return ~((b_frac > 0.00390625) & (b_frac < 0.99609375))
+
+
+@triton.jit
+def _search(b_x, p_edges, n_bins, N_STEPS: tl.constexpr):
+    """The largest ``i`` in ``[0, n]`` with ``e_i <= x``, one bit per step (``2^N_STEPS > n``),
+    then ``i = n`` (``x == e_n``) joins bin ``n - 1``: numpy's rule, repeated edges included."""
+    b_i = tl.zeros(b_x.shape, tl.int32)
+    for s in tl.static_range(N_STEPS):
+        b_j = tl.minimum(b_i + (1 << (N_STEPS - 1 - s)), n_bins)
+        b_i = tl.where(tl.load(p_edges + b_j) <= b_x, b_j, b_i)
+    return tl.minimum(b_i, n_bins - 1)
 
 
 @triton.jit
@@ -100,26 +125,35 @@ def _bin_index(b_x, m_ok, p_edges, n_bins, KIND: tl.constexpr, N_STEPS: tl.const
     ``m_ok``; any index in ``[0, n)`` elsewhere."""
     if KIND == "tensorflow":
         # Positive edges are 1e-12 * 1.1**k (to 1e-13 relative), the 0.0 edge is edge n/2, the
-        # negative ones mirror them. k ~ log(|x| / 1e-12) / log(1.1); the fp32 log is off by
-        # < 1e-3 in k, so floor(k) is off by at most one bin, which _correct repairs.
+        # negative ones mirror them. k ~ log(|x| / 1e-12) / log(1.1) in fp32 is off by < 1e-4
+        # (argument rounding 2^-24, log and product rounding, edge drift 1e-12), so floor(k) is
+        # exact unless k is within 2^-8 of an integer; only those lanes gather two edges.
         b_a = tl.where(m_ok, tl.abs(b_x), 1.0)
         b_a = tl.minimum(tl.maximum(b_a, 1e-13), 1e21).to(tl.float32)
-        b_k = tl.maximum(tl.floor((tl.log(b_a) - _LN_1E_12) * _INV_LN_1_1), -1.0).to(tl.int32)
+        b_kf = (tl.log(b_a) - _LN_1E_12) * _INV_LN_1_1
+        b_k = tl.maximum(tl.floor(b_kf), -1.0).to(tl.int32)
         half = n_bins // 2
         b_i = tl.where(b_x >= 0, half + 1 + b_k, half - 2 - b_k)
-        b_i = _correct(b_x, tl.minimum(tl.maximum(b_i, 0), n_bins - 1), p_edges, n_bins)
+        b_i = tl.minimum(tl.maximum(b_i, 0), n_bins - 1)
+        b_i = _correct(b_x, b_i, p_edges, n_bins, m_ok & _near_integer(b_kf))
     elif KIND == "linear":
         lo = tl.load(p_edges)  # linspace puts lo and hi at both ends exactly
         hi = tl.load(p_edges + n_bins)
-        b_f = (tl.where(m_ok, b_x, lo) - lo) / (hi - lo) * n_bins  # numpy's order of operations
-        b_i = _correct(b_x, tl.minimum(b_f.to(tl.int32), n_bins - 1), p_edges, n_bins)
+        # The guess is within one bin only while a bin spans many float64 steps. A range a few
+        # ulps wide (min == max == a large int64, widened by +-0.5) rounds edges together: the
+        # bin then is the last of equal edges, found by the search (a uniform run-time branch).
+        mag = tl.maximum(tl.abs(lo), tl.abs(hi))
+        step = (hi - lo) / n_bins
+        if (step > tl.maximum(mag * 2.0**-40, 2.0**-1000)) & (step < float("inf")):
+            # Each edge is within 2^-12 bin of lo + i * step here, so the guess is exact
+            # unless b_f is within 2^-8 of an integer; only those lanes gather two edges.
+            b_f = (tl.where(m_ok, b_x, lo) - lo) / (hi - lo) * n_bins  # numpy's operations
+            b_i = tl.minimum(b_f.to(tl.int32), n_bins - 1)
+            b_i = _correct(b_x, b_i, p_edges, n_bins, m_ok & _near_integer(b_f))
+        else:
+            b_i = _search(b_x, p_edges, n_bins, N_STEPS)
     else:
-        # The largest i in [0, n] with e_i <= x, one bit per step; i = n (x == e_n) joins bin n-1.
-        b_i = tl.zeros(b_x.shape, tl.int32)
-        for s in tl.static_range(N_STEPS):
-            b_j = tl.minimum(b_i + (1 << (N_STEPS - 1 - s)), n_bins)
-            b_i = tl.where(tl.load(p_edges + b_j) <= b_x, b_j, b_i)
-        b_i = tl.minimum(b_i, n_bins - 1)
+        b_i = _search(b_x, p_edges, n_bins, N_STEPS)
     return b_i
 
 
@@ -128,13 +162,17 @@ def _histogram_kernel(
     x_ptr, numel, edges_ptr, edges_stride, counts_ptr, n_bins,
     X_DTYPE: tl.constexpr, MULTI: tl.constexpr, WIDEN_F32: tl.constexpr, BITS: tl.constexpr,
     KIND: tl.constexpr, N_STEPS: tl.constexpr, IN_REGISTERS: tl.constexpr,
-    NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_BINS: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``counts[r, i] += #{x in t : e_i <= x < e_{i+1}}`` (last bin closed), ``x`` in float64.
     Program ``(t, p)`` reads blocks ``p, p + P, ...`` of tensor ``t`` (``MULTI``: row ``t`` of an
     int64 table ``(address, numel, r)``; else ``x_ptr``, ``numel``, ``r = 0``), counts them in
     int32 registers (bin ``n_bins`` takes NaN and out-of-range) and atomically adds its non-zero
-    bins to the int64 row ``r`` once. Edges of row ``r`` start at ``edges_ptr + r * stride``."""
+    bins to the int64 row ``r`` once. Edges of row ``r`` start at ``edges_ptr + r * stride``.
+    ``WINDOW > 0``: a block whose bins span < WINDOW - 1 is counted in a WINDOW-bin histogram
+    based at ``w_lo`` (flushed with atomics when a block falls outside it), far cheaper per
+    element than a NUM_BINS one. Blocks are visited last first (the stats pass read them
+    first to last, so the last ones may still be in L2)."""
     i_t = tl.program_id(0)
     i_p = tl.program_id(1)
     if MULTI:
@@ -151,9 +189,12 @@ def _histogram_kernel(
     e_first = tl.load(p_edges)
     e_last = tl.load(p_edges + n_bins)
     b_hist = tl.zeros((NUM_BINS,), tl.int32)
-    step = tl.num_programs(1).to(tl.int64) * BLOCK
-    for start in range(i_p.to(tl.int64) * BLOCK, n_x, step):  # int64: over 2^31 elements
-        o_x = start + tl.arange(0, BLOCK)
+    b_win = tl.zeros((max(WINDOW, 2),), tl.int32)
+    o_w = tl.arange(0, max(WINDOW, 2))
+    w_lo = n_bins * 0  # int32 base of the window
+    n_blk = tl.cdiv(n_x, BLOCK)  # int64: over 2^31 elements
+    for i_j in range(i_p.to(tl.int64), n_blk, tl.num_programs(1)):
+        o_x = (n_blk - 1 - i_j) * BLOCK + tl.arange(0, BLOCK)
         m_x = o_x < n_x
         b_x = tl.load(p_x + o_x, mask=m_x, other=0)
         if BITS != "":
@@ -164,7 +205,21 @@ def _histogram_kernel(
         m_ok = m_x & (b_x >= e_first) & (b_x <= e_last)  # NaN fails both
         b_i = _bin_index(b_x, m_ok, p_edges, n_bins, KIND, N_STEPS)
         if IN_REGISTERS:
-            b_hist += tl.histogram(tl.where(m_ok, b_i, n_bins), NUM_BINS)
+            if WINDOW > 0:
+                i_lo = tl.min(tl.where(m_ok, b_i, n_bins), axis=0)
+                i_hi = tl.max(tl.where(m_ok, b_i, -1), axis=0)
+                if i_hi - i_lo < WINDOW - 1:  # also true when no lane is counted
+                    if (i_lo < w_lo) | (i_hi >= w_lo + WINDOW - 1):
+                        m_w = (o_w < WINDOW - 1) & (b_win > 0)
+                        p_w = p_counts + w_lo + o_w
+                        tl.atomic_add(p_w, b_win.to(tl.int64), mask=m_w, sem="relaxed")
+                        b_win = tl.zeros((max(WINDOW, 2),), tl.int32)
+                        w_lo = tl.maximum(i_lo - (WINDOW - 1 - (i_hi - i_lo)) // 2, 0)
+                    b_win += tl.histogram(tl.where(m_ok, b_i - w_lo, WINDOW - 1), WINDOW)
+                else:
+                    b_hist += tl.histogram(tl.where(m_ok, b_i, n_bins), NUM_BINS)
+            else:
+                b_hist += tl.histogram(tl.where(m_ok, b_i, n_bins), NUM_BINS)
         else:
             b_one = tl.full((BLOCK,), 1, tl.int64)
             tl.atomic_add(p_counts + b_i, b_one, mask=m_ok, sem="relaxed")
@@ -172,6 +227,9 @@ def _histogram_kernel(
         o_bin = tl.arange(0, NUM_BINS)
         m_bin = (o_bin < n_bins) & (b_hist > 0)
         tl.atomic_add(p_counts + o_bin, b_hist.to(tl.int64), mask=m_bin, sem="relaxed")
+        if WINDOW > 0:
+            m_w = (o_w < WINDOW - 1) & (b_win > 0)
+            tl.atomic_add(p_counts + w_lo + o_w, b_win.to(tl.int64), mask=m_w, sem="relaxed")
 
 
 def _flat(x, name: str) -> torch.Tensor:
@@ -208,6 +266,7 @@ def _config(n_bins: int, kind: str, device: torch.device) -> dict:
         N_STEPS=max(1, n_bins.bit_length()),  # 2**N_STEPS > n: reaches every index 0..n
         IN_REGISTERS=in_registers,
         NUM_BINS=num_bins if in_registers else 32,
+        WINDOW=_WINDOW if in_registers and num_bins > _WINDOW else 0,
         BLOCK=block,
         num_warps=max(1, min(8, block // 256)),  # 8 elements a thread: no register spills
     )
@@ -305,45 +364,22 @@ def bin_counts(x: torch.Tensor, edges: torch.Tensor, kind: str = "edges") -> tor
     return counts
 
 
-_edges_by_device: dict[torch.device, torch.Tensor] = {}
+def _edges_for(kind, payload, range_, stats, device):
+    """(kind, edges, stride): edges ``(T, n + 1)`` with stride ``n + 1`` for per-row linear
+    edges, or one shared row ``(n + 1,)`` with stride 0."""
+    from tbprobe.kernels import _tensorflow_edges_np
 
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A float64 host array on ``device`` with no sync: pinned memory, non_blocking copy."""
-    host = torch.from_numpy(np.array(array, dtype=np.float64))
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _tensorflow_edges(device: torch.device) -> torch.Tensor:
-    edges = _edges_by_device.get(device)
-    if edges is None:
-        from tbprobe.kernels import _tensorflow_edges_np
-
-        edges = _edges_by_device[device] = _to_device(_tensorflow_edges_np(), device)
-    return edges
-
-
-def _explicit_range(range_, n: int, device: torch.device):
-    """numpy's outer edges of a given range as float64 ``(n,)`` device tensors, with no copy."""
-    lo, hi = float(range_[0]), float(range_[1])
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    full = functools.partial(torch.full, (n,), dtype=torch.float64, device=device)
-    return full(lo), full(hi)
-
-
-def _linear_edges_rows(lo: torch.Tensor, hi: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """``reference.linear_edges`` row by row: float64 ``(T, n_bins + 1)`` from ``(T,)`` ends,
-    numpy's ``linspace`` bit for bit (the same operations in the same order)."""
-    lo, hi = lo[:, None], hi[:, None]
-    delta = hi - lo
-    steps = torch.arange(n_bins + 1, dtype=torch.float64, device=lo.device)
-    step = delta / n_bins
-    edges = torch.where(step == 0, steps / n_bins * delta, steps * step) + lo
-    edges[:, -1] = hi[:, 0]
-    return edges
+    if kind == "linear" and range_ is None:
+        edges = triton_edges.linear_edges_from_stats(stats, payload)  # one launch, every row
+        return "linear", edges, edges.shape[1]
+    if kind == "linear":
+        edges, _ = triton_edges.host_edges(triton_edges.uniform_range(range_, payload), device)
+        return "linear", edges, 0
+    if payload is _tensorflow_edges_np():
+        edges, _ = triton_edges.host_edges(payload, device, name="tensorflow")
+        return "tensorflow", edges, 0
+    edges, uniform = triton_edges.host_edges(payload, device)
+    return ("linear" if uniform else "edges"), edges, 0
 
 
 def histogram_many(tensors, bins="tensorflow", range=None) -> list:  # noqa: A002 - numpy's name
@@ -358,7 +394,7 @@ def histogram_many(tensors, bins="tensorflow", range=None) -> list:  # noqa: A00
 
         hs = histogram_many([w.grad for w in model.parameters()], bins=64)
     """
-    from tbprobe.kernels import Histogram, _check_bins, _tensorflow_edges_np
+    from tbprobe.kernels import Histogram, _check_bins
 
     tensors = list(tensors)
     if not tensors:
@@ -369,22 +405,12 @@ def histogram_many(tensors, bins="tensorflow", range=None) -> list:  # noqa: A00
         raise ValueError("tensors: expected every tensor on one device")
     kind, payload = _check_bins(bins, range)
     stats = tensor_stats(flats)  # (T, 10): the first pass over the tensors
-    if kind == "linear":
-        if range is None:
-            lo, hi = reference.auto_range(stats.T, None)  # per column: (T,) each
-        else:
-            lo, hi = _explicit_range(range, len(flats), device)
-        edges = _linear_edges_rows(lo, hi, payload)  # (T, n_bins + 1)
-        edges_stride = edges.shape[1]
-    else:
-        if payload is _tensorflow_edges_np():
-            kind, shared = "tensorflow", _tensorflow_edges(device)
-        else:
-            shared = _to_device(payload, device)
-        edges, edges_stride = shared.expand(len(flats), -1), 0
-    counts = torch.zeros(len(flats), edges.shape[1] - 1, dtype=torch.int64, device=device)
-    _launch_many(flats, edges if edges_stride else shared, edges_stride, kind, counts)
-    return [Histogram(c, e, s) for c, e, s in zip(counts, edges, stats, strict=True)]
+    kind, edges, stride = _edges_for(kind, payload, range, stats, device)
+    n_bins = edges.shape[-1] - 1
+    counts = torch.zeros(len(flats), n_bins, dtype=torch.int64, device=device)
+    _launch_many(flats, edges, stride, kind, counts)
+    rows = edges if stride else edges.expand(len(flats), -1)
+    return [Histogram(c, e, s) for c, e, s in zip(counts, rows, stats, strict=True)]
 
 
 def histogram(x, bins="tensorflow", range=None):  # noqa: A002 - numpy's name
@@ -400,21 +426,13 @@ def histogram(x, bins="tensorflow", range=None):  # noqa: A002 - numpy's name
         h = histogram(torch.randn(1000, device="cuda"), bins=10)
         h.counts.sum()  # 1000
     """
-    from tbprobe.kernels import Histogram, _check_bins, _tensorflow_edges_np
+    from tbprobe.kernels import Histogram, _check_bins
 
     flat = _flat(x, "x")
     kind, payload = _check_bins(bins, range)
-    stats = tensor_stats([flat])[0]  # the first pass over x; the histogram is the second
-    if kind == "linear":
-        if range is None:
-            lo, hi = reference.auto_range(stats, None)
-        else:
-            lo, hi = (v[0] for v in _explicit_range(range, 1, flat.device))
-        edges = reference.linear_edges(lo, hi, payload)
-    elif payload is _tensorflow_edges_np():
-        kind, edges = "tensorflow", _tensorflow_edges(flat.device)
-    else:
-        edges = _to_device(payload, flat.device)
+    stats = tensor_stats([flat])  # (1, 10): the first pass over x; the histogram is the second
+    kind, edges, _ = _edges_for(kind, payload, range, stats, flat.device)
+    edges = edges.view(-1)
     counts = torch.zeros(edges.numel() - 1, dtype=torch.int64, device=flat.device)
     _launch_one(flat, edges, kind, counts)
-    return Histogram(counts, edges, stats)
+    return Histogram(counts, edges, stats[0])

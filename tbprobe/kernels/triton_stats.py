@@ -112,34 +112,14 @@ def _accumulate(b_raw, m_x, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, D
 
 
 @triton.jit
-def _stats_chunks_kernel(
-    p_chunks,
-    p_partials,
-    ELEM: tl.constexpr,
-    ACC: tl.constexpr,
-    DECODE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Partial row of chunk ``c = (address, start, end)``: over finite ``x = t[start:end]``,
-    ``count, sum x, sum x^2, min x, max x, max |x| = max(max x, -min x, 0)``, then ``#nan,
-    #+inf, #-inf, #zeros`` over all of it. ``ACC`` is fp32 (sums are fp32 within a block, fp64
-    across blocks) or fp64. ``ALIGNED``: every address is 16-byte aligned (vector loads).
-    """
-    i_c = tl.program_id(0).to(tl.int64)
-    address = tl.load(p_chunks + 3 * i_c)
-    start = tl.load(p_chunks + 3 * i_c + 1)  # int64: tensors over 2^31 elements
-    end = tl.load(p_chunks + 3 * i_c + 2)
-    start = tl.multiple_of(start, BLOCK)  # chunks are whole multiples of BLOCK
-    p_x = address.to(tl.pointer_type(ELEM))
-    if ALIGNED:
-        p_x = tl.multiple_of(p_x, 16)
+def _chunk_exact(p_x, start, end, ACC: tl.constexpr, DECODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Every statistic of ``x = t[start:end]`` block by block, with NaN/±Inf masked out of the
+    moments and the fp32 -> fp64 fallback of ``_accumulate``: right for any input."""
     s_sum = tl.zeros((), tl.float64)
     s_sq = tl.zeros((), tl.float64)
     b_min = tl.full((BLOCK,), float("inf"), ACC)
     b_max = tl.full((BLOCK,), float("-inf"), ACC)
     # Per lane, #nan + #+inf << 10 + #-inf << 20: each count is below CHUNK_BLOCKS < 1024.
-    # The finite count and abs_max follow from these at the end, saving registers.
     n_special = tl.zeros((BLOCK,), tl.int32)
     n_zero = tl.zeros((BLOCK,), tl.int32)
     o_b = tl.arange(0, BLOCK)
@@ -163,6 +143,95 @@ def _stats_chunks_kernel(
     n_ninf = tl.sum(n_special >> 20, axis=0)
     c_min = tl.min(b_min, axis=0).to(tl.float64)
     c_max = tl.max(b_max, axis=0).to(tl.float64)
+    return s_sum, s_sq, c_min, c_max, n_nan, n_pinf, n_ninf, tl.sum(n_zero, axis=0)
+
+
+@triton.jit
+def _chunk_fast(p_x, start, end, DECODE: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """Sums, min, max and #zeros of ``x = t[start:end]`` assuming every element finite and
+    ``2^-50 <= |x| <= 2^60`` or 0: per-lane fp32 sums over ``UNROLL`` blocks (loads in flight
+    together), added into per-lane fp64 sums; no per-element masks. ``ok`` is 0 when the
+    assumption fails (a NaN/Inf reaches the sums, or the extremes fall outside the range);
+    the caller then redoes the chunk with ``_chunk_exact``. Error of a sum: below ``UNROLL *
+    2^-24`` of the sum of magnitudes, as the fp32 terms are exact products of narrow inputs."""
+    d_s = tl.zeros((BLOCK,), tl.float64)
+    d_q = tl.zeros((BLOCK,), tl.float64)
+    b_min = tl.full((BLOCK,), float("inf"), tl.float32)
+    b_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    n_zero = tl.zeros((BLOCK,), tl.int32)
+    o_b = tl.arange(0, BLOCK)
+    n_groups = ((end - start) // (BLOCK * UNROLL)).to(tl.int32)
+    for i in range(0, n_groups):
+        f_s = tl.zeros((BLOCK,), tl.float32)
+        f_q = tl.zeros((BLOCK,), tl.float32)
+        for u in tl.static_range(UNROLL):
+            b_raw = tl.load(p_x + (start + (i * UNROLL + u) * BLOCK + o_b))
+            b_x = _decode(b_raw, tl.float32, DECODE)
+            f_s += b_x
+            f_q += b_x * b_x
+            b_min = tl.minimum(b_min, b_x)
+            b_max = tl.maximum(b_max, b_x)
+            n_zero += (b_x == 0).to(tl.int32)
+        d_s += f_s.to(tl.float64)
+        d_q += f_q.to(tl.float64)
+    n_blocks = tl.cdiv(end - start, BLOCK).to(tl.int32)
+    for k in range(n_groups * UNROLL, n_blocks):  # the last blocks, the tail masked
+        o_x = start + k * BLOCK + o_b  # int64: start is
+        m_x = o_x < end
+        b_x = tl.where(m_x, _decode(tl.load(p_x + o_x, mask=m_x, other=0), tl.float32, DECODE), 0)
+        d_s += b_x.to(tl.float64)
+        d_q += (b_x * b_x).to(tl.float64)
+        b_min = tl.minimum(b_min, tl.where(m_x, b_x, float("inf")))
+        b_max = tl.maximum(b_max, tl.where(m_x, b_x, float("-inf")))
+        n_zero += (m_x & (b_x == 0)).to(tl.int32)
+    s_sum = tl.sum(d_s, axis=0)
+    s_sq = tl.sum(d_q, axis=0)
+    c_min = tl.min(b_min, axis=0).to(tl.float64)
+    c_max = tl.max(b_max, axis=0).to(tl.float64)
+    amax = tl.maximum(c_max, -c_min)
+    ok = (tl.abs(s_sum) < float("inf")) & (s_sq < float("inf"))  # False for NaN too
+    ok = ok & (amax <= 2.0**60) & ((amax == 0) | (amax >= 2.0**-50))
+    return ok.to(tl.int32), s_sum, s_sq, c_min, c_max, tl.sum(n_zero, axis=0)
+
+
+@triton.jit
+def _stats_chunks_kernel(
+    p_chunks,
+    p_partials,
+    ELEM: tl.constexpr,
+    ACC: tl.constexpr,
+    DECODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr = 4,
+):
+    """Partial row of chunk ``c = (address, start, end)``: over finite ``x = t[start:end]``,
+    ``count, sum x, sum x^2, min x, max x, max |x| = max(max x, -min x, 0)``, then ``#nan,
+    #+inf, #-inf, #zeros`` over all of it. fp32 inputs (``ACC`` fp32) take ``_chunk_fast``
+    and fall back to ``_chunk_exact`` when it reports a non-finite or extreme value; fp64
+    ``ACC`` always takes ``_chunk_exact``. ``ALIGNED``: 16-byte aligned addresses (vector loads).
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    address = tl.load(p_chunks + 3 * i_c)
+    start = tl.load(p_chunks + 3 * i_c + 1)  # int64: tensors over 2^31 elements
+    end = tl.load(p_chunks + 3 * i_c + 2)
+    start = tl.multiple_of(start, BLOCK)  # chunks are whole multiples of BLOCK
+    p_x = address.to(tl.pointer_type(ELEM))
+    if ALIGNED:
+        p_x = tl.multiple_of(p_x, 16)
+    if ACC == tl.float32:  # noqa: SIM300 - ACC is a constexpr parameter
+        ok, s_sum, s_sq, c_min, c_max, n_zero = _chunk_fast(p_x, start, end, DECODE, BLOCK, UNROLL)
+        n_nan = n_zero * 0
+        n_pinf = n_zero * 0
+        n_ninf = n_zero * 0
+        if ok == 0:  # rare: NaN/Inf or extreme magnitudes in this chunk
+            s_sum, s_sq, c_min, c_max, n_nan, n_pinf, n_ninf, n_zero = _chunk_exact(
+                p_x, start, end, ACC, DECODE, BLOCK
+            )
+    else:
+        s_sum, s_sq, c_min, c_max, n_nan, n_pinf, n_ninf, n_zero = _chunk_exact(
+            p_x, start, end, ACC, DECODE, BLOCK
+        )
     p_row = p_partials + 10 * i_c
     tl.store(p_row + 0, ((end - start) - n_nan - n_pinf - n_ninf).to(tl.float64))
     tl.store(p_row + 1, s_sum)
@@ -173,7 +242,7 @@ def _stats_chunks_kernel(
     tl.store(p_row + 6, n_nan.to(tl.float64))
     tl.store(p_row + 7, n_pinf.to(tl.float64))
     tl.store(p_row + 8, n_ninf.to(tl.float64))
-    tl.store(p_row + 9, tl.sum(n_zero, axis=0).to(tl.float64))
+    tl.store(p_row + 9, n_zero.to(tl.float64))
 
 
 @triton.jit

@@ -228,14 +228,26 @@ def test_histogram_many_matches_single(case):
         np.testing.assert_allclose(h.stats.numpy(), reference.stats_row(x).numpy(), rtol=1e-6)
 
 
-def test_linear_edges_rows_equal_reference():
-    """The batched linear edges are reference.linear_edges (numpy's linspace) bit for bit."""
-    lo = torch.tensor([-3.3, 0.0, 1e-300, -1e10, 2.5])
-    hi = torch.tensor([7.1, 1.0, 3e-300, 1e10 + 1, 2.5 + 2**-40])
-    rows = th._linear_edges_rows(lo.double(), hi.double(), 13)
-    for row, a, b in zip(rows, lo.double(), hi.double(), strict=True):
-        np.testing.assert_array_equal(row.numpy(), reference.linear_edges(a, b, 13).numpy())
-        np.testing.assert_array_equal(row.numpy(), np.linspace(float(a), float(b), 14))
+def test_linear_edges_kernel_equals_numpy_linspace():
+    """The one-launch linear edges equal numpy's linspace bit for bit, row by row: ranges from
+    stats, equal ends widened by 0.5, no finite element giving 0..1, tiny (step 0) ranges."""
+    from tbprobe.kernels import triton_edges
+
+    lo = [-3.3, 0.0, 1e-300, -1e10, 2.5, 7.0, 2.0**52 + 1, 0.0, 5e-324, -0.1]
+    hi = [7.1, 1.0, 3e-300, 1e10 + 1, 2.5 + 2**-40, 7.0, 2.0**52 + 1, 0.0, 1e-323, 1e300]
+    stats = torch.zeros(len(lo), 10, dtype=torch.float64)
+    stats[:, 0] = 5.0
+    stats[:, 3] = torch.tensor(lo, dtype=torch.float64)
+    stats[:, 4] = torch.tensor(hi, dtype=torch.float64)
+    stats[7, 0] = 0.0  # no finite element: numpy's 0..1
+    for n_bins in (1, 13, 64, 1500):
+        rows = triton_edges.linear_edges_from_stats(stats, n_bins)
+        for r, (a, b) in enumerate(zip(lo, hi, strict=True)):
+            a, b = (0.0, 1.0) if r == 7 else (a, b)
+            want = triton_edges.uniform_range((a, b), n_bins)
+            np.testing.assert_array_equal(rows[r].numpy(), want)
+            if a == b:
+                np.testing.assert_array_equal(want, np.linspace(a - 0.5, b + 0.5, n_bins + 1))
 
 
 @pytest.mark.parametrize(
@@ -283,3 +295,78 @@ def test_bad_inputs():
         th.bin_counts(torch.ones(3), torch.tensor([0.0, 1.0], dtype=torch.float32))
     with pytest.raises(ValueError, match="bins"):
         th.histogram(torch.ones(3), 0)
+
+
+# One large int64, its own min == max: numpy widens to (v - 0.5, v + 0.5), a range a few
+# float64 ulps wide, so linspace repeats edges (the GPU check's int64[]/bins64 failures).
+BIG_INT64 = [1513956522011077, -483821196629905, 2**52 + 1, 2**53 + 2, -(2**62), 2**63 - 1]
+
+
+@pytest.mark.parametrize("v", BIG_INT64)
+def test_large_int64_min_equals_max_repeats_edges(v):
+    """min == max at a large int64: the element lands in the last of the repeated edges."""
+    for x in (torch.tensor(v), torch.tensor([v, v, v])):
+        h = th.histogram(x, 64)
+        lo, hi = float(v) - 0.5, float(v) + 0.5
+        np.testing.assert_array_equal(h.edges.numpy(), np.linspace(lo, hi, 65))
+        want = np.histogram(x.double().numpy().reshape(-1), h.edges.numpy())[0]
+        np.testing.assert_array_equal(h.counts.numpy(), want)
+    hs = th.histogram_many([torch.tensor([v]), torch.tensor([v], dtype=torch.float64)], 64)
+    for h in hs:
+        want = np.histogram(np.array([float(v)]), h.edges.numpy())[0]
+        np.testing.assert_array_equal(h.counts.numpy(), want)
+
+
+def test_narrow_linear_range_uses_exact_search():
+    """A range a few ulps wide (repeated edges) given explicitly: numpy's searchsorted rule."""
+    x = torch.tensor([1.0, 1.0 + 2**-52, 1.0 + 2**-51, 1.0 + 3 * 2**-52], dtype=torch.float64)
+    for range_ in [(1.0, 1.0 + 2**-50), (1.0, 1.0)]:
+        h = th.histogram(x, 16, range=range_)
+        want = np.histogram(x.numpy(), h.edges.numpy())[0]
+        np.testing.assert_array_equal(h.counts.numpy(), want)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.int32,
+              torch.int64, torch.int16],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("kind", ["tensorflow", "linear"])
+def test_edges_and_neighbours_in_narrow_dtypes(dtype, kind):
+    """Each edge and its fp64 neighbours, rounded to a narrow float or integer dtype, land in
+    numpy's bin (the O(1) guess plus the near-edge correction)."""
+    if kind == "tensorflow":
+        edges = kernels.tensorflow_edges()
+    else:
+        edges = torch.from_numpy(np.linspace(-300.0, 500.0, 129))
+    values = torch.cat(_neighbours(edges))
+    if dtype.is_floating_point:
+        big = torch.finfo(dtype).max
+        x = values.clamp(-big, big).to(dtype)
+    else:
+        info = torch.iinfo(dtype)
+        x = values.clamp(info.min, info.max).round().to(dtype)
+        x = torch.cat([x, x + 1, x - 1])
+    got = th.bin_counts(x, edges, kind)
+    np.testing.assert_array_equal(got.numpy(), np.histogram(x.double(), edges.numpy())[0])
+
+
+def test_tensorflow_window_moves_between_blocks():
+    """Blocks whose values span few bins (counted in the moving window) at magnitudes far
+    apart, a block spanning every bin (the full histogram), NaN, zeros and both signs."""
+    g = torch.Generator().manual_seed(16)
+    n = 8192  # the interpreter's block
+    parts = []
+    for k, scale in enumerate([1.0, 1e-9, -3e4, 1e15, 1.0, -2e-11, 7.0]):
+        parts.append(scale * (1 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)))
+        if k == 3:  # one block across the whole range
+            mag = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 40 - 14)
+            parts.append(mag * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double())
+    x = torch.cat(parts)
+    x[::97] = 0.0
+    x[5::101] = math.nan
+    edges = kernels.tensorflow_edges()
+    for dtype in (torch.float64, torch.float32):
+        xd = x.to(dtype)
+        got = th.bin_counts(xd, edges, "tensorflow")
+        np.testing.assert_array_equal(got.numpy(), np.histogram(xd.double(), edges.numpy())[0])

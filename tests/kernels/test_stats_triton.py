@@ -293,3 +293,20 @@ def test_bad_input():
         triton_stats.tensor_stats([torch.ones(2), torch.ones(2, device="meta")])
     with pytest.raises(ValueError, match="chunk_blocks"):
         triton_stats._tensor_stats([torch.ones(2)], chunk_blocks=1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fast_chunks_and_their_exact_fallback(dtype):
+    """Chunks of ordinary values take the unmasked fp32 path; a chunk holding a NaN, an Inf,
+    a value whose square overflows fp32, only tiny values or only zeros is redone exactly.
+    Chunks are 8 blocks of 64 (two groups of four), with a partial last block."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(512 * 6 + 100, generator=g) * 3
+    cases = [base.clone() for _ in range(6)]
+    cases[1][700] = math.nan
+    cases[2][1500] = -math.inf
+    cases[3][2100:2110] = 3e30 if dtype != torch.float16 else 6e4
+    cases[4][512 * 2 : 512 * 3] = 1e-20 if dtype != torch.float16 else 1e-7
+    cases[5][:1024] = 0.0
+    xs = [c.to(dtype) for c in cases]
+    _check(triton_stats._tensor_stats(xs, block=64, chunk_blocks=8), xs)
