@@ -30,6 +30,7 @@ with no finite pixel (NaN/±Inf only) is black (0). Separators and unused cells 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -80,7 +81,15 @@ def _check_int(name, value, low=1):
 
 
 def _layout(shape, kind, max_tiles, tile, max_size):
-    """(kind, n, h, w, rows, cols, th, tw, H, W) from the shape and arguments alone."""
+    """(kind, n, h, w, rows, cols, th, tw, H, W) from the shape and arguments alone; cached,
+    as a thumbnail per step of the same activation repeats its arguments."""
+    try:
+        return _layout_cached(shape, kind, max_tiles, tile, max_size)
+    except TypeError:  # an unhashable argument: computed again, to raise the naming error
+        return _compute_layout(shape, kind, max_tiles, tile, max_size)
+
+
+def _compute_layout(shape, kind, max_tiles, tile, max_size):
     kind = _resolve_kind(shape, kind)
     _check_int("max_tiles", max_tiles)
     _check_int("max_size", max_size)
@@ -107,6 +116,10 @@ def _layout(shape, kind, max_tiles, tile, max_size):
     return kind, n, h, w, rows, cols, th, tw, H, W
 
 
+# typed: True == 1 and 2.0 == 2 as keys, but bools and floats must still be refused
+_layout_cached = functools.lru_cache(maxsize=512, typed=True)(_compute_layout)
+
+
 def _tile_size(h, w, cap_h, cap_w, keep_aspect):
     if not keep_aspect or (h <= cap_h and w <= cap_w):
         return min(h, cap_h), min(w, cap_w)
@@ -126,13 +139,19 @@ def thumbnail_shape(shape, *, kind="auto", max_tiles=64, tile=None, max_size=512
     return _layout(tuple(shape), kind, max_tiles, tile, max_size)[-2:]
 
 
+def _check_sample(x: torch.Tensor, kind: str, sample) -> None:
+    if kind == "heatmap":
+        return
+    _check_int("sample", sample, low=-x.shape[0])
+    if sample >= x.shape[0]:
+        raise ValueError(f"sample: batch item {sample} is out of range for batch {x.shape[0]}")
+
+
 def _maps(x: torch.Tensor, kind: str, n: int, sample: int) -> torch.Tensor:
     """The ``(n, h, w)`` maps to draw: a view of ``x``, no copy."""
     if kind == "heatmap":
         return x.unsqueeze(0)
-    _check_int("sample", sample, low=-x.shape[0])
-    if sample >= x.shape[0]:
-        raise ValueError(f"sample: batch item {sample} is out of range for batch {x.shape[0]}")
+    _check_sample(x, kind, sample)
     if kind == "sequence":
         return x[sample].unsqueeze(0)
     return x[sample, :n]
@@ -145,11 +164,15 @@ def _check_x(x):
         raise TypeError(f"x: complex tensors are not supported (got {x.dtype})")
 
 
-def _prepare(x, kind, max_tiles, tile, max_size, sample, background):
-    _check_x(x)
+def _check_background(background) -> None:
     _check_int("background", background, low=0)
     if background > 255:
         raise ValueError(f"background: expected 0..255, got {background}")
+
+
+def _prepare(x, kind, max_tiles, tile, max_size, sample, background):
+    _check_x(x)
+    _check_background(background)
     layout = _layout(tuple(x.shape), kind, max_tiles, tile, max_size)
     return _maps(x.detach(), layout[0], layout[1], sample), layout
 
@@ -240,7 +263,8 @@ def thumbnail(
             sample=sample,
             background=background,
         )
-    maps, (_, n, h, w, rows, cols, th, tw, H, W) = _prepare(
-        x, kind, max_tiles, tile, max_size, sample, background
-    )
-    return launch(maps, rows, cols, th, tw, H, W, background, wide=maps.dtype in _WIDE)
+    # The Triton path reads x in place through its strides: no view or detach per call.
+    _check_background(background)
+    layout = _layout(x.shape, kind, max_tiles, tile, max_size)
+    _check_sample(x, layout[0], sample)
+    return launch(x, layout, sample, background, wide=x.dtype in _WIDE)

@@ -1,35 +1,28 @@
-"""Triton ``tensor_stats``: every tensor of a list read once, one launch per dtype.
+"""Triton ``tensor_stats``: every tensor of a list read once, one launch per dtype, no host sync.
 
-Design. The tensors are grouped by kernel variant (their dtype; bool and uint8 share one) and
-cut on the host, from ``numel`` alone (no sync), into chunks of ``BLOCK * CHUNK_BLOCKS``
-elements (a tensor's last chunk may be shorter). One int64 metadata table describes the call:
+Design. The host side (``triton_stats_plan``) cuts the tensors into chunks of ``BLOCK *
+CHUNK_BLOCKS`` elements and caches a device table of ``(address, start, end, row, first,
+count)`` per chunk. ``_stats_chunks_kernel`` runs one program per chunk, one launch per
+dtype group; it casts the address to a typed pointer and computes the chunk's statistics.
+A tensor of one chunk (every small tensor) has its row written directly. Otherwise each
+chunk stores a partial row and increments its row's arrival counter; the program that
+arrives last folds the row's partials in chunk order (a fixed tree, whatever the arrival
+order: results are bitwise deterministic, with no float atomics) and resets the counter.
+A call is one launch per dtype group and one output allocation; a repeated call (same
+addresses) allocates and copies nothing else.
 
-- per chunk ``(address, start, end)``: the tensor's base address and the element range;
-- per output row ``(lo, hi)``: the range of chunks that belong to that input tensor.
-
-``_stats_chunks_kernel`` runs one program per chunk, one launch per group; it casts the
-address to a typed pointer and writes one partial row per chunk. ``_stats_finish_kernel``
-(one launch for the whole call, every dtype) folds each tensor's partial rows in a fixed order:
-no float atomics anywhere, so results are bitwise deterministic. (torch's ``index_add_`` would
-use float atomics on CUDA, so it is not used for the fold.) A call is ``groups + 1`` launches.
-
-On CUDA the table is built in pinned memory, copied ``non_blocking`` and cached by the
-tensors' (dtype, address, numel) and the stream, since parameters and gradients keep their
-addresses from step to step; a cache hit launches with no host-to-device copy at all.
 Transposed/permuted tensors are read in place (statistics ignore order); views with gaps or
 repeats are copied once with ``.contiguous()``."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from typing import NamedTuple
+import contextlib
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from tbprobe.kernels import triton_stats_plan as plans
 from tbprobe.kernels.reference import STAT_NAMES
 
 __all__ = ["tensor_stats"]
@@ -37,31 +30,7 @@ __all__ = ["tensor_stats"]
 _N_STATS = len(STAT_NAMES)
 _BLOCK = 2048  # elements per loop step of a program
 _CHUNK_BLOCKS = 16  # loop steps per chunk: a program reads at most BLOCK * CHUNK_BLOCKS elements
-_FINISH_BLOCK = 128  # partial rows per loop step of the fold
-_CACHE_SIZE = 64
-
-# torch dtype -> (element type the kernel loads, accumulate in fp64). Narrow types widen to
-# fp32 exactly; int32/int64/uint32/uint64 beyond 2^24 would round in fp32 (min/max would no
-# longer be elements of the input), so they and fp64 take the fp64 path. fp64 keeps int64 as
-# ``x.double()`` does: rounding is monotonic, so min/max equal the reference's.
-_ELEMENT = {
-    torch.float32: (tl.float32, False),
-    torch.float16: (tl.float16, False),
-    torch.bfloat16: (tl.uint16, False),  # loaded as bits, decoded in the kernel (DECODE)
-    torch.float8_e4m3fn: (tl.uint8, False),
-    torch.float8_e5m2: (tl.uint8, False),
-    torch.int8: (tl.int8, False),
-    torch.int16: (tl.int16, False),
-    torch.uint8: (tl.uint8, False),
-    torch.bool: (tl.uint8, False),  # one byte holding 0 or 1
-    torch.uint16: (tl.uint16, False),
-    torch.float64: (tl.float64, True),
-    torch.int32: (tl.int32, True),
-    torch.int64: (tl.int64, True),
-    torch.uint32: (tl.uint32, True),
-    torch.uint64: (tl.uint64, True),
-}
-_DECODE = {torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}  # else 0: a cast
+_FOLD_BLOCK = 128  # partial rows per loop step of the fold
 
 
 @triton.jit
@@ -195,26 +164,55 @@ def _chunk_fast(p_x, start, end, DECODE: tl.constexpr, BLOCK: tl.constexpr, UNRO
 
 
 @triton.jit
+def _fold_rows(p_partials, lo, n_rows, p_dst, BLOCK_C: tl.constexpr):
+    """``dst`` = partial rows ``lo .. lo + n_rows`` folded: fp64 sums of columns 0-2 and 6-9,
+    min of column 3, max of columns 4-5, each a tree over ``BLOCK_C`` rows in a fixed order.
+    The loads skip L1 (``.cg``): other programs, on other SMs, wrote these rows."""
+    o_k = tl.arange(0, 16)  # the 10 columns, padded to a power of two
+    m_k = o_k < 10
+    b_sum = tl.zeros((16,), tl.float64)
+    b_min = tl.full((16,), float("inf"), tl.float64)
+    b_max = tl.where(o_k == 5, 0.0, float("-inf")).to(tl.float64)  # abs_max of nothing is 0
+    for i in range(0, tl.cdiv(n_rows.to(tl.int32), BLOCK_C)):
+        o_c = lo + i * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = (o_c < lo + n_rows)[:, None] & m_k[None, :]
+        p_p = p_partials + o_c[:, None] * 10 + o_k[None, :]
+        b_p = tl.load(p_p, mask=m, other=0.0, cache_modifier=".cg")
+        b_sum += tl.sum(b_p, axis=0)
+        b_min = tl.minimum(b_min, tl.min(tl.where(m, b_p, float("inf")), axis=0))
+        b_max = tl.maximum(b_max, tl.max(tl.where(m, b_p, float("-inf")), axis=0))
+    b_out = tl.where(o_k == 3, b_min, tl.where((o_k == 4) | (o_k == 5), b_max, b_sum))
+    tl.store(p_dst + o_k, b_out, mask=m_k)
+
+
+@triton.jit
 def _stats_chunks_kernel(
-    p_chunks,
+    p_table,
     p_partials,
+    p_counts,
+    p_out,
+    first,
     ELEM: tl.constexpr,
     ACC: tl.constexpr,
     DECODE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     UNROLL: tl.constexpr = 4,
 ):
-    """Partial row of chunk ``c = (address, start, end)``: over finite ``x = t[start:end]``,
-    ``count, sum x, sum x^2, min x, max x, max |x| = max(max x, -min x, 0)``, then ``#nan,
-    #+inf, #-inf, #zeros`` over all of it. fp32 inputs (``ACC`` fp32) take ``_chunk_fast``
-    and fall back to ``_chunk_exact`` when it reports a non-finite or extreme value; fp64
-    ``ACC`` always takes ``_chunk_exact``. ``ALIGNED``: 16-byte aligned addresses (vector loads).
-    """
-    i_c = tl.program_id(0).to(tl.int64)
-    address = tl.load(p_chunks + 3 * i_c)
-    start = tl.load(p_chunks + 3 * i_c + 1)  # int64: tensors over 2^31 elements
-    end = tl.load(p_chunks + 3 * i_c + 2)
+    """Chunk ``c = first + program``, record ``(address, start, end, row, lo, n)``: finite
+    ``count, sum x, sum x^2, min, max, max(max, -min, 0)``, then ``#nan, #+inf, #-inf, #0``
+    of ``x = t[start:end]`` (fp32 ACC: ``_chunk_fast``, ``_chunk_exact`` if it fails). It is
+    ``out[row]`` when ``n == 1``; else ``partials[c]``, and the last of the row's ``n`` chunks
+    to finish sets ``out[row]`` to the fold of ``partials[lo:lo + n]``."""
+    i_c = first + tl.program_id(0).to(tl.int64)
+    p_rec = p_table + 6 * i_c  # triton_stats_plan.RECORD numbers per chunk
+    address = tl.load(p_rec)
+    start = tl.load(p_rec + 1)  # int64: tensors over 2^31 elements
+    end = tl.load(p_rec + 2)
+    row = tl.load(p_rec + 3)
+    lo = tl.load(p_rec + 4)
+    n_row = tl.load(p_rec + 5)
     start = tl.multiple_of(start, BLOCK)  # chunks are whole multiples of BLOCK
     p_x = address.to(tl.pointer_type(ELEM))
     if ALIGNED:
@@ -232,148 +230,29 @@ def _stats_chunks_kernel(
         s_sum, s_sq, c_min, c_max, n_nan, n_pinf, n_ninf, n_zero = _chunk_exact(
             p_x, start, end, ACC, DECODE, BLOCK
         )
-    p_row = p_partials + 10 * i_c
-    tl.store(p_row + 0, ((end - start) - n_nan - n_pinf - n_ninf).to(tl.float64))
-    tl.store(p_row + 1, s_sum)
-    tl.store(p_row + 2, s_sq)
-    tl.store(p_row + 3, c_min)
-    tl.store(p_row + 4, c_max)
-    tl.store(p_row + 5, tl.maximum(tl.maximum(c_max, -c_min), 0.0))
-    tl.store(p_row + 6, n_nan.to(tl.float64))
-    tl.store(p_row + 7, n_pinf.to(tl.float64))
-    tl.store(p_row + 8, n_ninf.to(tl.float64))
-    tl.store(p_row + 9, n_zero.to(tl.float64))
-
-
-@triton.jit
-def _stats_finish_kernel(p_rows, p_partials, p_out, BLOCK_C: tl.constexpr):
-    """Row ``r`` of the result from partial rows ``lo..hi`` of ``rows[r] = (lo, hi)``: fp64
-    sums of columns 0-2 and 6-9, min of column 3, max of columns 4-5, each a tree over
-    ``BLOCK_C`` rows in a fixed order. No rows gives the identities (0, +inf, -inf, 0).
-    """
-    i_r = tl.program_id(0).to(tl.int64)
-    lo = tl.load(p_rows + 2 * i_r)
-    hi = tl.load(p_rows + 2 * i_r + 1)
-    o_k = tl.arange(0, 16)  # the 10 columns, padded to a power of two
-    m_k = o_k < 10
-    b_sum = tl.zeros((16,), tl.float64)
-    b_min = tl.full((16,), float("inf"), tl.float64)
-    b_max = tl.where(o_k == 5, 0.0, float("-inf")).to(tl.float64)  # abs_max of nothing is 0
-    for i in range(0, tl.cdiv((hi - lo).to(tl.int32), BLOCK_C)):
-        o_c = lo + i * BLOCK_C + tl.arange(0, BLOCK_C)
-        m = (o_c < hi)[:, None] & m_k[None, :]
-        b_p = tl.load(p_partials + o_c[:, None] * 10 + o_k[None, :], mask=m, other=0.0)
-        b_sum += tl.sum(b_p, axis=0)
-        b_min = tl.minimum(b_min, tl.min(tl.where(m, b_p, float("inf")), axis=0))
-        b_max = tl.maximum(b_max, tl.max(tl.where(m, b_p, float("-inf")), axis=0))
-    b_out = tl.where(o_k == 3, b_min, tl.where((o_k == 4) | (o_k == 5), b_max, b_sum))
-    tl.store(p_out + 10 * i_r + o_k, b_out, mask=m_k)
-
-
-class _Plan(NamedTuple):
-    table: torch.Tensor  # int64 (3 * n_chunks + 2 * n_rows,) on the device
-    groups: tuple  # (ELEM, ACC, DECODE, ALIGNED, first chunk, chunk count) per launch
-    n_chunks: int
-
-
-_plans: OrderedDict = OrderedDict()
-_plans_lock = threading.Lock()  # hooks may run on several threads (FSDP's streams)
-
-
-def _new_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Output/partial buffers; every element is written by a kernel (tests poison it)."""
-    return torch.empty(shape, dtype=torch.float64, device=device)
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """True when ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr`` in some
-    order (contiguous, transposed, permuted): statistics ignore order, so no copy is needed."""
-    expected = 1
-    for stride, size in sorted(
-        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
-    ):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _source(t, i: int) -> torch.Tensor:
-    """The tensor to read for ``tensors[i]``: itself, or a copy when it must be one."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tensors[{i}]: expected a torch.Tensor, got {type(t).__name__}")
-    if t.is_complex():
-        raise TypeError(f"tensors[{i}]: complex tensors are not supported (got {t.dtype})")
-    t = t.detach().resolve_neg()  # resolve_neg copies only a lazily negated view
-    if t.dtype not in _ELEMENT:  # rare real dtypes (fp8 fnuz, e8m0): one widening copy
-        t = t.to(torch.float64)
-    if t.numel() and not _is_dense(t):
-        t = t.contiguous()  # copy: views with gaps (x[::2]) or repeats (expand)
-    return t
-
-
-def _variant(dtype: torch.dtype) -> tuple:
-    """The kernel's constexprs ``(ELEM, ACC, DECODE)`` for ``dtype``: dtypes that share them
-    (bool and uint8) share a launch."""
-    elem, wide = _ELEMENT[dtype]
-    return elem, tl.float64 if wide else tl.float32, _DECODE.get(dtype, 0)
-
-
-def _build_table(sources: list[torch.Tensor], chunk: int):
-    """Host int64 table and launch groups, from shapes and addresses only (no sync)."""
-    order: dict[tuple, list[int]] = {}
-    for r, t in enumerate(sources):
-        order.setdefault(_variant(t.dtype), []).append(r)
-    rows = [r for members in order.values() for r in members]  # grouped by kernel variant
-    numel = np.array([sources[r].numel() for r in rows], dtype=np.int64)
-    address = np.array([sources[r].data_ptr() for r in rows], dtype=np.int64)
-    n_chunks = -(-numel // chunk)  # 0 for zero-size tensors
-    first = np.concatenate(([0], np.cumsum(n_chunks)))
-    total = int(first[-1])
-    owner = np.repeat(np.arange(len(rows)), n_chunks)  # chunk -> position in `rows`
-    start = (np.arange(total, dtype=np.int64) - first[owner]) * chunk
-    chunks = np.stack([address[owner], start, np.minimum(start + chunk, numel[owner])], axis=1)
-    row_ranges = np.empty((len(rows), 2), dtype=np.int64)
-    row_ranges[rows, 0] = first[:-1]
-    row_ranges[rows, 1] = first[1:]
-    groups, pos = [], 0
-    for variant, members in order.items():
-        lo, hi = int(first[pos]), int(first[pos + len(members)])
-        read = slice(pos, pos + len(members))
-        aligned = bool(np.all((address[read] % 16 == 0) | (numel[read] == 0)))
-        pos += len(members)
-        if hi > lo:
-            groups.append((*variant, aligned, lo, hi - lo))
-    return np.concatenate((chunks.reshape(-1), row_ranges.reshape(-1))), tuple(groups), total
-
-
-def _plan(sources: list[torch.Tensor], device: torch.device, chunk: int) -> _Plan:
-    """The device metadata table for these tensors, from the cache when their addresses and
-    sizes repeat (gradients every step)."""
-    key = (device, chunk, tuple((t.dtype, t.data_ptr(), t.numel()) for t in sources))
-    if device.type == "cuda":  # a table copied on one stream is only known ready on that one
-        key += (torch.cuda.current_stream(device).cuda_stream,)
-    with _plans_lock:
-        plan = _plans.get(key)
-        if plan is not None:
-            _plans.move_to_end(key)
-            return plan
-    host, groups, n_chunks = _build_table(sources, chunk)
-    table = torch.from_numpy(host)
-    if device.type == "cuda":
-        # Pinned + non_blocking: the copy is queued on the stream, the host does not wait.
-        # The caching host allocator keeps the pinned block until the copy has run.
-        pinned = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
-        pinned.copy_(table)
-        table = pinned.to(device, non_blocking=True)
-    elif table.device != device:
-        table = table.to(device)
-    plan = _Plan(table, groups, n_chunks)
-    with _plans_lock:
-        _plans[key] = plan
-        if len(_plans) > _CACHE_SIZE:
-            _plans.popitem(last=False)
-    return plan
+    count = ((end - start) - n_nan - n_pinf - n_ninf).to(tl.float64)
+    abs_max = tl.maximum(tl.maximum(c_max, -c_min), 0.0)
+    o_k = tl.arange(0, 16)  # the row's 10 columns, padded to a power of two
+    b_row = tl.where(o_k == 0, count, s_sum)
+    b_row = tl.where(o_k == 2, s_sq, b_row)
+    b_row = tl.where(o_k == 3, c_min, b_row)
+    b_row = tl.where(o_k == 4, c_max, b_row)
+    b_row = tl.where(o_k == 5, abs_max, b_row)
+    b_row = tl.where(o_k == 6, n_nan.to(tl.float64), b_row)
+    b_row = tl.where(o_k == 7, n_pinf.to(tl.float64), b_row)
+    b_row = tl.where(o_k == 8, n_ninf.to(tl.float64), b_row)
+    b_row = tl.where(o_k == 9, n_zero.to(tl.float64), b_row)
+    if n_row == 1:  # the tensor's only chunk: its row is the result
+        tl.store(p_out + 10 * row + o_k, b_row, mask=o_k < 10)
+    else:
+        tl.store(p_partials + 10 * i_c + o_k, b_row, mask=o_k < 10)
+        tl.debug_barrier()  # all of this program's stores are issued before it is counted
+        # acq_rel: this row's partials are visible to whoever sees the count, and the last
+        # program sees every other program's partials.
+        done = tl.atomic_add(p_counts + row, 1, sem="acq_rel")
+        if done == n_row - 1:  # every other chunk of the row has stored its partial
+            _fold_rows(p_partials, lo, n_row, p_out + 10 * row, BLOCK_C)
+            tl.store(p_counts + row, 0)  # ready for the next call with this plan
 
 
 def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int = _CHUNK_BLOCKS):
@@ -383,28 +262,32 @@ def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int = _CHUNK_BLOCK
     tensors = list(tensors)
     if not tensors:
         raise ValueError("tensors: expected at least one tensor")
-    sources = [_source(t, i) for i, t in enumerate(tensors)]
+    sources = [plans.source(t, i) for i, t in enumerate(tensors)]
     device = sources[0].device
     for i, t in enumerate(sources):
         if t.device != device:
             raise ValueError(f"tensors[{i}]: on {t.device}, expected every tensor on {device}")
-    plan = _plan(sources, device, block * chunk_blocks)
-    partials = _new_buffer((max(plan.n_chunks, 1), _N_STATS), device)  # (n_chunks, 10)
-    for elem, acc, decode, aligned, lo, n in plan.groups:
-        _stats_chunks_kernel[(n,)](
-            plan.table[3 * lo :],
-            partials[lo:],
-            ELEM=elem,
-            ACC=acc,
-            DECODE=decode,
-            ALIGNED=aligned,
-            BLOCK=block,
-            num_warps=8,
-        )
-    out = _new_buffer((len(sources), _N_STATS), device)  # (N, 10)
-    _stats_finish_kernel[(len(sources),)](
-        plan.table[3 * plan.n_chunks :], partials, out, BLOCK_C=_FINISH_BLOCK
-    )
+    plan = plans.plan_for(sources, device, block * chunk_blocks)
+    out = plans.new_buffer((len(sources), _N_STATS), device)  # (N, 10)
+    guard = contextlib.nullcontext()
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        guard = torch.cuda.device(device)  # launch on the tensors' GPU, not the current one
+    with guard:
+        for elem, acc, decode, aligned, lo, n in plan.groups:
+            _stats_chunks_kernel[(n,)](
+                plan.table,
+                plan.partials,
+                plan.counts,
+                out,
+                lo,
+                ELEM=elem,
+                ACC=acc,
+                DECODE=decode,
+                ALIGNED=aligned,
+                BLOCK=block,
+                BLOCK_C=_FOLD_BLOCK,
+                num_warps=8,
+            )
     return out
 
 
@@ -412,9 +295,10 @@ def tensor_stats(tensors) -> torch.Tensor:
     """float64 ``(len(tensors), len(STAT_NAMES))`` statistics, one row per tensor, in order.
 
     Same contract as ``reference.tensor_stats``: moments over finite elements, NaN/±Inf
-    counted. Each tensor is read once; the whole list takes one launch per dtype plus one
-    small fold, with no host sync. Tensors with gaps between elements (``x[::2]``) are
-    copied first; transposed or permuted dense tensors are read in place.
+    counted. Each tensor is read once; the whole list takes one launch per dtype (the fold
+    of a multi-chunk tensor is done by its last chunk's program), with no host sync.
+    Tensors with gaps between elements (``x[::2]``) are copied first; transposed or
+    permuted dense tensors are read in place.
 
     Example::
 

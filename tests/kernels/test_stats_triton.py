@@ -5,14 +5,17 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton sees the kernels
 
 import math  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tbprobe.kernels import triton_stats  # noqa: E402
+from tbprobe.kernels import triton_stats_plan as plans  # noqa: E402
 from tbprobe.kernels.reference import STAT_NAMES  # noqa: E402
 from tbprobe.kernels.triton_stats import _decode  # noqa: E402
 from tests.kernels.catalogue import DTYPES as CAT_DTYPES
@@ -66,14 +69,19 @@ def _check(rows, tensors):
         np.testing.assert_allclose(got[SUM_SQ], ref[SUM_SQ], rtol=1e-6, err_msg=f"row {i}")
 
 
+_EMPTY_BUFFER = plans.new_buffer
+
+
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """Partial and output buffers start as NaN, so a row a kernel skips fails the test."""
+    """Partial and output buffers start as NaN, so a row a kernel skips fails the test; each
+    test starts with an empty plan cache (its plans get poisoned partials)."""
 
     def nan_buffer(shape, device):
         return torch.full(shape, math.nan, dtype=torch.float64, device=device)
 
-    monkeypatch.setattr(triton_stats, "_new_buffer", nan_buffer)
+    monkeypatch.setattr(plans, "new_buffer", nan_buffer)
+    monkeypatch.setattr(plans, "_plans", OrderedDict())
 
 
 class _CountingLauncher:
@@ -172,13 +180,11 @@ def test_every_fp8_bit_pattern(dtype):
 
 
 def test_many_tensors_mixed_dtypes_one_launch_per_dtype(monkeypatch):
-    """A model-like list (1 element to 60k, seven dtypes, many chunks) takes one stats launch
-    per kernel variant (dtype, with bool and uint8 sharing one) and one fold, and every row is
-    right and in input order."""
+    """A model-like list (1 element to 60k, seven dtypes, many chunks) takes exactly one launch
+    per kernel variant (dtype, with bool and uint8 sharing one), the folds included, and every
+    row is right and in input order."""
     chunks = _CountingLauncher(triton_stats._stats_chunks_kernel)
-    folds = _CountingLauncher(triton_stats._stats_finish_kernel)
     monkeypatch.setattr(triton_stats, "_stats_chunks_kernel", chunks)
-    monkeypatch.setattr(triton_stats, "_stats_finish_kernel", folds)
     sizes = [1, 60_000, 3, 0, 4096, 257, 7, 12_345, 1, 512, 9999, 2]
     dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.bool]
     dtypes += [torch.uint8, torch.float8_e5m2]  # uint8 shares bool's kernel variant
@@ -186,7 +192,7 @@ def test_many_tensors_mixed_dtypes_one_launch_per_dtype(monkeypatch):
     rows = triton_stats._tensor_stats(xs, block=1024, chunk_blocks=8)  # 8192-element chunks
     _check(rows, xs)
     assert sorted(map(str, chunks.launches)) == sorted({str(e) for e in chunks.launches})
-    assert len(chunks.launches) == len(dtypes) - 1 and len(folds.launches) == 1
+    assert len(chunks.launches) == len(dtypes) - 1
 
 
 @pytest.mark.parametrize("numel", [63, 64, 65, 128, 2 * 64 + 17])
@@ -194,6 +200,14 @@ def test_chunk_boundaries(numel):
     """Tensors ending just before, on and after a chunk edge (64 elements) are read whole."""
     xs = [_sample((numel,), torch.float32, seed=numel), _sample((numel,), torch.int64)]
     _check(triton_stats._tensor_stats(xs, block=16, chunk_blocks=4), xs)
+
+
+def _launch_chunks(table, partials, counts, out, first, n, block=64):
+    """``_stats_chunks_kernel`` over chunks ``first .. first + n`` of a hand-made fp32 table."""
+    triton_stats._stats_chunks_kernel[(n,)](
+        table, partials, counts, out, first, ELEM=tl.float32, ACC=tl.float32, DECODE=0,
+        ALIGNED=False, BLOCK=block, BLOCK_C=16,
+    )  # fmt: skip
 
 
 def test_int64_offsets_by_construction():
@@ -204,18 +218,40 @@ def test_int64_offsets_by_construction():
     a small real tensor. A real >2^31-element run is left to the GPU check.
     """
     x = _sample((300,), torch.float32, seed=5)
+    base = x.data_ptr() - BIG * 4
+    # (address, start, end, row, first chunk of the row, chunks of the row) per chunk
     table = torch.tensor(
-        [x.data_ptr() - BIG * 4, BIG, BIG + 128, x.data_ptr() - BIG * 4, BIG + 128, BIG + 300]
-        + [0, 2],  # the fold's (lo, hi) for one output row
-        dtype=torch.int64,
+        [base, BIG, BIG + 128, 0, 0, 2, base, BIG + 128, BIG + 300, 0, 0, 2], dtype=torch.int64
     )
     partials = torch.full((2, 10), math.nan, dtype=torch.float64)
-    triton_stats._stats_chunks_kernel[(2,)](
-        table, partials, ELEM=tl.float32, ACC=tl.float32, DECODE=0, ALIGNED=False, BLOCK=64
-    )
     out = torch.full((1, 10), math.nan, dtype=torch.float64)
-    triton_stats._stats_finish_kernel[(1,)](table[6:], partials, out, BLOCK_C=16)
+    counts = torch.zeros(1, dtype=torch.int32)
+    _launch_chunks(table, partials, counts, out, 0, 2)
     _check(out, [x])
+    assert counts.tolist() == [0]  # reset by the folding program for the next call
+
+
+def test_fold_by_whichever_chunk_finishes_last():
+    """The last chunk of a row to finish folds its partials in chunk order: launched one
+    chunk at a time, in reverse order (chunk 0 last), the row is the same to the bit, and the
+    arrival counter is back at 0 after each full pass."""
+    x = _sample((1000,), torch.float32, seed=6)
+    x[17] = math.nan
+    n = 8  # chunks of 128 (the last 104)
+    rec = [[x.data_ptr(), k * 128, min(1000, (k + 1) * 128), 0, 0, n] for k in range(n)]
+    table = torch.tensor(rec, dtype=torch.int64).view(-1)
+    rows = []
+    for order in (range(n), reversed(range(n)), [3, 7, 0, 5, 1, 6, 2, 4]):
+        partials = torch.full((n, 10), math.nan, dtype=torch.float64)
+        out = torch.full((1, 10), math.nan, dtype=torch.float64)
+        counts = torch.zeros(1, dtype=torch.int32)
+        for i, k in enumerate(order):
+            _launch_chunks(table, partials, counts, out, k, 1)
+            assert counts.tolist() == [(i + 1) % n]
+            assert out.isnan().all() == (i < n - 1)  # written by the last arrival only
+        rows.append(out)
+    _check(rows[0], [x])
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2])
 
 
 def test_host_table_int64_past_2_31():
@@ -235,29 +271,30 @@ def test_host_table_int64_past_2_31():
     chunk = 1 << 20
     fakes = [Fake(BIG, torch.float16, 1 << 40), Fake(5, torch.float32, 4096)]
     fakes.append(Fake(3 * chunk, torch.float16, 1 << 44))
-    host, groups, total = triton_stats._build_table(fakes, chunk)
+    fakes.append(Fake(0, torch.float32, 0))  # zero-size: one empty chunk writes its row
+    host, groups, total = plans.build_table(fakes, chunk)
     n_big = -(-BIG // chunk)
-    assert total == n_big + 1 + 3
-    chunks, rows = host[: 3 * total].reshape(-1, 3), host[3 * total :].reshape(-1, 2)
-    assert host.dtype == np.int64
-    assert chunks[n_big - 1].tolist() == [1 << 40, (n_big - 1) * chunk, BIG]
-    assert chunks[n_big].tolist() == [1 << 44, 0, chunk]  # fp16 group continues
-    assert chunks[-1].tolist() == [4096, 0, 5]  # fp32 group last
-    assert rows.tolist() == [[0, n_big], [n_big + 3, n_big + 4], [n_big, n_big + 3]]
-    assert [g[-2:] for g in groups] == [(0, n_big + 3), (n_big + 3, 1)]
+    assert total == n_big + 3 + 1 + 1
+    assert host.dtype == np.int64 and host.shape == (plans.RECORD * total,)
+    rec = host.reshape(-1, plans.RECORD)  # (address, start, end, row, first, count)
+    assert rec[n_big - 1].tolist() == [1 << 40, (n_big - 1) * chunk, BIG, 0, 0, n_big]
+    assert rec[n_big].tolist() == [1 << 44, 0, chunk, 2, n_big, 3]  # fp16 group continues
+    assert rec[-2].tolist() == [4096, 0, 5, 1, n_big + 3, 1]  # then the fp32 group
+    assert rec[-1].tolist() == [0, 0, 0, 3, n_big + 4, 1]
+    assert [g[-2:] for g in groups] == [(0, n_big + 3), (n_big + 3, 2)]
 
 
 def test_views_read_in_place_or_copied():
     """Transposed/permuted tensors are read in place; gapped or expanded views are copied and
     still counted element by element; a view off 16-byte alignment is read unvectorised."""
     base = _sample((40, 50, 3), torch.float32, seed=3)
-    assert triton_stats._source(base.permute(2, 0, 1), 0).data_ptr() == base.data_ptr()
+    assert plans.source(base.permute(2, 0, 1), 0).data_ptr() == base.data_ptr()
     gapped = base[:, ::2]
-    assert triton_stats._source(gapped, 0).data_ptr() != base.data_ptr()
+    assert plans.source(gapped, 0).data_ptr() != base.data_ptr()
     flat = base.view(-1)
-    aligned = [g[3] for g in triton_stats._build_table([flat, flat[1:]], 1024)[1]]
+    aligned = [g[3] for g in plans.build_table([flat, flat[1:]], 1024)[1]]
     assert aligned == [False]  # one launch; an address off 16 bytes turns vector loads off
-    assert [g[3] for g in triton_stats._build_table([flat], 1024)[1]] == [True]
+    assert [g[3] for g in plans.build_table([flat], 1024)[1]] == [True]
     expanded = torch.arange(7.0).expand(5, 7)
     neg = torch._neg_view(base)  # a lazily negated view
     xs = [base.permute(2, 0, 1), gapped, expanded, neg, flat[1:]]
@@ -271,13 +308,48 @@ def test_rare_float_dtype_widened():
 
 
 def test_plan_cached_and_deterministic():
-    """Repeated calls on the same tensors reuse the metadata table and agree bit for bit."""
-    xs = [_sample((3000,), torch.float32), _sample((5,), torch.bfloat16)]
-    first = triton_stats.tensor_stats(xs)
-    n_plans = len(triton_stats._plans)
-    again = triton_stats.tensor_stats(xs)
-    assert len(triton_stats._plans) == n_plans
+    """Repeated calls on the same tensors reuse the plan (table, partials, counters), leave
+    every arrival counter at 0 and agree bit for bit, multi-chunk tensors included."""
+    xs = [_sample((3000,), torch.float32), _sample((5,), torch.bfloat16), torch.ones(0)]
+    xs.append(_sample((700,), torch.int64, seed=2))
+    first = triton_stats._tensor_stats(xs, block=64, chunk_blocks=4)  # 256-element chunks
+    (plan,) = plans._plans.values()
+    assert plan.partials.shape == (12 + 1 + 1 + 3, 10) and plan.counts.tolist() == [0] * 4
+    again = triton_stats._tensor_stats(xs, block=64, chunk_blocks=4)
+    assert list(plans._plans.values()) == [plan] and plan.counts.tolist() == [0] * 4
     assert torch.equal(first, again)
+    _check(first, xs)
+
+
+class _CountOps(TorchDispatchMode):
+    """Records every aten op run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_repeated_call_is_one_allocation_and_one_launch_per_dtype(monkeypatch):
+    """A repeated call on the same small list (the hot path) runs no torch op but its output
+    allocation, and one launch per dtype group: no table copy, slice, detach or fold launch."""
+    xs = [torch.randn(100, requires_grad=True), torch.randn(7, 3).t(), torch.ones(5).half()]
+    _check(triton_stats.tensor_stats(xs), [x.detach() for x in xs])  # builds the plan
+    monkeypatch.setattr(plans, "new_buffer", _EMPTY_BUFFER)  # the product's, not the poison
+    launches = []
+
+    class _Recorder:  # records the launch only: the interpreter's own torch ops stay out
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs["ELEM"]))
+
+    monkeypatch.setattr(triton_stats, "_stats_chunks_kernel", _Recorder())
+    with _CountOps() as counted:
+        triton_stats.tensor_stats(xs)
+    assert counted.ops == ["aten.empty.memory_format"]
+    assert launches == [((2,), tl.float32), ((1,), tl.float16)]
 
 
 def test_bad_input():

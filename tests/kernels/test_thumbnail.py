@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit module 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tbprobe.kernels.thumbnail import (  # noqa: E402
     grid_shape,
@@ -46,6 +47,7 @@ CASES = [
     ((2, 40, 23), {}),  # sequence, 1:1
     ((1, 300, 50), {"max_size": 64}),  # sequence, downsampled per side
     ((2, 4, 12, 12), {"kind": "attention", "tile": 5}),  # heads
+    ((1, 2, 200, 150), {"tile": 6}),  # windows of up to 35 x 39: several steps per window
     ((31, 17), {}),  # heatmap
 ]
 IDS = [f"{s}-{k}" for s, k in CASES]
@@ -210,6 +212,66 @@ def test_triton_noncontiguous():
         _assert_close(thumbnail_reference(x), want, exact=True)
 
 
+@pytest.mark.interpreter
+@needs_triton
+def test_triton_small_blocks_loop(monkeypatch):
+    """With tiny blocks forced, min/max chunks of several steps and windows of several steps
+    still give the reference's image (the loops run many times, masks at every edge)."""
+    for name, value in [("_MM_BLOCK", 128), ("_MM_MAX_CHUNKS", 3), ("_LANES", 64)]:
+        monkeypatch.setattr(triton_thumbnail, name, value)
+    monkeypatch.setattr(triton_thumbnail, "_MAX_BLOCK_K", 4)
+    monkeypatch.setattr(triton_thumbnail, "_launches", {})
+    for shape, kwargs in [((1, 2, 37, 29), {"tile": 8}), ((2, 33, 40), {"max_size": 16})]:
+        x = _sample(shape, torch.float32, seed=7)
+        _assert_close(_triton(x, **kwargs), thumbnail_reference(x, **kwargs), exact=False)
+    x = _sample((1, 2, 30, 21), torch.float64, seed=8).transpose(2, 3)  # non-flat maps
+    _assert_close(_triton(x), thumbnail_reference(x), exact=True)
+
+
+class _CountOps(TorchDispatchMode):
+    """Records every aten op run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_triton_call_is_two_launches_and_two_allocations(monkeypatch):
+    """A Triton thumbnail is two launches, and its only torch ops are the image and partials
+    allocations (no view, slice, detach, copy or cast of the input); bool adds one
+    same-size view. Launches are recorded, not run."""
+    launches = []
+
+    class _Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    monkeypatch.setenv("TBPROBE_KERNELS", "triton")
+    for name in ("_minmax_kernel", "_grid_kernel"):
+        monkeypatch.setattr(triton_thumbnail, name, _Recorder(name))
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    for arg, kwargs in [(x, {}), (x[:, :, ::2].transpose(2, 3), {"sample": -1, "tile": 3})]:
+        for _ in range(2):  # the first call fills the signature cache, the second reuses it
+            launches.clear()
+            with _CountOps() as counted:
+                thumbnail(arg, **kwargs)
+            assert counted.ops == ["aten.empty.memory_format"] * 2
+            assert launches == ["_minmax_kernel", "_grid_kernel"]
+    mask = torch.ones(2, 3, 4, 4, dtype=torch.bool)
+    with _CountOps() as counted:
+        thumbnail(mask)
+    view = ["aten.view.dtype", "aten.detach.default"]  # what one x.view(torch.uint8) runs
+    assert sorted(counted.ops) == sorted(["aten.empty.memory_format"] * 2 + view)
+
+
 @pytest.mark.parametrize(
     "channels, grid", [(1, (1, 1)), (3, (2, 2)), (16, (4, 4)), (64, (8, 8)), (100, (8, 8))]
 )
@@ -333,6 +395,7 @@ def test_reference_has_no_data_dependence():
         (torch.ones(2, 3, 4, 4), {"sample": -3}, ValueError, "sample"),
         (torch.ones(2, 3, 4, 4), {"max_tiles": 0}, ValueError, "max_tiles"),
         (torch.ones(2, 3, 4, 4), {"tile": 2.5}, TypeError, "tile"),
+        (torch.ones(2, 3, 4, 4), {"tile": [2]}, TypeError, "tile"),  # unhashable: not cached
         (torch.ones(2, 64, 4, 4), {"max_size": 10}, ValueError, "max_size"),
         (torch.ones(2, 3, 4, 4), {"background": 256}, ValueError, "background"),
     ],
@@ -344,3 +407,12 @@ def test_bad_inputs(x, kwargs, error, match, monkeypatch):
     monkeypatch.setenv("TBPROBE_KERNELS", "triton")
     with pytest.raises(error, match=match):
         thumbnail(x, **kwargs)
+
+
+def test_layout_cache_keeps_types():
+    """The cached layout never lets a bool or a float stand in for the equal int it caches."""
+    assert thumbnail_shape((2, 3, 4, 4), max_tiles=1, tile=2) == (2, 2)
+    with pytest.raises(TypeError, match="max_tiles"):
+        thumbnail_shape((2, 3, 4, 4), max_tiles=True, tile=2)
+    with pytest.raises(TypeError, match="tile"):
+        thumbnail_shape((2, 3, 4, 4), max_tiles=1, tile=2.0)
