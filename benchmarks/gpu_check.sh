@@ -24,7 +24,8 @@
 #   summary.md    the table (step, status, time, key numbers), failures, benchmark tables
 #   summary.json  the same, machine-readable
 #   steps.log     every step's output
-#   <step>.json   one per heavy step: gpu_checks.json, bench_kernels.json, bench_writer.json
+#   <step>.json   one per heavy step: gpu_checks.json, bench_kernels.json, bench_writer.json,
+#                 bench_probe.json
 # The summary table is printed last. Exit status: 0 if every step passed or was skipped, else 1.
 set -uo pipefail # no -e: one failing step must not stop the others
 
@@ -57,7 +58,7 @@ else
 fi
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
-rm -f "$OUT"/{summary.md,summary.json,steps.log,gpu_checks.json,bench_kernels.json,bench_writer.json}
+rm -f "$OUT"/{summary.md,summary.json,steps.log,gpu_checks.json,bench_kernels.json,bench_writer.json,bench_probe.json}
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 SITE=${TBPROBE_SITE:-/tmp/site} # where the carried wheels are installed (not in a dry run)
@@ -80,8 +81,7 @@ STEPS=(
     "gpu_checks 240"
     "bench_kernels 200"
     "bench_writer 90"
-    # PLACEHOLDER, a later issue: "bench_probe 120" with step_bench_probe running
-    #   "$PY" benchmarks/bench_probe.py --device cuda --json "$OUT/bench_probe.json"
+    "bench_probe 120"
     # PLACEHOLDER, a later issue: "bench_diagnose 120" with step_bench_diagnose running
     #   "$PY" benchmarks/bench_diagnose.py --device cuda --json "$OUT/bench_diagnose.json"
     # (8 files at most come back: these two JSONs are the last ones that fit.)
@@ -167,6 +167,17 @@ step_bench_kernels() {
 
 step_bench_writer() {
     "$PY" benchmarks/bench_writer.py --quick --json "$OUT/bench_writer.json"
+}
+
+step_bench_probe() {
+    local args=(--json "$OUT/bench_probe.json")
+    if ((DRY_RUN)); then
+        args+=(--device cpu --quick)
+    else
+        args+=(--device cuda)
+        if ((QUICK)); then args+=(--quick); fi
+    fi
+    "$PY" benchmarks/bench_probe.py "${args[@]}"
 }
 
 # ----------------------------------------------------------------------------- the runner

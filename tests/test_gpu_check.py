@@ -55,7 +55,7 @@ def test_dry_run_end_to_end(tmp_path):
         env=_env(OUT=str(out)),
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = _script_steps()

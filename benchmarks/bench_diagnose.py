@@ -1,0 +1,204 @@
+"""Planted faults: what `torch.autograd.detect_anomaly` blames vs what tbprobe reports, and the
+per-step overhead of each on healthy steps, side by side in one run.
+
+    python benchmarks/bench_diagnose.py [--device cpu|cuda] [--quick] [--json PATH]
+
+For every (architecture, fault) of tests/probe/faults.py: plain training steps are timed, then
+the same steps under `detect_anomaly` and under a tbprobe `Probe` (default schedule, non-finite
+checks every step, built-in diagnosis); then the fault step runs under each. detect_anomaly's
+answer is the autograd function it names plus the innermost frame of the forward traceback it
+prints; it "finds the module" when that frame is the planted module's forward. Target: tbprobe
+names the planted module wherever detect_anomaly does, at >= 20x lower overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tbprobe import Probe, SummaryWriter  # noqa: E402
+from tests.probe.faults import (  # noqa: E402
+    ARCHS,
+    FAULTS,
+    Data,
+    Fault,
+    base_lr,
+    loss_fn,
+    make_model,
+)
+
+FAULT_FN = "faulty_forward"  # the planted module's forward in tests/probe/faults.py
+
+
+def _to(batch, device):
+    return tuple(t.to(device) for t in batch)
+
+
+def _setup(arch, kind, device, step, n_batches=None):
+    fault = Fault(arch, kind, step=step)
+    model = make_model(arch).to(device)
+    fault.plant(model)
+    lr = base_lr(arch, "adam")
+    opt = fault.make_optimizer(model, "adam", lr)
+    data = Data(arch)
+    batches = [_to(data(), device) for _ in range(n_batches or step + 2)]
+    return fault, model, opt, lr, batches
+
+
+def _train_step(arch, fault, model, opt, lr, batch, step):
+    fault.current = step
+    fault.set_lr(opt, lr)
+    loss = loss_fn(arch, model, batch)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _overheads(arch, kind, device, steps, every):
+    """Median seconds per healthy step: plain, under detect_anomaly, with a Probe attached.
+
+    The three run interleaved, step by step, each on its own copy of the model (the fault
+    never fires), so load changes on a shared machine hit all three alike.
+    """
+    runs = [_setup(arch, kind, device, 10**9, steps) for _ in range(3)]
+    times = [[], [], []]
+    with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as w:
+        fault, model, opt, lr, batches = runs[2]
+        probe = Probe(model, w, opt, every=every, on_anomaly=lambda a: None)
+        try:
+            for i in range(steps):
+                for k, (fault, model, opt, lr, batches) in enumerate(runs):
+                    _sync(device)
+                    t = time.perf_counter()
+                    if k == 1:
+                        with torch.autograd.detect_anomaly():
+                            _train_step(arch, fault, model, opt, lr, batches[i], i)
+                    else:
+                        _train_step(arch, fault, model, opt, lr, batches[i], i)
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t)
+        finally:
+            probe.detach()
+    return [statistics.median(t[3:]) for t in times]
+
+
+def _detect_anomaly_answer(arch, fault, model, opt, lr, batches, step):
+    """(answer, found_module) from running the fault step under detect_anomaly."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.autograd.detect_anomaly():
+                _train_step(arch, fault, model, opt, lr, batches[step], step)
+        except RuntimeError as e:
+            fn = re.search(r"Function '(\w+)'", str(e))
+            trace = "\n".join(str(w.message) for w in caught if "Traceback" in str(w.message))
+            frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', trace)
+            user = [f for f in frames if "site-packages" not in f[0] and "/torch/" not in f[0]]
+            where = f"{os.path.basename(user[-1][0])}:{user[-1][1]} {user[-1][2]}" if user else "?"
+            found = bool(user) and user[-1][2] == FAULT_FN
+            return f"{fn.group(1) if fn else 'error'} at {where}", found
+    return "nothing", False
+
+
+def _tbprobe_answer(arch, fault, model, opt, lr, batches, step, logdir, every):
+    with SummaryWriter(logdir) as w:
+        probe = Probe(model, w, opt, every=every, on_anomaly=lambda a: None)
+        try:
+            for i in range(step + 2):
+                _train_step(arch, fault, model, opt, lr, batches[i], i)
+        finally:
+            probe.detach()
+    if not probe.anomalies:
+        return "nothing", None
+    a = probe.anomalies[0]
+    return f"{a.kind} {a.module} {a.pass_} step {a.step}", (a.module, a.pass_, a.step)
+
+
+def bench_one(arch, kind, device, steps, every):
+    step = max(steps, 17)  # the diagnosis' baselines need 15 steps
+    row = {"arch": arch, "fault": kind}
+    fault = Fault(arch, kind, step=step)
+    row["expected"] = "{} {} step {}".format(*fault.expected)
+    t_plain, t_da, t_tb = _overheads(arch, kind, device, steps, every)
+    fault, model, opt, lr, batches = _setup(arch, kind, device, step)
+    for i in range(step):  # healthy steps before the fault
+        _train_step(arch, fault, model, opt, lr, batches[i], i)
+    row["detect_anomaly"], da_found = _detect_anomaly_answer(
+        arch, fault, model, opt, lr, batches, step
+    )
+    fault, model, opt, lr, batches = _setup(arch, kind, device, step)
+    with tempfile.TemporaryDirectory() as d:
+        tb_every = 1 if kind == "lr_spike" else every  # update sizes come on scheduled steps
+        row["tbprobe"], got = _tbprobe_answer(
+            arch, fault, model, opt, lr, batches, step, d, tb_every
+        )
+    row["tbprobe_ok"] = got == fault.expected
+    row["detect_anomaly_ok"] = da_found
+    row["plain_ms"] = 1e3 * t_plain
+    row["da_overhead"] = t_da / t_plain - 1
+    row["tb_overhead"] = t_tb / t_plain - 1
+    row["ratio"] = row["da_overhead"] / max(row["tb_overhead"], 1e-3)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="MLP and CNN only, fewer steps")
+    parser.add_argument("--every", type=int, default=50, help="the probe's schedule (default 50)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_diagnose: --device cuda but no CUDA device", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="For backward hooks to be called")
+    archs = ("mlp", "cnn") if args.quick else ARCHS
+    steps = 30 if args.quick else 60
+    rows = [bench_one(a, k, args.device, steps, args.every) for a in archs for k in FAULTS]
+    head = (
+        f"{'model':5} {'fault':12} {'expected':38} {'detect_anomaly says':36} "
+        f"{'tbprobe says':44} {'plain ms':>8} {'DA ovh':>7} {'tb ovh':>7} {'ratio':>6}"
+    )
+    print(f"device: {args.device}, torch {torch.__version__}, probe every={args.every}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        da = ("✓ " if r["detect_anomaly_ok"] else "✗ ") + r["detect_anomaly"]
+        tb = ("✓ " if r["tbprobe_ok"] else "✗ ") + r["tbprobe"]
+        print(
+            f"{r['arch']:5} {r['fault']:12} {r['expected'][:38]:38} {da[:36]:36} {tb[:44]:44} "
+            f"{r['plain_ms']:8.2f} {r['da_overhead']:7.1%} {r['tb_overhead']:7.1%} "
+            f"{r['ratio']:6.1f}"
+        )
+    found = sum(r["tbprobe_ok"] for r in rows)
+    both = [r for r in rows if r["detect_anomaly_ok"]]
+    print(
+        f"tbprobe right on {found}/{len(rows)}; detect_anomaly names the module on "
+        f"{len(both)}/{len(rows)}, tbprobe too on {sum(r['tbprobe_ok'] for r in both)}/{len(both)}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "every": args.every, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""What the framework callbacks share: owning a writer and a probe for one training run."""
+
+from __future__ import annotations
+
+import os
+
+
+def torch_optimizer(optimizer):
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper (accelerate, Lightning)."""
+    seen = 0
+    while optimizer is not None and not _is_torch_optimizer(optimizer) and seen < 4:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if _is_torch_optimizer(optimizer) else None
+
+
+def _is_torch_optimizer(obj) -> bool:
+    import torch
+
+    return isinstance(obj, torch.optim.Optimizer)
+
+
+class ProbeSession:
+    """A probe attached for one run, with the writer it owns (if it made one).
+
+    ``logdir`` is used when no ``writer`` is given; ``probe_kwargs`` go to ``tbprobe.Probe``.
+    """
+
+    def __init__(self, writer=None, logdir=None, probe_kwargs=None):
+        if writer is not None and logdir is not None:
+            raise ValueError("logdir: give either writer or logdir, not both")
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir: expected a path, got {type(logdir).__name__}")
+        self._writer = writer
+        self._logdir = logdir
+        self._owns_writer = writer is None
+        self.probe_kwargs = dict(probe_kwargs or {})
+        self.probe = None
+
+    @property
+    def writer(self):
+        return self._writer
+
+    def start(self, model, optimizer, default_logdir=None) -> None:
+        """Attach the probe to ``model``; its step follows ``optimizer`` when there is one."""
+        from tbprobe import Probe, SummaryWriter
+
+        if self.probe is not None:
+            return
+        if self._writer is None:
+            self._writer = SummaryWriter(self._logdir or default_logdir)
+        opt = torch_optimizer(optimizer)
+        self.probe = Probe(model, self._writer, optimizer=opt, **self.probe_kwargs)
+
+    def stop(self) -> None:
+        """Detach every hook, write what is pending, close the writer if this session made it."""
+        try:
+            if self.probe is not None:
+                self.probe.detach()
+        finally:
+            self.probe = None
+            if self._owns_writer and self._writer is not None:
+                self._writer.close()
+                self._writer = None

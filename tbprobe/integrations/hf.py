@@ -1,0 +1,57 @@
+"""Hugging Face ``transformers.Trainer`` callback; ``transformers`` is imported on first use.
+
+Example::
+
+    from tbprobe.integrations.hf import TbProbeCallback
+
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[TbProbeCallback(every=50)])
+"""
+
+from __future__ import annotations
+
+__all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
+
+_CLASS = None
+
+
+def _build():
+    from transformers import TrainerCallback
+
+    from tbprobe.integrations._common import ProbeSession
+
+    class TbProbeCallback(TrainerCallback):
+        """Attach a ``tbprobe.Probe`` to the Trainer's model for the length of ``train()``.
+
+        ``writer``: a tbprobe ``SummaryWriter`` to write to; else one is made in ``logdir``,
+        else in the Trainer's ``args.logging_dir``, and closed at the end of training. Other
+        keyword arguments go to ``tbprobe.Probe`` (``every``, ``histogram_every``, ...). The
+        probe's step follows the Trainer's optimizer steps (its step post-hook), so gradient
+        accumulation is handled. Only the main process writes.
+        """
+
+        def __init__(self, writer=None, logdir=None, **probe_kwargs):
+            self._session = ProbeSession(writer, logdir, probe_kwargs)
+
+        @property
+        def probe(self):
+            """The attached ``tbprobe.Probe`` while training runs, else None."""
+            return self._session.probe
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if not state.is_world_process_zero or model is None:
+                return
+            self._session.start(model, optimizer, default_logdir=args.logging_dir)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._session.stop()
+
+    return TbProbeCallback
+
+
+def __getattr__(name):
+    global _CLASS
+    if name == "TbProbeCallback":
+        if _CLASS is None:
+            _CLASS = _build()
+        return _CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

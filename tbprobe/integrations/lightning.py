@@ -1,0 +1,74 @@
+"""Lightning callback; ``lightning`` (or ``pytorch_lightning``) is imported on first use.
+
+Example::
+
+    from tbprobe.integrations.lightning import TbProbeCallback
+
+    trainer = lightning.Trainer(callbacks=[TbProbeCallback("runs/exp", every=50)])
+"""
+
+from __future__ import annotations
+
+__all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
+
+_CLASS = None
+
+
+def _callback_base():
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback
+        except ImportError as e:
+            raise ImportError(
+                "tbprobe.integrations.lightning needs the 'lightning' package "
+                "(pip install lightning)"
+            ) from e
+    return Callback
+
+
+def _build():
+    from tbprobe.integrations._common import ProbeSession
+
+    class TbProbeCallback(_callback_base()):
+        """Attach a ``tbprobe.Probe`` to the LightningModule for the length of ``fit()``.
+
+        ``logdir``: where a tbprobe ``SummaryWriter`` is made (default: the trainer's
+        ``log_dir``, else ``lightning_logs``), or pass ``writer=``. Other keyword arguments go
+        to ``tbprobe.Probe``. The probe's step follows the first optimizer's steps. Only global
+        rank 0 writes.
+        """
+
+        def __init__(self, logdir=None, *, writer=None, **probe_kwargs):
+            super().__init__()
+            self._session = ProbeSession(writer, logdir, probe_kwargs)
+
+        @property
+        def probe(self):
+            """The attached ``tbprobe.Probe`` while fitting, else None."""
+            return self._session.probe
+
+        def on_fit_start(self, trainer, pl_module):
+            if trainer.global_rank != 0:
+                return
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            default = trainer.log_dir or "lightning_logs"
+            self._session.start(pl_module, optimizer, default_logdir=default)
+
+        def on_fit_end(self, trainer, pl_module):
+            self._session.stop()
+
+        def on_exception(self, trainer, pl_module, exception):
+            self._session.stop()
+
+    return TbProbeCallback
+
+
+def __getattr__(name):
+    global _CLASS
+    if name == "TbProbeCallback":
+        if _CLASS is None:
+            _CLASS = _build()
+        return _CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,169 @@
+"""Host side of a landed step: the :class:`StepRecord` for the diagnosis and the tags written.
+
+Runs in ``Probe.step()`` on arrays already copied to the host, so nothing here touches a
+device tensor. Tag names follow DESIGN.md's table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tbprobe.probe.records import StepRecord, TensorEvent
+from tbprobe.probe.snapshot import image_for_tensorboard
+
+COUNT, SUM_SQ, MIN, MAX, ABS_MAX, NAN, POS_INF, NEG_INF = 0, 2, 3, 4, 5, 6, 7, 8
+
+
+@dataclass
+class StepMeta:
+    """Host-side description of what a packed step holds, in packing order."""
+
+    step: int
+    scheduled: bool
+    full: bool
+    events: list = field(default_factory=list)  # (seq, module, pass_, tensor)
+    event_inputs: list = field(default_factory=list)  # indices into events
+    grads: list = field(default_factory=list)  # (seq, param name)
+    params: list = field(default_factory=list)  # param names
+    updates: list = field(default_factory=list)  # param names with a pre-step copy
+    hists: list = field(default_factory=list)  # tags
+    thumbs: list = field(default_factory=list)  # (module, shape, kind)
+    snap_modules: frozenset = frozenset()
+
+
+def norm_of(row: np.ndarray) -> float:
+    """L2 norm from a stats row: NaN if any NaN, inf if any ±inf, else sqrt(sum of squares)."""
+    if row[NAN] > 0:
+        return math.nan
+    if row[POS_INF] + row[NEG_INF] > 0:
+        return math.inf
+    return math.sqrt(row[SUM_SQ])
+
+
+def _rms(row: np.ndarray) -> float:
+    return math.sqrt(row[SUM_SQ] / row[COUNT]) if row[COUNT] > 0 else math.nan
+
+
+def build_record(meta: StepMeta, data: dict) -> StepRecord:
+    """The :class:`StepRecord` of a decoded step."""
+    stats_on = meta.scheduled
+    ev = data.get("ev")
+    events = []
+    if meta.events:
+        nonfinite = ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev
+        inputs = dict(zip(meta.event_inputs, data.get("evin", ()), strict=True))
+        for i, (seq, module, pass_, tensor) in enumerate(meta.events):
+            nf_in = inputs.get(i)
+            events.append(
+                TensorEvent(
+                    seq=seq,
+                    module=module,
+                    pass_=pass_,
+                    tensor=tensor,
+                    nonfinite=int(nonfinite[i]),
+                    inputs_nonfinite=None if nf_in is None else int(nf_in),
+                    stats=ev[i].copy() if stats_on and meta.full else None,
+                )
+            )
+    grad_norms, param_norms, ratios = {}, {}, {}
+    if meta.grads:
+        rows = data["grad"]
+        for (seq, name), row in zip(meta.grads, rows, strict=True):
+            nf = int(row[NAN] + row[POS_INF] + row[NEG_INF])
+            events.append(
+                TensorEvent(
+                    seq=seq,
+                    module=name,
+                    pass_="grad",
+                    tensor="grad",
+                    nonfinite=nf,
+                    stats=row.copy() if stats_on else None,
+                )
+            )
+            grad_norms[name] = norm_of(row)
+        total = rows.sum(0)
+        grad_norms["_total"] = norm_of(total)
+    if meta.params:
+        for name, row in zip(meta.params, data["param"], strict=True):
+            param_norms[name] = norm_of(row)
+    if meta.updates:
+        for name, row in zip(meta.updates, data["upd"], strict=True):
+            w = param_norms.get(name, math.nan)
+            ratios[name] = norm_of(row) / w if w > 0 else math.nan
+    events.sort(key=lambda e: e.seq)
+    return StepRecord(
+        step=meta.step,
+        scheduled=meta.scheduled,
+        events=tuple(events),
+        grad_norms=grad_norms,
+        param_norms=param_norms,
+        update_ratios=ratios,
+    )
+
+
+@contextlib.contextmanager
+def at_step(writer, step: int):
+    """The ``global_step`` to pass so that ``step`` is written even when it is not a multiple
+    of the writer's ``log_freq`` (the probe chose to write it)."""
+    lf = getattr(writer, "log_freq", 1)
+    if isinstance(lf, int) and lf > 1 and step % lf and hasattr(writer, "use_metadata"):
+        with writer.use_metadata(global_step=step):
+            yield None
+    else:
+        yield step
+
+
+def write_step(writer, meta: StepMeta, data: dict, record: StepRecord, cfg) -> None:
+    """Write the tags of a decoded step with host values."""
+    track = cfg.track
+    with at_step(writer, meta.step) as gs:
+        add = writer.add_scalar
+        if meta.scheduled and "grads" in track:
+            for name, v in record.grad_norms.items():
+                add(f"grad_norm/{name}", v, gs)
+        if meta.scheduled and "params" in track:
+            for name, v in record.param_norms.items():
+                add(f"param_norm/{name}", v, gs)
+            for name, v in record.update_ratios.items():
+                add(f"update_ratio/{name}", v, gs)
+        if meta.events and meta.full and (meta.scheduled or meta.snap_modules):
+            _write_module_scalars(add, meta, data["ev"], track, gs)
+        for i, tag in enumerate(meta.hists):
+            _write_hist(writer, tag, data[("h", i)], gs)
+        for i, (module, shape, kind) in enumerate(meta.thumbs):
+            img, fmt = image_for_tensorboard(data[("t", i)], shape, kind, module, cfg)
+            writer.add_image(f"snapshot/{module}", img, gs, dataformats=fmt)
+
+
+def _write_module_scalars(add, meta: StepMeta, rows, track, gs) -> None:
+    for (_, module, pass_, tensor), row in zip(meta.events, rows, strict=True):
+        if not meta.scheduled and module not in meta.snap_modules:
+            continue
+        if pass_ == "forward" and ("acts" in track or module in meta.snap_modules):
+            add(f"act_rms/{module}", _rms(row), gs)
+            add(f"act_absmax/{module}", float(row[ABS_MAX]), gs)
+        elif tensor == "grad_output" and "outgrads" in track and meta.scheduled:
+            add(f"outgrad_rms/{module}", _rms(row), gs)
+
+
+def _write_hist(writer, tag: str, packed: np.ndarray, gs) -> None:
+    """``packed``: counts ``(n,)``, edges ``(n + 1,)`` and the stats row, concatenated."""
+    n = (packed.size - 11) // 2
+    counts, edges, stats = packed[:n], packed[n : 2 * n + 1], packed[2 * n + 1 :]
+    if stats[COUNT] <= 0:  # nothing finite to draw
+        return
+    writer.add_histogram_raw(
+        tag,
+        min=float(stats[MIN]),
+        max=float(stats[MAX]),
+        num=int(stats[COUNT]),
+        sum=float(stats[1]),
+        sum_squares=float(stats[SUM_SQ]),
+        bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=gs,
+    )

@@ -1,0 +1,161 @@
+"""The probe's hooks: forward outputs, output/input gradients, accumulated parameter grads.
+
+Output gradients come from tensor hooks that the forward hook registers on the module's
+output (and input) tensors, not from ``register_full_backward_hook``: a full backward hook
+wraps the outputs in a view-producing autograd Function, so an in-place op on an output
+(``nn.ReLU(inplace=True)`` after a conv) raises. A tensor hook registered before an in-place
+op still receives the gradient of the value the module returned. One hook per tensor (and
+version) serves both the module that produced it and the modules that consume it, so a
+gradient is reduced once and the consumer's ``grad_input`` event comes before the
+producer's ``grad_output`` event, in causal order.
+
+Every hook does nothing on a step that is neither checked nor scheduled, skips
+``torch.jit`` tracing and skips the forward that activation checkpointing recomputes during
+the backward pass. Inside a ``torch.compile``d region the forward hook does nothing, so it
+adds no graph break: compiled modules get gradient and parameter statistics only (those are
+taken at the step boundary, outside the graph). A hook that raises disables itself (see
+``HookSet.fail``).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from tbprobe import kernels
+from tbprobe.probe.collect import StepState, nonfinite_of
+from tbprobe.probe.selection import floating_tensors
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward graph: a checkpoint recompute is happening."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class HookSet:
+    """Registers and removes every hook of one probe; hooks read ``owner.state``."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.handles: list = []
+        self.disabled: set = set()
+        self.errors: list[tuple[str, str, BaseException]] = []
+
+    # ---------------------------------------------------------------- failure policy
+    def fail(self, kind: str, where: str, exc: BaseException) -> None:
+        """Disable the hook ``(kind, where)``, warn once and record the error."""
+        key = (kind, where)
+        if key in self.disabled:
+            return
+        self.disabled.add(key)
+        self.errors.append((kind, where, exc))
+        warnings.warn(
+            f"tbprobe: the {kind} hook of {where!r} failed and is disabled "
+            f"({type(exc).__name__}: {exc}); training continues",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _guarded(self, kind: str, where: str, fn):
+        @functools.wraps(fn)
+        def hook(*args, **kwargs):
+            if (kind, where) in self.disabled:
+                return None
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:  # a probe failure must never stop training
+                self.fail(kind, where, exc)
+            return None
+
+        return hook
+
+    # ---------------------------------------------------------------- registration
+    def attach(self, modules, params) -> None:
+        """Forward hooks on ``modules`` ``[(name, module)]``, post-accumulate-grad hooks on
+        ``params`` ``[(name, parameter)]``."""
+        for name, m in modules:
+            fn = self._guarded("forward", name, functools.partial(self._forward, name))
+            self.handles.append(m.register_forward_hook(fn, with_kwargs=True))
+        for name, p in params:
+            if p.requires_grad:
+                fn = self._guarded("grad", name, functools.partial(self._grad, name))
+                self.handles.append(p.register_post_accumulate_grad_hook(fn))
+
+    def remove(self) -> None:
+        handles, self.handles = self.handles, []
+        for h in handles:
+            h.remove()
+
+    # ---------------------------------------------------------------- hook bodies
+    def _forward(self, name, module, args, kwargs, output) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # compiled regions: gradient and parameter statistics only (no breaks)
+        st: StepState = self.owner.state
+        if not st.active:
+            return
+        outs = floating_tensors(output)
+        if not outs:
+            return
+        ins = floating_tensors(args) or floating_tensors(kwargs)
+        if not _in_backward():  # a checkpoint recompute is not a new forward
+            self._forward_stats(st, name, outs, ins)
+        if st.backward and torch.is_grad_enabled():
+            self._watch_grads(st, name, outs, ins)
+
+    def _forward_stats(self, st: StepState, name, outs, ins) -> None:
+        value = st.reduce(outs)
+        inputs = None
+        if ins:
+            inputs = self._nonfinite_inputs(st, ins)
+        st.add_event(name, "forward", "output", value, inputs)
+        if len(outs) == 1:
+            st.slot(outs[0]).value = value
+        snap = st.snap is not None and name in st.snap
+        if (st.hist or snap) and name not in st.act_hists:
+            st.act_hists[name] = kernels.histogram(outs[0].detach(), bins=self.owner.cfg.hist_bins)
+        if snap and name not in st.thumbs:
+            st.thumbs[name] = self.owner.snapshots.capture(outs[0])
+
+    @staticmethod
+    def _nonfinite_inputs(st: StepState, ins) -> torch.Tensor:
+        total = None
+        for t in ins:
+            s = st.slot(t, create=False)
+            c = nonfinite_of(s.value if s is not None and s.value is not None else st.reduce([t]))
+            total = c if total is None else total + c
+        return total
+
+    def _watch_grads(self, st: StepState, name, outs, ins) -> None:
+        for t, role in [(t, "p") for t in outs] + [(t, "c") for t in ins]:
+            if not t.requires_grad:
+                continue
+            s = st.slot(t)
+            (s.producers if role == "p" else s.consumers).append(name)
+            if s.handle is None:
+                fn = self._guarded("backward", name, functools.partial(self._backward, s))
+                s.handle = t.register_hook(fn)
+
+    def _backward(self, slot, grad) -> None:
+        st: StepState = self.owner.state
+        if not st.backward or grad is None:
+            return
+        value = st.reduce([grad])
+        for m in slot.consumers:  # the gradient w.r.t. m's input: m produced it
+            st.add_event(m, "backward", "grad_input", value, st.pending_gout.pop(m, None))
+        if slot.producers:
+            nf = nonfinite_of(value)
+            for m in slot.producers:  # the gradient w.r.t. m's output: m consumes it next
+                st.add_event(m, "backward", "grad_output", value)
+                prev = st.pending_gout.get(m)
+                st.pending_gout[m] = nf if prev is None else prev + nf
+
+    def _grad(self, name, param) -> None:
+        st: StepState = self.owner.state
+        if st.active:
+            if name not in st.grad_seq:
+                st.grad_seq[name] = st.next_seq()
+            # The accumulated grad is reduced at the step boundary; keep the tensor so that a
+            # zero_grad(set_to_none=True) before a manual probe.step() does not lose it.
+            st.grads[name] = param.grad

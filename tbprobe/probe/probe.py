@@ -1,0 +1,372 @@
+"""``Probe``: hooks on a model, one step boundary per optimizer step, results streamed out.
+
+At each step boundary the step's device results are packed into one buffer and copied to
+the host without a sync (:mod:`tbprobe.probe.stream`); landed steps are decoded, written and
+handed to the diagnosis at a later boundary, so tags and anomaly reports may arrive one step
+late. ``detach()``/``close()`` wait for everything still in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from tbprobe.probe.collect import StepState
+from tbprobe.probe.config import TRACK, ProbeConfig
+from tbprobe.probe.emit import at_step, build_record, write_step
+from tbprobe.probe.hooks import HookSet
+from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
+from tbprobe.probe.pack import pack_step
+from tbprobe.probe.selection import select_modules
+from tbprobe.probe.snapshot import Snapshots
+
+
+class AnomalyError(RuntimeError):
+    """Raised from the training step when ``on_anomaly="raise"``; ``.anomalies`` lists them."""
+
+    def __init__(self, anomalies):
+        self.anomalies = list(anomalies)
+        msgs = "; ".join(str(getattr(a, "message", a)) for a in self.anomalies)
+        super().__init__(f"tbprobe found {len(self.anomalies)} anomalies: {msgs}")
+
+
+class Probe:
+    """Attach statistics hooks to ``model`` and stream them to ``writer``.
+
+    ``every`` (default: the writer's ``log_freq``): scheduled steps, whose full statistics
+    are written as tags (DESIGN.md's table). ``histogram_every``: histograms of grads, params
+    and activations (default None: only on snapshots). ``modules``/``exclude``: globs or
+    ``nn.Module`` types (default: parameterised leaves plus blocks). ``track``: families among
+    ``("grads", "params", "acts", "outgrads", "hists")``. ``scaler``: a ``GradScaler``;
+    gradient norms are unscaled and a step whose optimizer step it skipped still counts.
+    ``check_every``: non-finite counts and gradient norms for the diagnosis (0: only on
+    scheduled steps). ``on_anomaly``: ``"warn"``, ``"raise"`` (:class:`AnomalyError` from the
+    training step), ``"snapshot"`` or a callable taking each ``Anomaly``. ``snapshot_every``:
+    scheduled snapshots. ``hist_bins``: linear bins over the finite range. ``thumbnail_size``
+    and ``max_tiles`` bound snapshot images. ``watch_requests``: pick up ``tbprobe snapshot``
+    requests in the writer's log dir. ``diagnosis``: an object with ``feed(StepRecord)``
+    (default: the built-in one; False: none).
+
+    The step boundary is ``optimizer.step()`` (or ``scaler.update()`` with a scaler); without
+    either, call :meth:`step` once per optimizer step.
+
+    Example::
+
+        writer = SummaryWriter("runs/exp")
+        with Probe(model, writer, opt, every=10) as probe:
+            for x, y in loader:
+                loss_fn(model(x), y).backward()
+                opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        writer,
+        optimizer=None,
+        *,
+        every: int | None = None,
+        histogram_every: int | None = None,
+        modules=None,
+        exclude=None,
+        track=TRACK,
+        scaler=None,
+        check_every: int = 1,
+        on_anomaly="warn",
+        snapshot_every: int | None = None,
+        hist_bins: int = 64,
+        thumbnail_size: int = 256,
+        max_tiles: int = 64,
+        watch_requests: bool = True,
+        start_step: int = 0,
+        diagnosis=None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer: expected a SummaryWriter, got {type(writer).__name__}")
+        if optimizer is not None and not callable(
+            getattr(optimizer, "register_step_post_hook", None)
+        ):
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if every is None:
+            lf = getattr(writer, "log_freq", 1)
+            every = lf if isinstance(lf, int) and not isinstance(lf, bool) and lf > 0 else 1
+        self.cfg = ProbeConfig(
+            every=every,
+            histogram_every=histogram_every,
+            modules=modules,
+            exclude=exclude,
+            track=track,
+            check_every=check_every,
+            on_anomaly=on_anomaly,
+            snapshot_every=snapshot_every,
+            hist_bins=hist_bins,
+            thumbnail_size=thumbnail_size,
+            max_tiles=max_tiles,
+            watch_requests=watch_requests,
+            start_step=start_step,
+        )
+        self.amp = AmpScale(scaler, optimizer)  # validates scaler
+        self.model, self.writer, self.optimizer = model, writer, optimizer
+        base = getattr(model, "_orig_mod", model)  # a torch.compile'd module: its original
+        self.modules = select_modules(base, self.cfg.modules, self.cfg.exclude)
+        self._params = list(base.named_parameters())
+        first = self._params[0][1] if self._params else None
+        self._rows_always = first is not None and first.device.type == "cuda"
+        self.anomalies: list = []
+        self.last_record = None  # the latest StepRecord that landed
+        self._own_errors: list = []
+        self._pending: collections.deque = collections.deque()
+        self._prev = None  # (names, copies) of trainable params before the update
+        self._step = self.cfg.start_step
+        self._hooks = HookSet(self)
+        self.snapshots = Snapshots(self.cfg, [n for n, _ in self.modules])
+        self._diagnosis = make_diagnosis(diagnosis)
+        self._extra_handles: list = []
+        self._attached = False
+        self.state = StepState(self._step)
+        try:
+            self._hooks.attach(self.modules, self._params)
+            if optimizer is not None:
+                self._extra_handles.append(optimizer.register_step_pre_hook(self._pre_opt))
+                if not self.amp.enabled:
+                    self._extra_handles.append(optimizer.register_step_post_hook(self._post_opt))
+            if self.amp.enabled:
+                self.amp.wrap_update(self._close_step, self._after_step)
+            self._watcher = make_watcher(writer, self.cfg.watch_requests)
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._attached = True
+        self.state = self._new_state(self._step)
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def global_step(self) -> int:
+        """The step the hooks are collecting now."""
+        return self._step
+
+    @property
+    def errors(self) -> list:
+        """``(kind, where, exception)`` of every hook or step that failed and was disabled."""
+        return self._hooks.errors + self._own_errors
+
+    def step(self) -> None:
+        """End the current optimizer step (only when no optimizer or scaler was given)."""
+        if self.optimizer is not None or self.amp.enabled:
+            raise RuntimeError(
+                "step(): this probe advances on optimizer.step() / scaler.update() by itself"
+            )
+        self._check_attached("step")
+        self._close_step()
+        self._after_step()
+
+    def snapshot(self, modules=None, steps: int = 1) -> None:
+        """Capture thumbnails, activation histograms and full statistics of ``modules``
+        (globs over hooked module names; default all) for the next ``steps`` steps.
+
+        Example::
+
+            probe.snapshot(modules="features.*", steps=2)
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"steps: expected at least 1, got {steps}")
+        self._check_attached("snapshot")
+        self._arm(self.snapshots.resolve(modules, strict=True), steps)
+
+    def flush(self) -> None:
+        """Wait for every step in flight, write it and react to its anomalies."""
+        self._react(self._poll(wait=True))
+
+    def detach(self) -> None:
+        """Write everything in flight and remove every hook. Idempotent."""
+        if not self._attached:
+            return
+        self._attached = False
+        try:
+            new = self._poll(wait=True)
+            if new:
+                self._react(new, raising=False)
+        finally:
+            self._remove_hooks()
+
+    close = detach
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.detach()
+
+    # ---------------------------------------------------------------- step boundary
+    def _pre_opt(self, optimizer, args, kwargs) -> None:
+        st = self.state
+        if st.scheduled and "params" in self.cfg.track:
+            self._prev = self._copy_params()
+
+    def _post_opt(self, optimizer, args, kwargs) -> None:
+        self._close_step()
+        self._after_step()
+
+    def _close_step(self) -> None:
+        """Pack the current step (never raises), open the next one."""
+        st = self.state
+        try:
+            if st.active and ("step", "pack") not in self._hooks.disabled:
+                pending = pack_step(self, st)
+                if pending is not None:
+                    self._pending.append(pending)
+        except Exception as exc:  # logging never stops training
+            self._hooks.fail("step", "pack", exc)
+        finally:
+            st.close()
+            self._prev = None
+        self._step += 1
+        self._take_requests()
+        self.state = self._new_state(self._step)
+        if self.optimizer is None and self.state.scheduled and "params" in self.cfg.track:
+            self._prev = self._copy_params()
+
+    def _after_step(self) -> None:
+        """Write the steps that have landed; react to their anomalies (may raise)."""
+        self._react(self._poll(wait=False))
+
+    def _new_state(self, step: int) -> StepState:
+        if not self._attached or ("step", "pack") in self._hooks.disabled:
+            return StepState(step)
+        cfg = self.cfg
+        scheduled, checked = cfg.scheduled(step), cfg.checked(step)
+        snap = self.snapshots.take(step)
+        return StepState(
+            step,
+            scheduled=scheduled,
+            checked=checked,
+            full=scheduled or snap is not None or self._rows_always,
+            backward=checked or (scheduled and "outgrads" in cfg.track),
+            hist=cfg.histogram_step(step),
+            snap=snap,
+        )
+
+    def _arm(self, names: frozenset, steps: int) -> None:
+        """Arm a snapshot; a step that has not started yet takes it at once."""
+        st = self.state
+        if not names:
+            return
+        if not st.events and not st.grad_seq and not st.act_hists:
+            st.snap = names | (st.snap or frozenset())
+            st.full = st.active = True
+            steps -= 1
+        if steps > 0:
+            self.snapshots.arm(names, steps)
+
+    def _take_requests(self) -> None:
+        if self._watcher is None:
+            return
+        try:
+            for req in self._watcher.poll():
+                names = self.snapshots.resolve(req.modules, strict=False)
+                if not names:
+                    warnings.warn(
+                        f"tbprobe: snapshot request {req.modules} matches no module",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                self.snapshots.arm(names, req.steps)
+        except Exception as exc:
+            self._hooks.fail("requests", "watcher", exc)
+
+    def _copy_params(self):
+        named = [(n, p) for n, p in self._params if p.requires_grad]
+        if not named:
+            return None
+        return [n for n, _ in named], torch._foreach_mul([p.detach() for _, p in named], 1.0)
+
+    # ---------------------------------------------------------------- landing, anomalies
+    def _poll(self, wait: bool) -> list:
+        new = []
+        while self._pending:
+            p = self._pending[0]
+            if not p.ready():
+                if not wait:
+                    break
+                p.wait()
+            self._pending.popleft()
+            try:
+                data = p.decode()
+                record = build_record(p.meta, data)
+                self.last_record = record
+                write_step(self.writer, p.meta, data, record, self.cfg)
+                if self._diagnosis is not None:
+                    new.extend(self._diagnosis.feed(record))
+            except Exception as exc:
+                self._hooks.fail("step", "write", exc)
+        return new
+
+    def _react(self, new: list, raising: bool = True) -> None:
+        if not new:
+            return
+        self.anomalies.extend(new)
+        try:
+            from tbprobe.probe.anomaly import format_markdown
+
+            for step in sorted({a.step for a in new}):
+                group = [a for a in new if a.step == step]
+                with at_step(self.writer, step) as gs:
+                    self.writer.add_text("anomaly", format_markdown(group), gs)
+        except Exception as exc:
+            self._hooks.fail("anomaly", "write", exc)
+        for a in new:
+            print(f"tbprobe: {a.message}", file=sys.stderr)
+        react = self.cfg.on_anomaly
+        if callable(react):
+            for a in new:
+                react(a)
+        elif react == "snapshot" and self._attached:
+            where = [getattr(a, "module", None) or a.where for a in new]
+            self._arm(self.snapshots.resolve(where, strict=False), 1)
+        elif react == "raise" and raising:
+            raise AnomalyError(new)
+        else:
+            warnings.warn(
+                f"tbprobe: {len(new)} anomalies at step {new[0].step}: {new[0].message}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # ---------------------------------------------------------------- teardown
+    def _check_attached(self, what: str) -> None:
+        if not self._attached:
+            raise RuntimeError(f"{what}(): the probe is detached")
+
+    def _remove_hooks(self) -> None:
+        try:
+            self._hooks.remove()
+            handles, self._extra_handles = self._extra_handles, []
+            for h in handles:
+                h.remove()
+            self.amp.unwrap_update()
+            self.state.close()
+            self.state = StepState(self._step)
+        finally:
+            w, self._watcher = getattr(self, "_watcher", None), None
+            if w is not None:
+                w.close()
+
+
+def attach(model: nn.Module, writer, optimizer=None, **kwargs) -> Probe:
+    """``Probe(model, writer, optimizer, **kwargs)`` in one line.
+
+    Example::
+
+        probe = tbprobe.attach(model, SummaryWriter("runs/x"), opt, every=10)
+    """
+    return Probe(model, writer, optimizer, **kwargs)

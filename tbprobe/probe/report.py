@@ -1,0 +1,265 @@
+"""``tbprobe report LOGDIR [--json]``: a diagnosis of a run from its event files alone.
+
+It reads every event file of a run (or of every run under LOGDIR), also one still being
+written or cut short by a kill (the damaged tail is reported as a note, the rest is used), and
+finds: the first non-finite value (from the probe's ``anomaly`` texts and from non-finite
+scalars), the gradient and update spikes with their top layers (recomputed from the
+``grad_norm/``, ``param_norm/`` and ``update_ratio/`` series by the same :class:`Diagnosis` the
+probe runs), and per-layer norm trends. No torch import: it runs anywhere the event files are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+
+from tbprobe.probe.anomaly import fmt_number, parse_markdown
+from tbprobe.probe.diagnosis import Diagnosis
+from tbprobe.probe.records import StepRecord
+from tbprobe.writer.reader import event_files, read_events
+
+__all__ = ["diagnose_logdir", "diagnose_run", "format_report", "run_report"]
+
+TREND_PREFIXES = ("grad_norm", "param_norm", "update_ratio", "act_rms", "act_absmax", "outgrad_rms")
+_ANOMALY_TAG = "anomaly/text_summary"
+_TEXT_ROWS = 20  # rows per section in the text form; --json has them all
+
+
+def _runs(logdir: str) -> dict[str, list[str]]:
+    """{run name: its event files}; a run is a directory holding event files."""
+    files = event_files(logdir, recursive=True)
+    runs: dict[str, list[str]] = defaultdict(list)
+    root = logdir if os.path.isdir(logdir) else os.path.dirname(logdir)
+    for f in files:
+        name = os.path.relpath(os.path.dirname(f), root)
+        runs["." if name == os.curdir else name].append(f)
+    return dict(sorted(runs.items()))
+
+
+def _scalar(value) -> float | None:
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return float(value.simple_value)
+    if kind == "tensor" and value.metadata.plugin_data.plugin_name == "scalars":
+        t = value.tensor
+        vals = list(t.float_val) or list(t.double_val)
+        return float(vals[0]) if len(vals) == 1 else None
+    return None
+
+
+def _read_run(files: list[str]):
+    scalars: dict[str, dict[int, float]] = defaultdict(dict)
+    anomalies, notes, n_events = [], [], 0
+    for path in files:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for event in read_events(path, errors="warn"):
+                n_events += 1
+                for v in event.summary.value:
+                    if v.tag == _ANOMALY_TAG and v.WhichOneof("value") == "tensor":
+                        for raw in v.tensor.string_val:
+                            text = raw.decode("utf-8", errors="replace")
+                            anomalies += parse_markdown(text)
+                        continue
+                    x = _scalar(v)
+                    if x is not None:
+                        scalars[v.tag][int(event.step)] = x  # a later file wins a step
+        for w in caught:
+            notes.append(f"{w.message} (read up to there: a run still being written, or killed)")
+    return scalars, anomalies, notes, n_events
+
+
+def _records(scalars) -> list[StepRecord]:
+    maps = {"grad_norm": {}, "param_norm": {}, "update_ratio": {}}
+    for tag, series in scalars.items():
+        prefix, _, name = tag.partition("/")
+        if prefix in maps and name:
+            for step, x in series.items():
+                maps[prefix].setdefault(step, {})[name] = x
+    steps = sorted(set().union(*(m.keys() for m in maps.values())))
+    return [
+        StepRecord(
+            step=s,
+            scheduled=True,
+            grad_norms=maps["grad_norm"].get(s, {}),
+            param_norms=maps["param_norm"].get(s, {}),
+            update_ratios=maps["update_ratio"].get(s, {}),
+        )
+        for s in steps
+    ]
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def _trend(tag: str, series: dict[int, float]) -> dict:
+    steps = sorted(series)
+    finite = [(s, series[s]) for s in steps if math.isfinite(series[s])]
+    out = {
+        "tag": tag,
+        "points": len(steps),
+        "nonfinite": len(steps) - len(finite),
+        "first_step": steps[0],
+        "last_step": steps[-1],
+    }
+    if finite:
+        v0, v1 = finite[0][1], finite[-1][1]
+        smax, vmax = max(finite, key=lambda p: p[1])
+        out.update(first=v0, last=v1, min=min(v for _, v in finite), max=vmax, max_step=smax)
+        out["growth"] = _json_float(v1 / v0) if v0 != 0 else (1.0 if v1 == 0 else "inf")
+    return out
+
+
+def diagnose_run(files: list[str], diagnosis: Diagnosis | None = None) -> dict:
+    """The diagnosis of one run from its event ``files`` (see :func:`diagnose_logdir`)."""
+    scalars, logged, notes, n_events = _read_run(files)
+    diag = diagnosis if diagnosis is not None else Diagnosis()
+    found = [a for r in _records(scalars) for a in diag.feed(r)]
+    first_logged = min(
+        (a for a in logged if a.get("kind") == "nonfinite"), key=lambda a: a["step"], default=None
+    )
+    bad = [
+        (s, tag, x) for tag, ser in scalars.items() for s, x in ser.items() if not math.isfinite(x)
+    ]
+    first_scalar = None
+    if bad:
+        step = min(s for s, _, _ in bad)
+        tags = sorted((tag, x) for s, tag, x in bad if s == step)
+        first_scalar = {"step": step, "tags": [{"tag": t, "value": str(x)} for t, x in tags]}
+    trends = [
+        _trend(tag, ser)
+        for tag, ser in sorted(scalars.items())
+        if tag.partition("/")[0] in TREND_PREFIXES and ser
+    ]
+    all_steps = [s for ser in scalars.values() for s in ser]
+    return {
+        "files": files,
+        "events": n_events,
+        "steps": [min(all_steps), max(all_steps)] if all_steps else None,
+        "notes": notes,
+        "first_nonfinite": {"anomaly": first_logged, "scalars": first_scalar},
+        "logged_anomalies": sorted(logged, key=lambda a: a["step"]),
+        "spikes": [a.to_dict() for a in found if a.kind == "spike"],
+        "warnings": [a.to_dict() for a in found if a.kind in ("vanishing", "dead")],
+        "nonfinite_norms": [a.to_dict() for a in found if a.kind == "nonfinite"],
+        "trends": trends,
+    }
+
+
+def diagnose_logdir(path: str, diagnosis_kwargs: dict | None = None) -> dict:
+    """The diagnosis of every run under ``path`` (a run directory, a directory of runs, or one
+    event file), as a JSON-ready dict ``{"logdir": path, "runs": {name: diagnosis}}``.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` when it holds no event
+    file. ``diagnosis_kwargs`` configure the :class:`Diagnosis` (e.g. ``spike_factor``).
+
+    Example::
+
+        report = diagnose_logdir("runs/exp")
+        print(report["runs"]["."]["first_nonfinite"])
+    """
+    path = os.fspath(path)
+    runs = _runs(path)
+    if not runs:
+        raise ValueError(f"logdir: no event files (*tfevents*) under {path!r}")
+    kwargs = diagnosis_kwargs or {}
+    return _json_safe(
+        {
+            "logdir": path,
+            "runs": {
+                name: diagnose_run(files, Diagnosis(**kwargs)) for name, files in runs.items()
+            },
+        }
+    )
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return _json_float(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _row_text(a: dict) -> str:
+    line = f"step {a['step']}: {a['kind']} at {a['where']}"
+    pass_ = a.get("pass") or a.get("pass_") or ""
+    what = " ".join(dict.fromkeys(x for x in (pass_, a.get("tensor", "")) if x))
+    return line + (f" ({what})" if what else "") + f": {a['message']}"
+
+
+def _section(title: str, items: list[str]) -> list[str]:
+    lines = [f"  {title}:"]
+    lines += [f"    {s}" for s in items[:_TEXT_ROWS]] or ["    none"]
+    if len(items) > _TEXT_ROWS:
+        lines.append(f"    … {len(items) - _TEXT_ROWS} more (see --json)")
+    return lines
+
+
+def format_report(report: dict) -> str:
+    """The text form of :func:`diagnose_logdir`'s result."""
+    lines = [f"tbprobe report: {report['logdir']}"]
+    for name, run in report["runs"].items():
+        span = "no scalars" if run["steps"] is None else "steps {}–{}".format(*run["steps"])
+        lines.append(f"\nrun {name}: {len(run['files'])} file(s), {run['events']} events, {span}")
+        lines += [f"  note: {n}" for n in run["notes"]]
+        first = run["first_nonfinite"]
+        items = []
+        if first["anomaly"]:
+            items.append("probe anomaly: " + _row_text(first["anomaly"]))
+        if first["scalars"]:
+            tags = first["scalars"]["tags"]
+            shown = ", ".join(f"{t['tag']}={t['value']}" for t in tags[:5])
+            more = f" (+{len(tags) - 5} more)" if len(tags) > 5 else ""
+            items.append(f"scalars: step {first['scalars']['step']}: {shown}{more}")
+        lines += _section("first non-finite value", items)
+        lines += _section(
+            "spikes (recomputed from the norms)", [_row_text(a) for a in run["spikes"]]
+        )
+        lines += _section("warnings", [_row_text(a) for a in run["warnings"]])
+        lines += _section(
+            "anomalies logged by the probe", [_row_text(a) for a in run["logged_anomalies"]]
+        )
+        trends = sorted(run["trends"], key=_trend_order)
+        rows = [
+            f"{t['tag']}: "
+            + (
+                f"first {fmt_number(t['first'])} (step {t['first_step']}) → last "
+                f"{fmt_number(t['last'])} (step {t['last_step']}), max {fmt_number(t['max'])} "
+                f"at step {t['max_step']}, growth ×{fmt_number(float(t['growth']))}"
+                if "first" in t
+                else "no finite value"
+            )
+            + (f", {t['nonfinite']} non-finite" if t["nonfinite"] else "")
+            for t in trends
+        ]
+        lines += _section("per-layer trends (largest change first)", rows)
+    return "\n".join(lines)
+
+
+def _trend_order(t: dict) -> tuple:
+    g = float(t.get("growth", "nan"))
+    change = abs(math.log(g)) if math.isfinite(g) and g > 0 else math.inf
+    return (-t["nonfinite"], -change, t["tag"])
+
+
+def run_report(args) -> int:
+    """``tbprobe report LOGDIR [--json]``: print the diagnosis; 0 when produced (anomalies
+    or not), 2 when LOGDIR is missing or holds no event file."""
+    try:
+        report = diagnose_logdir(args.logdir)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"tbprobe report: {args.logdir}: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        print(format_report(report))
+    return 0

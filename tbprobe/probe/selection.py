@@ -1,0 +1,84 @@
+"""Which modules the probe hooks, and which tensors of a module's inputs/outputs it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import torch
+from torch import nn
+
+ROOT_NAME = "_root"  # tag name of the model itself (its qualified name is "")
+_CONTAINERS = (nn.ModuleList, nn.Sequential)
+_MAX_DEPTH = 4  # nesting of tuples/dicts/dataclasses searched for tensors
+
+
+def _has_params(m: nn.Module) -> bool:
+    return next(m.parameters(), None) is not None
+
+
+def default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Parameterised leaf modules plus the *blocks*: the children of ``ModuleList`` /
+    ``Sequential`` containers that hold parameters (e.g. transformer layers), in
+    ``named_modules`` order."""
+    blocks = set()
+    for m in model.modules():
+        if isinstance(m, _CONTAINERS):
+            blocks.update(id(c) for c in m.children() if _has_params(c))
+    out = []
+    for name, m in model.named_modules():
+        leaf = next(m.children(), None) is None and len(m._parameters) > 0
+        if leaf or id(m) in blocks:
+            out.append((name, m))
+    return out
+
+
+def _matches(name: str, m: nn.Module, patterns) -> bool:
+    for p in patterns:
+        if isinstance(p, str):
+            if fnmatch.fnmatchcase(name, p):
+                return True
+        elif isinstance(m, p):
+            return True
+    return False
+
+
+def select_modules(model: nn.Module, include=(), exclude=()) -> list[tuple[str, nn.Module]]:
+    """``(tag_name, module)`` pairs to hook: ``include`` globs/types (default: see
+    :func:`default_modules`) minus ``exclude``. A glob in ``include`` that matches nothing
+    raises ValueError naming it.
+
+    Example::
+
+        select_modules(model, include=["transformer.h.*"], exclude=[nn.Dropout])
+    """
+    if include:
+        named = list(model.named_modules())
+        chosen = [(n, m) for n, m in named if _matches(n, m, include)]
+        for p in include:
+            if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
+                raise ValueError(f"modules: the glob {p!r} matches no module of the model")
+    else:
+        chosen = default_modules(model)
+    return [(n or ROOT_NAME, m) for n, m in chosen if not _matches(n, m, exclude)]
+
+
+def floating_tensors(obj, depth: int = 0) -> list[torch.Tensor]:
+    """The floating-point tensors inside ``obj``: a tensor, or tuples/lists/dicts/dataclasses
+    of them (e.g. Hugging Face ``ModelOutput``), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() and obj.numel() > 0 else []
+    if depth >= _MAX_DEPTH:
+        return []
+    if isinstance(obj, (tuple, list)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [getattr(obj, f.name, None) for f in dataclasses.fields(obj)]
+    else:
+        return []
+    out: list[torch.Tensor] = []
+    for item in items:
+        out.extend(floating_tensors(item, depth + 1))
+    return out

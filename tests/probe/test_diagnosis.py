@@ -1,0 +1,251 @@
+"""The diagnosis on synthetic StepRecords: attribution, episodes, spikes, warnings, config."""
+
+import numpy as np
+import pytest
+
+from tbprobe.probe.anomaly import Anomaly, format_markdown, parse_markdown
+from tbprobe.probe.diagnosis import Diagnosis, owner_module
+from tbprobe.probe.records import StepRecord, TensorEvent
+
+RNG = np.random.default_rng(0)
+
+
+def ev(seq, module, pass_="forward", tensor="output", nonfinite=0, inputs=0, stats=None):
+    return TensorEvent(
+        seq=seq,
+        module=module,
+        pass_=pass_,
+        tensor=tensor,
+        nonfinite=nonfinite,
+        inputs_nonfinite=inputs,
+        stats=stats,
+    )
+
+
+def rec(step, events=(), grads=None, params=None, updates=None):
+    return StepRecord(
+        step=step,
+        scheduled=True,
+        events=tuple(events),
+        grad_norms=grads or {},
+        param_norms=params or {},
+        update_ratios=updates or {},
+    )
+
+
+def healthy_grads(n, names=("a.weight", "b.weight", "c.weight")):
+    """n steps of noisy, finite gradient norms (±30 %) around 1.0 per parameter."""
+    out = []
+    for _ in range(n):
+        g = {k: float(1.0 + 0.3 * RNG.standard_normal()) for k in names}
+        g["_total"] = float(np.sqrt(sum(v * v for v in g.values())))
+        out.append(g)
+    return out
+
+
+def feed_all(diag, records):
+    return [a for r in records for a in diag.feed(r)]
+
+
+def test_stat_columns_match_the_kernels():
+    """The diagnosis reads the count and zeros columns where kernels.STAT_NAMES puts them."""
+    from tbprobe.kernels import STAT_NAMES
+    from tbprobe.probe import diagnosis
+
+    assert STAT_NAMES[diagnosis._COUNT] == "count"
+    assert STAT_NAMES[diagnosis._ZEROS] == "zeros"
+
+
+def test_first_nonfinite_event_is_reported_as_producer():
+    """The first non-finite event in execution order, with finite inputs, is the producer."""
+    events = [ev(0, "l0"), ev(1, "l1", nonfinite=3), ev(2, "l2", nonfinite=9, inputs=3)]
+    (a,) = Diagnosis().feed(rec(5, events))
+    assert (a.kind, a.step, a.where, a.pass_, a.tensor) == (
+        "nonfinite",
+        5,
+        "l1",
+        "forward",
+        "output",
+    )
+    assert a.producer is True and a.value == 3
+
+
+def test_propagator_is_refined_to_enclosing_module():
+    """A child fed non-finite inputs is replaced by the innermost ancestor with finite inputs."""
+    events = [
+        ev(0, "blk.fc1"),
+        ev(1, "blk.fc2", nonfinite=4, inputs=2),  # an unhooked op between fc1 and fc2 made it
+        ev(2, "blk", nonfinite=4, inputs=0),
+        ev(3, "", nonfinite=4, inputs=0),
+    ]
+    (a,) = Diagnosis().feed(rec(0, events))
+    assert (a.where, a.producer) == ("blk", True)
+    assert "blk.fc2" in a.message
+
+
+def test_propagator_without_producing_ancestor_stays_a_propagator():
+    """Non-finite data entering the first module is reported there as propagated."""
+    (a,) = Diagnosis().feed(rec(0, [ev(0, "l0", nonfinite=2, inputs=2)]))
+    assert (a.where, a.producer) == ("l0", False)
+    (b,) = Diagnosis().feed(rec(0, [ev(0, "l0", nonfinite=2, inputs=None)]))
+    assert b.producer is None
+
+
+def test_param_grad_first_is_attributed_to_module_backward():
+    """A parameter gradient firing before its module's grad_input names the module's backward."""
+    events = [
+        ev(0, "l1", "backward", "grad_output", 0, None),
+        ev(1, "l1.bias", "grad", "grad", 1, None),
+        ev(2, "l1.weight", "grad", "grad", 8, None),
+        ev(3, "l1", "backward", "grad_input", 16, 0),
+    ]
+    (a,) = Diagnosis().feed(rec(0, events))
+    assert (a.where, a.module, a.pass_, a.tensor, a.producer) == (
+        "l1",
+        "l1",
+        "backward",
+        "grad_input",
+        True,
+    )
+    # Without the module's grad_input (e.g. the first layer), the gradient itself is named,
+    # and its producer status comes from the module's grad_output.
+    (b,) = Diagnosis().feed(rec(0, events[:3]))
+    assert (b.where, b.module, b.pass_, b.producer) == ("l1.bias", "l1", "grad", True)
+
+
+def test_nonfinite_episode_reported_once_and_again_after_recovery():
+    """NaN that persists is one report; a finite step ends the episode; a new NaN reports."""
+    nan = [ev(0, "l0", nonfinite=1)]
+    ok = [ev(0, "l0")]
+    diag = Diagnosis()
+    steps = [nan, nan, nan, (), ok, nan, nan]  # () carries no information: not a recovery
+    found = feed_all(diag, [rec(i, e) for i, e in enumerate(steps)])
+    assert [a.step for a in found] == [0, 5]
+
+
+def test_nonfinite_grad_norm_without_events():
+    """A non-finite gradient norm is reported when no per-tensor counts exist."""
+    (a,) = Diagnosis().feed(rec(3, grads={"x.weight": float("nan"), "_total": float("nan")}))
+    assert (a.kind, a.where, a.module, a.pass_) == ("nonfinite", "x.weight", "x", "grad")
+
+
+def test_spike_reported_with_top_offenders_once_per_episode():
+    """A 50x gradient norm is a spike naming the worst parameters; its next step is not new."""
+    grads = healthy_grads(40)
+    for s in (30, 31):
+        grads[s] = dict(grads[s], **{"b.weight": 50.0, "c.weight": 20.0, "_total": 54.0})
+    found = feed_all(Diagnosis(), [rec(i, grads=g) for i, g in enumerate(grads)])
+    (a,) = found
+    assert (a.kind, a.step, a.where, a.module, a.pass_) == ("spike", 30, "b.weight", "b", "grad")
+    assert [n for n, _ in a.top] == ["b.weight", "c.weight"]
+    assert a.top[0][1] > a.top[1][1] >= 10
+    assert a.value == 50.0 and 0.7 < a.baseline < 1.3
+
+
+def test_spike_again_after_recovery_and_not_in_warmup():
+    """Spikes inside warm-up are ignored; a second spike after a calm step is reported."""
+    grads = healthy_grads(60)
+    for s in (3, 30, 45):
+        grads[s] = dict(grads[s], **{"a.weight": 100.0, "_total": 100.0})
+    found = feed_all(Diagnosis(), [rec(i, grads=g) for i, g in enumerate(grads)])
+    assert [(a.kind, a.step) for a in found] == [("spike", 30), ("spike", 45)]
+
+
+def test_small_tensor_spike_below_min_share_is_ignored():
+    """A tiny tensor's 20x jump that stays below min_share of the total is not a spike."""
+    grads = healthy_grads(40)
+    for g in grads:
+        g["ln.bias"] = 1e-3
+    grads[30]["ln.bias"] = 2e-2
+    assert feed_all(Diagnosis(), [rec(i, grads=g) for i, g in enumerate(grads)]) == []
+    assert feed_all(Diagnosis(min_share=0.0), [rec(i, grads=g) for i, g in enumerate(grads)])
+
+
+def test_update_spike_from_ratio_times_param_norm():
+    """An update ‖Δw‖ = ratio × ‖w‖ 1000x its baseline is an update spike at that parameter."""
+    recs = []
+    for i in range(30):
+        params = {"a.weight": 10.0, "b.weight": 5.0}
+        updates = {"a.weight": 1e-3 * (1 + 0.2 * RNG.standard_normal()), "b.weight": 2e-3}
+        if i == 25:
+            updates["b.weight"] = 2.0
+        recs.append(rec(i, params=params, updates=updates))
+    (a,) = feed_all(Diagnosis(), recs)
+    assert (a.kind, a.step, a.where, a.pass_, a.tensor) == (
+        "spike",
+        25,
+        "b.weight",
+        "update",
+        "update",
+    )
+
+
+def test_vanishing_after_patience_once():
+    """A gradient that drops to exactly 0 warns after `patience` steps, once, until it recovers."""
+    grads = healthy_grads(60)
+    for s in range(30, 40):
+        grads[s]["c.weight"] = 0.0
+    for s in range(50, 55):
+        grads[s]["c.weight"] = 0.0
+    found = feed_all(Diagnosis(patience=3), [rec(i, grads=g) for i, g in enumerate(grads)])
+    assert [(a.kind, a.where, a.step) for a in found] == [
+        ("vanishing", "c.weight", 32),
+        ("vanishing", "c.weight", 52),
+    ]
+    assert found[0].severity == "warning" and "exactly 0" in found[0].message
+
+
+def test_dead_activation_after_warmup():
+    """An all-zero forward output warns once, after the module's warm-up observations."""
+    zero = np.zeros(10)
+    zero[0] = zero[9] = 64.0
+    live = zero.copy()
+    live[9] = 10.0
+    stats = [zero] * 3 + [live] * 10 + [zero] * 5
+    recs = [rec(i, [ev(0, "relu_block", stats=s)]) for i, s in enumerate(stats)]
+    found = feed_all(Diagnosis(warmup=5), recs)
+    assert [(a.kind, a.where, a.step) for a in found] == [("dead", "relu_block", 13)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"spike_factor": 1.0},
+        {"window": 0},
+        {"warmup": -1},
+        {"vanishing": 1.5},
+        {"min_share": 1.0},
+        {"min_history": 60},
+    ],
+)
+def test_bad_config_raises_value_error(kwargs):
+    """Out-of-range settings raise ValueError naming the argument."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Diagnosis(**kwargs)
+
+
+def test_bad_types_raise_type_error():
+    """Wrong types for settings and records raise TypeError naming the argument."""
+    with pytest.raises(TypeError, match="window"):
+        Diagnosis(window=2.5)
+    with pytest.raises(TypeError, match="check_spikes"):
+        Diagnosis(check_spikes="yes")
+    with pytest.raises(TypeError, match="record"):
+        Diagnosis().feed({"step": 1})
+
+
+def test_anomaly_markdown_round_trip_and_one_line_str():
+    """format_markdown renders a table parse_markdown reads back, pipes and NaN included."""
+    a = Anomaly(7, "nonfinite", "odd|name", "output", float("nan"), None, "x | y", pass_="forward")
+    b = Anomaly(8, "spike", "w.weight", "grad norm", 12.5, 1.25, "10x", pass_="grad")
+    rows = parse_markdown(format_markdown([a, b]))
+    assert [r["where"] for r in rows] == ["odd|name", "w.weight"]
+    assert rows[0]["message"] == "x | y" and rows[0]["baseline"] is None
+    assert rows[1]["value"] == 12.5 and rows[1]["step"] == 8 and rows[1]["pass"] == "grad"
+    assert "\n" not in str(a) and str(b).startswith("tbprobe: step 8: spike at w.weight")
+    assert b.to_dict()["top"] == [] and a.to_dict()["value"] == "nan"
+    with pytest.raises(ValueError, match="kind"):
+        Anomaly(1, "boom", "x", "output", 1.0, None, "")
+    with pytest.raises(TypeError, match="anomalies"):
+        format_markdown(["not an anomaly"])
+    assert owner_module("a.b.weight") == "a.b" and owner_module("bias") == ""

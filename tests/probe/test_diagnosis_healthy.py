@@ -1,0 +1,24 @@
+"""No false alarms: noisy but healthy 500-step SGD and Adam runs of an MLP and a CNN."""
+
+import pytest
+
+from tbprobe.probe.diagnosis import Diagnosis
+
+from .faults import train
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Full backward hook is firing:UserWarning",
+    "ignore:For backward hooks to be called:UserWarning",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_healthy_run_raises_nothing(arch, opt):
+    """500 steps of healthy training (the loss falls) produce no anomaly at all."""
+    records, losses = train(arch, opt, 500, seed=1, stats_every=10)
+    assert sum(losses[-50:]) < sum(losses[:50])  # it learns: a healthy run
+    diag = Diagnosis()
+    found = [a for r in records for a in diag.feed(r)]
+    assert found == []

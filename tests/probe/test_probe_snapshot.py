@@ -1,0 +1,212 @@
+"""Snapshots (images, histograms, stats), snapshot requests from outside, and the probe's
+reaction to anomalies."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tbprobe
+from tbprobe.kernels.thumbnail import thumbnail_shape
+from tbprobe.probe.anomaly import Anomaly
+from tbprobe.probe.probe import AnomalyError
+from tests.probe import models
+from tests.probe.util import read_run, train
+
+
+def _expected_size(shape, kind, cfg, title):
+    h, w = thumbnail_shape(shape, kind=kind, max_size=cfg.thumbnail_size)
+    try:
+        from tbprobe.probe.render import render_snapshot
+    except ModuleNotFoundError:
+        return (h, w)
+    rgb = render_snapshot(
+        np.zeros((h, w), np.uint8),
+        shape=shape,
+        kind=kind,
+        title=title,
+        max_size=cfg.thumbnail_size,
+    )
+    return rgb.shape[:2]
+
+
+def test_snapshot_writes_decodable_images_histograms_and_stats(tmp_path):
+    """snapshot(modules) captures the selected modules at the next step only: a
+    snapshot/<module> PNG of the expected size, act_hist and act_rms at that step."""
+    model = models.make("cnn")
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = tbprobe.Probe(model, writer, opt, every=100, watch_requests=False)
+    train(model, "cnn", 2, opt=opt)
+    probe.snapshot(modules="features.*")
+    train(model, "cnn", 2, opt=opt)
+    probe.detach()
+    writer.close()
+    run = read_run(str(tmp_path))
+    assert set(run["images"]) == {"snapshot/features.0", "snapshot/features.2"}
+    for module, channels in (("features.0", 4), ("features.2", 6)):
+        (step, img), *more = run["images"][f"snapshot/{module}"].items()
+        assert step == 2 and not more
+        arr = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)))
+        want = _expected_size((2, channels, 8, 8), "conv", probe.cfg, module)
+        assert arr.shape[:2] == want == (img.height, img.width)
+        assert list(run["histos"][f"act_hist/{module}"]) == [2]
+        assert 2 in run["scalars"][f"act_rms/{module}"]
+    assert "act_rms/head" not in run["scalars"] or 2 not in run["scalars"]["act_rms/head"]
+
+
+def test_snapshot_every_schedules_snapshots_of_all_hooked_modules(tmp_path):
+    """snapshot_every=2 captures every hooked module at steps 0 and 2; sequence outputs
+    of the transformer become token x feature images."""
+    model = models.make("gpt2")
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(model, writer, snapshot_every=2, every=50, watch_requests=False)
+    train(model, "gpt2", 3, probe_step=probe.step)
+    probe.detach()
+    writer.close()
+    images = read_run(str(tmp_path))["images"]
+    assert {f"snapshot/{n}" for n, _ in probe.modules} == set(images)
+    assert all(sorted(v) == [0, 2] for v in images.values())
+
+
+def test_snapshot_request_file_is_picked_up(tmp_path):
+    """A `tbprobe snapshot` request dropped in the log dir produces snapshot images for the
+    requested modules within 2 steps of the watcher finding it."""
+    from tbprobe.probe.requests import request_snapshot
+
+    model = models.make("mlp")
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    writer.flush()
+    probe = tbprobe.Probe(model, writer, every=100)
+    assert probe._watcher is not None
+    request_snapshot(str(tmp_path), modules="2", steps=1)
+    deadline = time.monotonic() + 20
+    gen = torch.Generator().manual_seed(0)
+
+    def armed():
+        return probe.snapshots.pending() or probe.state.snap is not None
+
+    while not armed() and time.monotonic() < deadline:
+        model(torch.randn(4, 8, generator=gen)).sum().backward()
+        probe.step()
+        time.sleep(0.05)  # pace the loop: the watcher stats at most every 0.5 s
+    picked = probe.global_step
+    assert armed(), "request not picked up in 20 s"
+    for _ in range(2):
+        model(torch.randn(4, 8, generator=gen)).sum().backward()
+        probe.step()
+    probe.detach()
+    writer.close()
+    steps = list(read_run(str(tmp_path))["images"]["snapshot/2"])
+    assert len(steps) == 1 and picked <= steps[0] <= picked + 1
+
+
+class _Planted:
+    """A diagnosis that reports one anomaly at a chosen step."""
+
+    def __init__(self, step, where="0"):
+        self.step, self.where = step, where
+
+    def feed(self, record):
+        if record.step != self.step:
+            return []
+        msg = f"planted at {self.where}"
+        return [Anomaly(record.step, "nonfinite", self.where, "output", 1.0, None, msg)]
+
+
+def _probe(tmp_path, on_anomaly, step=1, where="0"):
+    model = models.make("mlp")
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = tbprobe.Probe(
+        model,
+        writer,
+        opt,
+        every=100,
+        on_anomaly=on_anomaly,
+        diagnosis=_Planted(step, where),
+        watch_requests=False,
+    )
+    return model, writer, opt, probe
+
+
+def test_on_anomaly_warn_records_prints_and_writes_markdown(tmp_path, capsys):
+    """ "warn": the anomaly is in probe.anomalies, warned, printed once, and written as an
+    `anomaly` text event at its step (even off the writer's log_freq)."""
+    model, writer, opt, probe = _probe(tmp_path, "warn")
+    with pytest.warns(RuntimeWarning, match="planted"):
+        train(model, "mlp", 3, opt=opt)
+    probe.detach()
+    writer.close()
+    assert [a.step for a in probe.anomalies] == [1]
+    assert capsys.readouterr().err.count("planted at 0") == 1
+    texts = read_run(str(tmp_path))["texts"]["anomaly/text_summary"]  # tensorboardX naming
+    assert list(texts) == [1] and "planted at 0" in texts[1]
+
+
+def test_on_anomaly_raise_raises_from_the_training_step(tmp_path):
+    """ "raise": AnomalyError comes out of optimizer.step() with the anomalies attached."""
+    model, writer, opt, probe = _probe(tmp_path, "raise")
+    with pytest.raises(AnomalyError) as info:
+        train(model, "mlp", 3, opt=opt)
+    assert info.value.anomalies[0].where == "0"
+    probe.detach()
+    writer.close()
+
+
+def test_on_anomaly_snapshot_captures_the_offending_module_next_step(tmp_path):
+    """ "snapshot": the offending module (from a parameter name too) is captured at the
+    step after the anomaly's."""
+    model, writer, opt, probe = _probe(tmp_path, "snapshot", step=1, where="2.weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, "mlp", 4, opt=opt)
+    probe.detach()
+    writer.close()
+    images = read_run(str(tmp_path))["images"]
+    assert list(images) == ["snapshot/2"] and list(images["snapshot/2"]) == [2]
+
+
+def test_on_anomaly_callable_gets_each_anomaly(tmp_path):
+    """A callable on_anomaly is called once per anomaly."""
+    got = []
+    model, writer, opt, probe = _probe(tmp_path, got.append)
+    train(model, "mlp", 3, opt=opt)
+    probe.detach()
+    writer.close()
+    assert [a.message for a in got] == ["planted at 0"]
+
+
+def test_builtin_diagnosis_reports_a_planted_nan(tmp_path):
+    """With the built-in diagnosis, a NaN made by module 2's forward at step 3 is reported
+    at module 2, forward, step 3."""
+    model = models.make("mlp")
+    state = {"step": 0}
+
+    def plant(m, a, out):
+        return out * math.nan if state["step"] == 3 else None
+
+    model[2].register_forward_hook(plant)
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = tbprobe.Probe(model, writer, opt, every=100, on_anomaly=lambda a: None)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        state["step"] = step
+        model(torch.randn(4, 8, generator=gen)).pow(2).mean().backward()
+        opt.zero_grad() if step == 3 else opt.step()
+        if step == 3:
+            probe._close_step()  # the optimizer step was skipped: end it by hand
+            probe._after_step()
+        opt.zero_grad()
+    probe.detach()
+    writer.close()
+    nf = [a for a in probe.anomalies if a.kind == "nonfinite"]
+    assert nf and (nf[0].step, nf[0].module, nf[0].pass_) == (3, "2", "forward")

@@ -1,0 +1,171 @@
+"""``benchmarks/bench_probe.py`` on the CPU: its ``--quick`` mode end to end, its argument
+checks, its target verdicts, and that its read-back checks catch a logger that stopped logging."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "bench_probe.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_probe_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def _probe_importable() -> bool:
+    import tbprobe
+
+    try:
+        tbprobe.Probe  # noqa: B018 - the lazy attribute is what the script imports
+    except AttributeError:
+        return False
+    return True
+
+
+def _bench(mod, tmp_path, **kw):
+    return mod.Bench(
+        device=torch.device("cpu"), repeats=1, window_s=0.05, budget_s=5.0, root=str(tmp_path),
+        unavailable={}, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    """--quick on the CPU exits 0, measures every available configuration for both models with
+    a passing read-back check, writes the JSON rows and targets, and prints both tables."""
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--repeats", "1"]
+    cmd += ["--steps", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {(r["model"], r["config"]): r for r in doc["rows"]}
+    configs = ("none", "tbprobe", "tbprobe+hist", "wandb.watch", "tensorboardX")
+    assert set(rows) == {(m, c) for m in ("transformer LM", "CNN") for c in configs}
+    measured = {"none", "wandb.watch", "tensorboardX"}  # wandb is a dev dependency
+    if _probe_importable():
+        measured |= {"tbprobe", "tbprobe+hist"}
+    for (model, cfg), r in rows.items():
+        if cfg not in measured:
+            assert r["status"].startswith("not available"), (model, cfg, r["status"])
+            continue
+        assert r["status"] == "ok" and r["check"] == "ok", (model, cfg, r)
+        assert r["step_s"] > 0 and r["windows"] == 1 and r["steps_per_window"] == 1
+        assert r["overhead"] == 0.0 if cfg == "none" else isinstance(r["overhead"], float)
+    verdicts = [t["verdict"] for t in doc["targets"]]
+    assert verdicts[2:] == ["n/a on cpu", "n/a on cpu"]
+    cpu_ok = ("PASS", "FAIL") if _probe_importable() else ("n/a",)
+    assert all(v.split()[0] in cpu_ok for v in verdicts[:2]), verdicts
+    for heading in ("### transformer LM (", "### CNN ("):
+        assert heading in proc.stdout
+    assert proc.stdout.count("| no probe | ") == 2
+
+
+BAD_ARGS = [["--repeats", "0"], ["--window-s", "0"], ["--steps", "0"], ["--device", "tpu"]]
+
+
+@pytest.mark.parametrize("argv", [*BAD_ARGS, ["--configs", "none,tbprobe,watch"]])
+def test_bad_arguments_exit_2(bench, argv, capsys):
+    """A bad --repeats, --window-s, --steps, --device or --configs is refused with exit status
+    2, naming the option."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def _rows(bench, norms, wandb, hist=0.01, device="cpu"):
+    rows = []
+    for model, o, w in zip(("LM", "CNN"), norms, wandb, strict=True):
+        for cfg, v in ((bench.NORMS, o), (bench.WANDB, w), (bench.HISTS, hist)):
+            rows.append(dict(model=model, config=cfg, status="ok", check="ok", overhead=v))
+    return rows
+
+
+def test_targets_verdicts(bench, tmp_path):
+    """The CPU targets take the worse model: max overhead ≤ 10%, and wandb.watch's overhead at
+    least 5× tbprobe's on every model (a tbprobe overhead below 0.01% counts as 0.01%)."""
+    b = _bench(bench, tmp_path)
+    b.rows = _rows(bench, norms=[0.02, 0.08], wandb=[0.5, 0.5])
+    got = [(t["verdict"], t["value"]) for t in bench.targets(b)]
+    assert got[0] == ("PASS", 0.08) and got[1][0] == "PASS" and got[1][1] == pytest.approx(6.25)
+    b.rows = _rows(bench, norms=[0.11, -0.01], wandb=[0.5, 0.5])
+    got = [(t["verdict"], t["value"]) for t in bench.targets(b)]
+    assert got[0] == ("FAIL", 0.11) and got[1][0] == "FAIL"  # 0.5 / 0.11 < 5
+    b.rows = _rows(bench, norms=[0.05, -0.01], wandb=[0.3, 0.5])
+    got = [(t["verdict"], t["value"]) for t in bench.targets(b)]
+    assert got[:2] == [("PASS", 0.05), ("PASS", pytest.approx(6.0))]  # LM 6×, CNN 5000×
+    b.rows[0]["check"] = "WRONG: nothing written"
+    assert [t["verdict"] for t in bench.targets(b)][:2] == ["FAIL (wrong result)"] * 2
+
+
+class _SilentProbe:
+    """Attaches nothing and writes nothing: a probe that stopped working."""
+
+    def __init__(self, model, writer, **kwargs):
+        pass
+
+    def detach(self):
+        pass
+
+
+def _tiny_model(bench):
+    torch.manual_seed(0)
+    module = bench.cnn((4,))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    return bench.Model(name="tiny", desc="", module=module, opt=opt, batches=[(x, y)],
+                       loss_fn=torch.nn.functional.cross_entropy)  # fmt: skip
+
+
+def test_silent_probe_fails_the_check(bench, tmp_path, monkeypatch):
+    """A probe that writes nothing is reported WRONG, not as a free configuration."""
+    import tbprobe
+
+    monkeypatch.setattr(tbprobe, "Probe", _SilentProbe, raising=False)
+    b = _bench(bench, tmp_path)
+    for cfg in (bench.NORMS, bench.HISTS):
+        step_s, n, check = b.window(_tiny_model(bench), cfg, 0, 3)
+        assert step_s > 0 and n == 3
+        assert check == "WRONG: grad_norm/_total written 0× in 3 steps"
+
+
+def test_tensorboardx_loop_missing_histograms_fails_the_check(bench, tmp_path, monkeypatch):
+    """The tensorboardX loop's check fails when its gradient histograms are not written, and
+    passes when they are."""
+    import tensorboardX
+
+    b = _bench(bench, tmp_path)
+    assert b.window(_tiny_model(bench), bench.TBX, 0, 2)[2] == "ok"
+    real = tensorboardX.SummaryWriter.add_histogram
+
+    def params_only(self, tag, *args, **kwargs):
+        if not tag.startswith("grad_hist/"):
+            real(self, tag, *args, **kwargs)
+
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "add_histogram", params_only)
+    check = b.window(_tiny_model(bench), bench.TBX, 1, 2)[2]
+    assert check == "WRONG: 5 tags short of 2 histograms"  # conv, BN weight + bias, linear w + b
+
+
+def test_wandb_without_histograms_fails_the_check(bench, tmp_path, monkeypatch):
+    """wandb.watch's check passes when its hooks log, and fails when they log nothing."""
+    from wandb.integration.torch import wandb_torch
+
+    b = _bench(bench, tmp_path)
+    assert b.window(_tiny_model(bench), bench.WANDB, 0, 2)[2] == "ok"
+    monkeypatch.setattr(wandb_torch.TorchHistory, "log_tensor_stats", lambda *a, **k: None)
+    check = b.window(_tiny_model(bench), bench.WANDB, 1, 2)[2]
+    assert check.startswith("WRONG: no histogram for ['gradients/0.weight'")
