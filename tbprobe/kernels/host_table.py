@@ -17,6 +17,7 @@ element, instead of a sort. Edge sets that crowd two thresholds into one region 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -30,6 +31,7 @@ _REGION_BITS = (19, 18, 17, 16)  # 8192 to 65536 table entries
 _ZERO_BOUNDS = (1, _SIGN, _SIGN | 1)  # +0.0 is u == 0 and -0.0 is u == _SIGN
 _plans: OrderedDict[bytes, TablePlan | None] = OrderedDict()
 _PLANS_KEPT = 16
+_plans_lock = threading.Lock()
 
 
 def _bits(f: np.ndarray) -> np.ndarray:
@@ -106,13 +108,15 @@ class TablePlan:
     def for_edges(edges: np.ndarray) -> TablePlan | None:
         """The plan for fp64 ``edges`` ``(n,)``, or None if no region size separates them."""
         cache_key = edges.tobytes()
-        if cache_key in _plans:
-            _plans.move_to_end(cache_key)
-            return _plans[cache_key]
+        with _plans_lock:
+            if cache_key in _plans:
+                _plans.move_to_end(cache_key)
+                return _plans[cache_key]
         plan = _build(edges)
-        _plans[cache_key] = plan
-        if len(_plans) > _PLANS_KEPT:
-            _plans.popitem(last=False)
+        with _plans_lock:
+            _plans[cache_key] = plan
+            if len(_plans) > _PLANS_KEPT:
+                _plans.popitem(last=False)
         return plan
 
     def partial(self) -> TablePartial:

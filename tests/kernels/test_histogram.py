@@ -172,3 +172,81 @@ def test_tensor_stats_rows():
     assert out.shape == (4, len(STAT_NAMES)) and out.dtype == torch.float64
     for row, t in zip(out, ts, strict=True):
         np.testing.assert_allclose(row.numpy(), _stats_reference(t), rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- host kernels
+
+_SPECIAL_F32 = np.array(
+    [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 1e-12, -1e-12, 3.4e38, -3.4e38]
+    + [1.0, -1.0, 2.0, 0.5, 9.9e19, -9.9e19, 1.17549435e-38],
+    dtype=np.float32,
+)
+_NEG_NAN = np.array([0xFFC00000, 0xFF800001, 0x7F800001], dtype=np.uint32).view(np.float32)
+_EDGE_SETS = [
+    "tensorflow",
+    [-3.0, -1.0, 0.0, 0.5, 2.0000001, 5.0],
+    [-math.inf, 0.0, math.inf],
+    [-math.inf, -1.0],
+    [0.0, 1.0, 2.0, 3.0],
+    [-5.0, -2.0],
+    [-1e39, 1e39],
+    [0.0, 0.0, 1.0],
+    [-0.0, 0.0],
+    [1e-45, 2e-45, 1e-40],  # crowded: the table kernel cannot separate them, the sort kernel does
+    list(np.linspace(-4, 4, 1001)),
+]
+
+
+def _host_oracle(x: np.ndarray, edges) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        xd = x.astype(np.float64)
+    return np.histogram(xd, np.asarray(edges, dtype=np.float64))[0]
+
+
+@pytest.mark.parametrize("edges", _EDGE_SETS, ids=lambda e: e if isinstance(e, str) else len(e))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64], ids=str)
+def test_host_kernels_special_values_every_edge_set(edges, dtype):
+    """Both host kernels count zeros, ±0, subnormals, ±Inf, NaNs of either sign and values
+    on the edges exactly like np.histogram on fp64, over several chunks and threads."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(200_003) * 4).astype(dtype)
+    tf = kernels.tensorflow_edges().numpy()
+    if dtype == np.float32:
+        x[: len(_SPECIAL_F32)] = _SPECIAL_F32
+        x[20:23] = _NEG_NAN
+        x[30:1030] = rng.choice(tf, 1000).astype(np.float32)  # on (rounded) edges
+    h = kernels.histogram(x, edges)
+    bins = tf if isinstance(edges, str) else edges
+    np.testing.assert_array_equal(h.counts.numpy(), _host_oracle(x, bins))
+    with np.errstate(invalid="ignore"):  # signalling NaNs raise 'invalid' when widened
+        xd = x.astype(np.float64)
+    fin = xd[np.isfinite(xd)]
+    got = dict(zip(STAT_NAMES, h.stats.tolist(), strict=True))
+    assert got["count"] == fin.size and got["zeros"] == np.sum(xd == 0)
+    assert got["nan"] == np.isnan(xd).sum() and got["pos_inf"] == np.sum(xd == math.inf)
+    assert got["min"] == fin.min() and got["max"] == fin.max()
+    np.testing.assert_allclose(got["sum_sq"], (fin * fin).sum(), rtol=1e-6)
+
+
+def test_host_sum_of_squares_within_1e6_on_adversarial_bf16():
+    """fp64 sum of squares stays within 1e-6 on bf16 values whose fp32 squares all round the
+    same way, and on values whose squares underflow or overflow fp32."""
+    g = torch.Generator().manual_seed(7)
+    base = (1 + torch.rand(3_000_000, generator=g) * 2**-7).bfloat16()  # mantissas near 1
+    for x in (base, base * 1e-20, base * 1e-30, base * 3e18, base * 1e-42):
+        h = kernels.histogram(x)
+        xd = x.double().numpy()
+        np.testing.assert_allclose(h.stats[2].item(), (xd * xd).sum(), rtol=1e-6)
+        np.testing.assert_allclose(h.stats[1].item(), xd.sum(), rtol=1e-9)
+
+
+def test_host_parallel_chunks_match_one_thread(monkeypatch):
+    """Histograms split over many chunks and threads equal the single-thread result."""
+    from tbprobe.kernels import host
+
+    x = _sample((1_000_003,), torch.float32, seed=11)
+    many = kernels.histogram(x)
+    monkeypatch.setattr(host, "_cpus", lambda: 1)
+    one = kernels.histogram(x)
+    np.testing.assert_array_equal(many.counts.numpy(), one.counts.numpy())
+    np.testing.assert_allclose(many.stats.numpy(), one.stats.numpy(), rtol=1e-12)
