@@ -6,11 +6,13 @@ import os
 
 
 def torch_optimizer(optimizer):
-    """The ``torch.optim.Optimizer`` inside a framework's wrapper (accelerate, Lightning)."""
-    seen = 0
-    while optimizer is not None and not _is_torch_optimizer(optimizer) and seen < 4:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
+    """The innermost ``torch.optim.Optimizer`` of a framework's wrapper (accelerate's
+    ``AcceleratedOptimizer`` subclasses Optimizer but holds the real one in ``.optimizer``)."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if not _is_torch_optimizer(inner):
+            break
+        optimizer = inner
     return optimizer if _is_torch_optimizer(optimizer) else None
 
 

@@ -9,6 +9,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
 
 _CLASS = None
@@ -23,7 +25,8 @@ def _build():
         """Attach a ``tbprobe.Probe`` to the Trainer's model for the length of ``train()``.
 
         ``writer``: a tbprobe ``SummaryWriter`` to write to; else one is made in ``logdir``,
-        else in the Trainer's ``args.logging_dir``, and closed at the end of training. Other
+        else in the Trainer's ``args.logging_dir`` (or ``<output_dir>/runs`` where the
+        arguments have none), and closed at the end of training. Other
         keyword arguments go to ``tbprobe.Probe`` (``every``, ``histogram_every``, ...). The
         probe's step follows the Trainer's optimizer steps (its step post-hook), so gradient
         accumulation is handled. Only the main process writes.
@@ -40,7 +43,8 @@ def _build():
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             if not state.is_world_process_zero or model is None:
                 return
-            self._session.start(model, optimizer, default_logdir=args.logging_dir)
+            default = getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs")
+            self._session.start(model, optimizer, default_logdir=default)
 
         def on_train_end(self, args, state, control, **kwargs):
             self._session.stop()

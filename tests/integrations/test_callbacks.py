@@ -1,0 +1,127 @@
+"""The Hugging Face Trainer and Lightning callbacks attach a probe for the length of training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tbprobe.writer.reader import read_events
+
+
+def _scalars(logdir) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for ev in read_events(str(logdir), recursive=True):
+        for v in ev.summary.value:
+            if v.HasField("simple_value"):
+                out.setdefault(v.tag, {})[ev.step] = v.simple_value
+    return out
+
+
+def test_integrations_import_their_framework_lazily():
+    """Importing the callback modules loads neither transformers nor lightning."""
+    code = (
+        "import sys, tbprobe.integrations.hf, tbprobe.integrations.lightning\n"
+        "print('transformers' in sys.modules, 'lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_hf_trainer_callback_writes_probe_tags(tmp_path):
+    """A tiny GPT-2 built from a config trains 4 steps under Trainer; the probe writes the grad
+    norm of every parameter at every optimizer step, and detaches at the end."""
+    transformers = pytest.importorskip("transformers")
+    from tbprobe.integrations.hf import TbProbeCallback
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=50,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 50, (16, 16))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    callback = TbProbeCallback(every=1)  # no logdir: <output_dir>/runs
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    assert callback.probe is None  # detached at on_train_end
+    scalars = _scalars(tmp_path / "out" / "runs")
+    assert sorted(scalars["grad_norm/_total"]) == [0, 1, 2, 3]  # one per optimizer step
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name in names:
+        assert sorted(scalars[f"grad_norm/{name}"]) == [0, 1, 2, 3], name
+    for step, total in scalars["grad_norm/_total"].items():
+        per = [scalars[f"grad_norm/{n}"][step] for n in names]
+        assert total == pytest.approx(sum(v * v for v in per) ** 0.5, rel=1e-4)
+
+
+def test_lightning_callback_writes_probe_tags(tmp_path):
+    """A LightningModule fits 5 steps; the probe writes grad and param norms every step, and
+    its act_rms tags name the module's own submodules."""
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    from tbprobe.integrations.lightning import TbProbeCallback
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+            )
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    callback = TbProbeCallback(str(tmp_path / "logs"), every=1)
+    trainer = pl.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(Regressor(), loader)
+    assert callback.probe is None
+    scalars = _scalars(tmp_path / "logs")
+    assert sorted(scalars["grad_norm/_total"]) == [0, 1, 2, 3, 4]
+    assert sorted(scalars["param_norm/net.0.weight"]) == [0, 1, 2, 3, 4]
+    assert "act_rms/net.0" in scalars and "act_rms/net.2" in scalars
+
+
+def test_callback_rejects_writer_and_logdir_together():
+    """Giving both a writer and a logdir is refused, naming the argument."""
+    from tbprobe.integrations._common import ProbeSession
+
+    with pytest.raises(ValueError, match="logdir"):
+        ProbeSession(writer=object(), logdir="runs/x")
+    with pytest.raises(TypeError, match="logdir"):
+        ProbeSession(logdir=3)
