@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tbprobe.kernels import host, reference
+from tbprobe.kernels import host, reference_many
 from tbprobe.kernels.dispatch import use_triton
 from tbprobe.kernels.reference import STAT_NAMES, auto_range, bin_counts, linear_edges, stats_row
 from tbprobe.kernels.thumbnail import thumbnail
@@ -148,7 +148,8 @@ def tensor_stats(tensors) -> torch.Tensor:
     """float64 ``(len(tensors), len(STAT_NAMES))`` statistics on the tensors' device.
 
     Moments over finite elements; NaN/±Inf counted apart. On CUDA the whole list takes one
-    Triton launch per dtype, with no host sync.
+    Triton launch per dtype; elsewhere a few torch ops per dtype group (``reference_many``);
+    no host sync either way.
 
     Example::
 
@@ -159,7 +160,7 @@ def tensor_stats(tensors) -> torch.Tensor:
         from tbprobe.kernels import triton_stats
 
         return triton_stats.tensor_stats(tensors)
-    return reference.tensor_stats(tensors)
+    return reference_many.tensor_stats(tensors)
 
 
 _edges_by_device: dict[torch.device, torch.Tensor] = {}

@@ -1,5 +1,8 @@
 """Pure-torch reference of the device reductions: the non-CUDA path and the test oracle.
 
+``tensor_stats`` here is the per-tensor oracle; the public non-CUDA ``kernels.tensor_stats``
+takes ``reference_many``, which batches a whole list into a few ops per dtype group.
+
 Everything here runs on the tensor's own device with no host synchronisation (no ``.item()``,
 no data-dependent shapes, no ``bincount`` whose size depends on the data).
 """
