@@ -5,17 +5,25 @@ Pure host code on plain floats and numpy: no torch, no device. The probe calls
 :meth:`Diagnosis.feed` once per :class:`~tbprobe.probe.records.StepRecord`, in step order (a
 record may arrive a step late; the diagnosis only needs the order). ``tbprobe report`` feeds it
 records rebuilt from the scalars of an event file, so both apply the same baselines.
+The attribution of non-finite values is in :mod:`tbprobe.probe.diagnosis_nonfinite`, the
+running baselines in :mod:`tbprobe.probe.diagnosis_baseline`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tbprobe.probe.anomaly import Anomaly, fmt_number
+from tbprobe.probe.diagnosis_baseline import Baselines
+from tbprobe.probe.diagnosis_nonfinite import (
+    attribute,
+    grad_norm_anomaly,
+    has_nonfinite,
+    owner_module,
+)
 from tbprobe.probe.records import StepRecord, TensorEvent
 
 __all__ = ["Diagnosis", "owner_module"]
@@ -23,66 +31,7 @@ __all__ = ["Diagnosis", "owner_module"]
 # Columns of a stats row, in kernels.STAT_NAMES order (checked by the tests); not imported from
 # tbprobe.kernels so that the diagnosis and `tbprobe report` never import torch.
 _COUNT, _ZEROS = 0, 9
-
-
-def owner_module(param: str) -> str:
-    """The module a parameter belongs to: ``"layers.2.weight"`` -> ``"layers.2"``.
-
-    Example: ``owner_module("bias")`` -> ``""`` (the root module).
-    """
-    return param.rsplit(".", 1)[0] if "." in param else ""
-
-
-def _is_ancestor(anc: str, name: str) -> bool:
-    return anc != name and (anc == "" or name.startswith(anc + "."))
-
-
-class _Baselines:
-    """Recent finite values of named series in one ``(n, window)`` ring buffer.
-
-    ``seen`` counts finite observations per series; the first ``warmup`` of them never enter
-    the buffer. ``median`` is NaN for a series with fewer than ``min_history`` values.
-    """
-
-    def __init__(self, window: int, warmup: int, min_history: int):
-        self.window, self.warmup, self.min_history = window, warmup, min_history
-        self.index: dict[str, int] = {}
-        self.buf = np.full((8, window), np.nan)
-        self.seen = np.zeros(8, np.int64)
-        self.pos = np.zeros(8, np.int64)
-        self.stored = np.zeros(8, np.int64)
-
-    def rows(self, names) -> np.ndarray:
-        for name in names:
-            if name not in self.index:
-                self.index[name] = len(self.index)
-        n = len(self.index)
-        if n > len(self.seen):
-            cap = max(n, 2 * len(self.seen))
-            self.buf = np.vstack([self.buf, np.full((cap - len(self.buf), self.window), np.nan)])
-            for attr in ("seen", "pos", "stored"):
-                old = getattr(self, attr)
-                setattr(self, attr, np.concatenate([old, np.zeros(cap - len(old), np.int64)]))
-        return np.fromiter((self.index[k] for k in names), np.int64, len(names))
-
-    def median(self, rows: np.ndarray) -> np.ndarray:
-        out = np.full(len(rows), np.nan)
-        ok = self.stored[rows] >= self.min_history
-        if ok.any():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out[ok] = np.nanmedian(self.buf[rows[ok]], axis=1)
-        return out
-
-    def push(self, rows: np.ndarray, values: np.ndarray) -> None:
-        finite = np.isfinite(values)
-        rows, values = rows[finite], values[finite]
-        take = self.seen[rows] >= self.warmup
-        self.seen[rows] += 1
-        rows, values = rows[take], values[take]
-        self.buf[rows, self.pos[rows]] = values
-        self.pos[rows] = (self.pos[rows] + 1) % self.window
-        self.stored[rows] = np.minimum(self.stored[rows] + 1, self.window)
+_NO_SERIES: tuple[list[str], np.ndarray] = ([], np.zeros(0))
 
 
 @dataclass(kw_only=True, eq=False)
@@ -90,14 +39,23 @@ class Diagnosis:
     """Turns each step's record into anomalies.
 
     - **nonfinite**: the first tensor, in execution order, with NaN/Inf elements; refined to
-      the module that produced it (see :meth:`_attribute`). One report per episode: a run
-      stays in it while non-finite values persist, and a later, new episode is reported again.
+      the module that produced it (see :func:`~tbprobe.probe.diagnosis_nonfinite.attribute`).
+      One report per episode: a run stays in it while non-finite values persist, and a later,
+      new episode is reported again. On a step whose optimizer step an AMP ``GradScaler``
+      skipped (``record.skipped``), non-finite gradients are a normal overflow, not reported;
+      non-finite forward outputs still are.
     - **spike**: a gradient norm (per parameter or ``_total``) or an update size ‖Δw‖ at
       least ``spike_factor`` × its baseline, the median of its last ``window`` finite values
       (the first ``warmup`` observations of a series are skipped, and at least ``min_history``
-      values are needed). A parameter counts only when its value reaches ``min_share`` × the
-      baseline of the total (``_total``; for updates, the root-sum-square of all ‖Δw‖).
-      Reported once per episode, with the ``top_k`` offenders by ratio.
+      values are needed), that rose *suddenly*: it is also at least ``spike_factor`` × the
+      largest of the ``recent`` observations before the last ``rise`` ones — or, for a
+      parameter whose total did not spike, ``param_spike_factor`` × (default
+      ``spike_factor``²: one tensor's norm is far noisier than the total's). Healthy
+      training often grows its gradients 10–100× over tens of steps, noisily; an explosion
+      climbs that far within ``rise`` observations. A parameter counts only when its value
+      reaches ``min_share`` × the baseline of the total (``_total``; for updates, the
+      root-sum-square of all ‖Δw‖). Reported once per episode (it lasts while some series
+      stays ``spike_factor`` × above its baseline), with the ``top_k`` offenders by ratio.
     - **vanishing** (warning): a gradient norm at most ``vanishing`` × its baseline (exactly 0
       included) for ``patience`` observations in a row.
     - **dead** (warning): a module's forward output all zeros on a scheduled step, after the
@@ -115,6 +73,9 @@ class Diagnosis:
     window: int = 50
     warmup: int = 10
     min_history: int = 5
+    rise: int = 3
+    recent: int = 10
+    param_spike_factor: float | None = None
     vanishing: float = 1e-4
     patience: int = 3
     min_share: float = 0.1
@@ -123,27 +84,35 @@ class Diagnosis:
     check_spikes: bool = True
     check_warnings: bool = True
     _state: dict = field(init=False, repr=False, default_factory=dict)
+    _param_factor: float = field(init=False, repr=False, default=0.0)
 
     def __post_init__(self):
         for name in ("check_nonfinite", "check_spikes", "check_warnings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("window", "warmup", "min_history", "patience", "top_k"):
+        ints = ("window", "warmup", "min_history", "rise", "recent", "patience", "top_k")
+        for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}: expected an int, got {v!r}")
-        if self.window < 1 or self.top_k < 1 or self.patience < 1 or self.min_history < 1:
-            raise ValueError("window, min_history, patience, top_k: expected integers >= 1")
-        if self.warmup < 0:
-            raise ValueError(f"warmup: expected an integer >= 0, got {self.warmup}")
+            if v < (0 if name == "warmup" else 1):
+                raise ValueError(f"{name}: expected an integer >= {int(name != 'warmup')}, got {v}")
         if self.min_history > self.window:
             raise ValueError(f"min_history: expected <= window ({self.window})")
-        for name in ("spike_factor", "vanishing", "min_share"):
+        if self.rise - 1 + self.recent > self.window:
+            raise ValueError(f"recent: expected rise - 1 + recent <= window ({self.window})")
+        for name in ("spike_factor", "param_spike_factor", "vanishing", "min_share"):
             v = getattr(self, name)
+            if v is None and name == "param_spike_factor":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TypeError(f"{name}: expected a finite number, got {v!r}")
         if self.spike_factor <= 1:
             raise ValueError(f"spike_factor: expected > 1, got {self.spike_factor}")
+        psf = self.param_spike_factor
+        if psf is not None and psf < self.spike_factor:
+            raise ValueError(f"param_spike_factor: expected >= spike_factor, got {psf}")
+        self._param_factor = float(self.spike_factor**2 if psf is None else psf)
         if not 0 <= self.min_share < 1:
             raise ValueError(f"min_share: expected 0 <= min_share < 1, got {self.min_share}")
         if not 0 <= self.vanishing < 1:
@@ -154,8 +123,8 @@ class Diagnosis:
         """Forget every baseline and episode (e.g. after loading a checkpoint)."""
         args = (self.window, self.warmup, self.min_history)
         self._state = {
-            "grad": _Baselines(*args),
-            "update": _Baselines(*args),
+            "grad": Baselines(*args),
+            "update": Baselines(*args),
             "in_nonfinite": False,
             "spiking": {"grad": False, "update": False},
             "low": {},  # grad series -> consecutive low observations
@@ -173,17 +142,20 @@ class Diagnosis:
         """
         if not isinstance(record, StepRecord):
             raise TypeError(f"record: expected a StepRecord, got {type(record).__name__}")
+        skipped = getattr(record, "skipped", False) is True  # an AMP-skipped optimizer step
         found: list[Anomaly] = []
         if self.check_nonfinite:
-            found += self._check_nonfinite(record)
+            found += self._check_nonfinite(record, skipped)
         if self.check_warnings:
             found += self._check_dead(record)
-        if _has_nonfinite(record):
+        if has_nonfinite(record.events, record.grad_norms):
             return found  # its norms are those of a broken step: no baseline, no spike
         grads = _items(record.grad_norms)
+        # A skipped optimizer step made no update: its zero ‖Δw‖ is no observation.
+        updates = _NO_SERIES if skipped else _update_sizes(record)
         if self.check_spikes:
             found += self._check_spikes(record.step, "grad", grads)
-            found += self._check_spikes(record.step, "update", _update_sizes(record))
+            found += self._check_spikes(record.step, "update", updates)
         else:
             self._observe("grad", grads)
         if self.check_warnings:
@@ -191,110 +163,33 @@ class Diagnosis:
         return found
 
     # ------------------------------------------------------------------ non-finite values
-    def _check_nonfinite(self, record: StepRecord) -> list[Anomaly]:
-        bad_norms = [k for k, v in record.grad_norms.items() if not math.isfinite(v)]
-        bad = _has_nonfinite(record)
-        checked = bool(record.events) or bool(record.grad_norms)
-        if not bad:
-            if checked:
+    def _check_nonfinite(self, record: StepRecord, skipped: bool) -> list[Anomaly]:
+        events, grad_norms = record.events, record.grad_norms
+        if skipped:  # an AMP overflow in the gradients is normal; the forward is not
+            events, grad_norms = tuple(e for e in events if e.pass_ == "forward"), {}
+        if not has_nonfinite(events, grad_norms):
+            if events or grad_norms:  # a step that was checked and is clean ends an episode
                 self._state["in_nonfinite"] = False
             return []
         if self._state["in_nonfinite"]:
             return []
         self._state["in_nonfinite"] = True
-        if any(e.nonfinite > 0 for e in record.events):
-            return [self._attribute(record)]
-        where = next((k for k in bad_norms if k != "_total"), bad_norms[0])
-        value = record.grad_norms[where]
-        return [
-            Anomaly(
-                record.step,
-                "nonfinite",
-                where,
-                "grad norm",
-                value,
-                None,
-                f"gradient norm of {where} is {value} (first non-finite value seen; no "
-                "per-tensor counts on this step)",
-                pass_="grad",
-                module=owner_module(where) if where != "_total" else "",
-            )
-        ]
-
-    def _attribute(self, record: StepRecord) -> Anomaly:
-        """The first non-finite event, refined to the module that produced the value.
-
-        A parameter gradient is reported as its module's backward when that module's
-        ``grad_input`` is non-finite too (parameter hooks fire before the module's backward
-        hook). A propagator (non-finite inputs) is replaced by its innermost enclosing module
-        whose inputs were finite: the value was made inside it, outside any hooked child.
-        """
-        events = [e for e in record.events if e.nonfinite > 0]
-        first = events[0]
-        chosen = first
-        if first.pass_ == "grad":
-            owner = owner_module(first.module)
-            chosen = next(
-                (
-                    e
-                    for e in events
-                    if e.pass_ == "backward" and e.module == owner and e.tensor == "grad_input"
-                ),
-                first,
-            )
-        producer = _producer(chosen, record.events)
-        if producer is False:
-            enclosing = next(
-                (
-                    e
-                    for e in events
-                    if e.seq > chosen.seq
-                    and e.pass_ == chosen.pass_
-                    and e.tensor == chosen.tensor
-                    and _is_ancestor(e.module, chosen.module)
-                    and e.inputs_nonfinite == 0
-                ),
-                None,
-            )
-            if enclosing is not None:
-                chosen, producer = enclosing, True
-        module = owner_module(chosen.module) if chosen.pass_ == "grad" else chosen.module
-        name = chosen.module or "<root>"
-        origin = {
-            True: "produced here: its inputs were finite",
-            False: "propagated: its inputs were already non-finite",
-            None: "inputs not measured",
-        }[producer]
-        msg = (
-            f"{chosen.nonfinite} NaN/Inf in the {chosen.pass_} {chosen.tensor} of {name} ({origin})"
-        )
-        if chosen is not first:
-            msg += f"; first non-finite hooked tensor: {first.pass_} {first.tensor} of "
-            msg += first.module or "<root>"
-        return Anomaly(
-            record.step,
-            "nonfinite",
-            chosen.module,
-            chosen.tensor,
-            float(chosen.nonfinite),
-            None,
-            msg,
-            pass_=chosen.pass_,
-            module=module,
-            producer=producer,
-        )
+        if any(e.nonfinite > 0 for e in events):
+            return [attribute(record.step, events)]
+        return [grad_norm_anomaly(record.step, grad_norms)]
 
     # ------------------------------------------------------------------ spikes
     def _observe(self, family: str, items: tuple[list[str], np.ndarray]) -> tuple:
-        base: _Baselines = self._state[family]
+        base: Baselines = self._state[family]
         names, values = items
         rows = base.rows(names)
         med = base.median(rows)
+        peak = base.recent_max(rows, self.rise - 1, self.recent)
         base.push(rows, values)
-        return names, values, med
+        return names, values, med, peak
 
     def _check_spikes(self, step: int, family: str, items) -> list[Anomaly]:
-        names, values, med = self._observe(family, items)
+        names, values, med, peak = self._observe(family, items)
         if not names:
             return []
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -307,47 +202,58 @@ class Diagnosis:
             small = values < self.min_share * med[total]
             small[total] = False
             hit &= ~small
+        # Sudden: far above everything the series reached just before the climb. Gradual
+        # growth (a model starting to learn) always has recent values close to this one. One
+        # tensor's norm is much noisier than the total's (a conv bias can jump 10x in two
+        # healthy steps), so a parameter alone must jump param_spike_factor.
+        need = np.full(len(names), self._param_factor)
+        if total is not None:
+            need[total] = self.spike_factor
+        sudden = hit & (values >= need * np.nan_to_num(peak, nan=np.inf))
         was = self._state["spiking"][family]
-        has_baseline = bool(np.isfinite(ratio).any())
-        if has_baseline:
-            self._state["spiking"][family] = bool(hit.any())
-        if not hit.any() or was:
+        if np.isfinite(ratio).any():  # some baseline exists: the step tells calm from not
+            self._state["spiking"][family] = bool(hit.any()) if was else bool(sudden.any())
+        if was or not sudden.any():
             return []
+        return [self._spike(step, family, names, values, med, peak, ratio, hit, sudden, total)]
+
+    def _spike(self, step, family, names, values, med, peak, ratio, hit, sudden, total):
         params = [i for i in range(len(names)) if i != total and np.isfinite(ratio[i])]
         params.sort(key=lambda i: -ratio[i])
         hits = [i for i in params if hit[i]]
         ranked = hits or [i for i in params if ratio[i] > 1]  # only the total: contributors
         top = tuple((names[i], float(ratio[i])) for i in ranked[: self.top_k])
-        worst = hits[0] if hits else total
+        total_sudden = total is not None and bool(sudden[total])
+        worst = next((i for i in hits if sudden[i] or total_sudden), total)
         what = "gradient norm" if family == "grad" else "update size ‖Δw‖"
         msg = f"{what} of {names[worst]} is {ratio[worst]:.3g}× its baseline"
-        msg += f" ({fmt_number(values[worst])} vs median {fmt_number(med[worst])})"
+        msg += f" ({fmt_number(values[worst])} vs median {fmt_number(med[worst])}; "
+        jump = values[worst] / peak[worst] if peak[worst] > 0 else math.inf
+        msg += f"{jump:.3g}× its recent peak)"
         if total is not None and worst != total and np.isfinite(ratio[total]):
             msg += f"; total {ratio[total]:.3g}×"
         if top:
             msg += "; top: " + ", ".join(f"{n} {r:.3g}×" for n, r in top)
         where = names[worst]
-        return [
-            Anomaly(
-                step,
-                "spike",
-                where,
-                "grad norm" if family == "grad" else "update",
-                float(values[worst]),
-                float(med[worst]),
-                msg,
-                pass_="grad" if family == "grad" else "update",
-                module="" if where == "_total" else owner_module(where),
-                top=top,
-            )
-        ]
+        return Anomaly(
+            step,
+            "spike",
+            where,
+            "grad norm" if family == "grad" else "update",
+            float(values[worst]),
+            float(med[worst]),
+            msg,
+            pass_="grad" if family == "grad" else "update",
+            module="" if where == "_total" else owner_module(where),
+            top=top,
+        )
 
     # ------------------------------------------------------------------ warnings
     def _check_vanishing(self, step: int, items) -> list[Anomaly]:
         names, values = items
         if not names:
             return []
-        base: _Baselines = self._state["grad"]
+        base: Baselines = self._state["grad"]
         rows = base.rows(names)
         med = base.median(rows)  # already holds this step's value: a collapse must persist
         low, vanished, found = self._state["low"], self._state["vanished"], []
@@ -412,25 +318,8 @@ class Diagnosis:
         return found
 
 
-def _has_nonfinite(record: StepRecord) -> bool:
-    return any(e.nonfinite > 0 for e in record.events) or not all(
-        math.isfinite(v) for v in record.grad_norms.values()
-    )
-
-
 def _all_zero(e: TensorEvent) -> bool:
     return bool(e.stats[_COUNT] > 0 and e.stats[_ZEROS] == e.stats[_COUNT])
-
-
-def _producer(e: TensorEvent, events) -> bool | None:
-    if e.inputs_nonfinite is not None:
-        return e.inputs_nonfinite == 0
-    if e.pass_ == "grad":  # a parameter gradient: what reached its module from above
-        owner = owner_module(e.module)
-        for o in events:
-            if o.pass_ == "backward" and o.module == owner and o.tensor == "grad_output":
-                return o.nonfinite == 0
-    return None
 
 
 def _items(mapping) -> tuple[list[str], np.ndarray]:

@@ -53,11 +53,13 @@ class StepRecord:
     to the L2 norm of the accumulated, unscaled gradient; ``param_norms`` and
     ``update_ratios`` (‖Δw‖/‖w‖) likewise. A mapping is empty on a step where it was not
     computed. ``scheduled`` is True on the steps the probe logs (``every``), where the events
-    carry full ``stats``.
+    carry full ``stats``. ``skipped`` is True when an AMP ``GradScaler`` found Inf/NaN
+    gradients and skipped this step's optimizer step (AMP's normal overflow steps).
     """
 
     step: int
     scheduled: bool
+    skipped: bool = False
     events: tuple[TensorEvent, ...] = ()
     grad_norms: Mapping[str, float] = field(default_factory=dict)
     param_norms: Mapping[str, float] = field(default_factory=dict)

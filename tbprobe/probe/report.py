@@ -190,8 +190,9 @@ def _json_safe(x):
 
 def _row_text(a: dict) -> str:
     line = f"step {a['step']}: {a['kind']} at {a['where']}"
-    pass_ = a.get("pass") or a.get("pass_") or ""
-    what = " ".join(dict.fromkeys(x for x in (pass_, a.get("tensor", "")) if x))
+    pass_, tensor = a.get("pass") or a.get("pass_") or "", a.get("tensor") or ""
+    # "grad" + "grad norm" reads "grad norm", "update" + "update" reads "update"
+    what = tensor if tensor.startswith(pass_) else f"{pass_} {tensor}".strip()
     return line + (f" ({what})" if what else "") + f": {a['message']}"
 
 

@@ -11,6 +11,7 @@ probe. It is test code: it syncs freely.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass
 
@@ -235,11 +236,13 @@ class HookRecorder:
 
     Call :meth:`before_step` after ``backward()`` and before ``optimizer.step()``, then
     :meth:`after_step` after it, which returns the record. ``stats_every`` sets the scheduled
-    steps (full stats rows on forward outputs).
+    steps (full stats rows on forward outputs); ``check_every`` the steps whose hooked tensors
+    are counted for non-finite values at all, like the probe's ``check_every`` (gradient
+    norms, parameter norms and update ratios are recorded every step).
     """
 
-    def __init__(self, model: nn.Module, stats_every: int = 1, modules=None):
-        self.model, self.stats_every = model, stats_every
+    def __init__(self, model: nn.Module, stats_every: int = 1, modules=None, check_every=1):
+        self.model, self.stats_every, self.check_every = model, stats_every, check_every
         self.step, self.events, self.handles = 0, [], []
         self._before: dict[str, torch.Tensor] = {}
         names = default_modules(model) if modules is None else modules
@@ -255,6 +258,10 @@ class HookRecorder:
     def scheduled(self) -> bool:
         return self.stats_every > 0 and self.step % self.stats_every == 0
 
+    @property
+    def checked(self) -> bool:
+        return self.scheduled or (self.check_every > 0 and self.step % self.check_every == 0)
+
     def _add(self, module, pass_, tensor, nonfinite, inputs=None, stats=None):
         ev = TensorEvent(
             seq=len(self.events),
@@ -269,6 +276,8 @@ class HookRecorder:
 
     def _fwd(self, name):
         def hook(mod, args, out):
+            if not self.checked:
+                return
             stats = _stats(out) if self.scheduled else None
             self._add(name, "forward", "output", _nonfinite(out), _nonfinite(args), stats)
 
@@ -276,6 +285,8 @@ class HookRecorder:
 
     def _bwd(self, name):
         def hook(mod, grad_input, grad_output):
+            if not self.checked:
+                return
             go = _nonfinite(grad_output)
             self._add(name, "backward", "grad_output", go)
             if _tensors(grad_input):
@@ -285,7 +296,8 @@ class HookRecorder:
 
     def _grad(self, name):
         def hook(p):
-            self._add(name, "grad", "grad", _nonfinite(p.grad))
+            if self.checked:
+                self._add(name, "grad", "grad", _nonfinite(p.grad))
 
         return hook
 
@@ -321,12 +333,33 @@ class HookRecorder:
             h.remove()
         self.handles = []
 
+    close = remove  # for contextlib.closing
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread: these models are tiny, and on a shared 2-core machine
+    a second thread costs up to 15x in contention instead of saving anything."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 def train(
-    arch: str, opt: str, steps: int, fault: Fault | None = None, seed: int = 0, stats_every=1
+    arch: str,
+    opt: str,
+    steps: int,
+    fault: Fault | None = None,
+    seed: int = 0,
+    stats_every=1,
+    check_every=1,
 ):
     """Train ``arch`` with ``opt`` for ``steps`` steps; returns (StepRecords, losses).
-    ``stats_every``: steps with full stats rows (0: none)."""
+    ``stats_every``: steps with full stats rows (0: none); ``check_every``: steps whose
+    hooked tensors are counted for non-finite values (see :class:`HookRecorder`)."""
     model = make_model(arch, seed)
     data = Data(arch, seed)
     lr = base_lr(arch, opt)
@@ -335,9 +368,9 @@ def train(
         optimizer = fault.make_optimizer(model, opt, lr)
     else:
         optimizer = make_optimizer(model.parameters(), opt, lr)
-    rec = HookRecorder(model, stats_every)
+    rec = HookRecorder(model, stats_every, check_every=check_every)
     records, losses = [], []
-    try:
+    with one_thread(), contextlib.closing(rec):
         for step in range(steps):
             if fault is not None:
                 fault.current = step
@@ -349,6 +382,4 @@ def train(
             optimizer.step()
             records.append(rec.after_step())
             losses.append(float(loss.detach()))
-    finally:
-        rec.remove()
     return records, losses

@@ -6,7 +6,7 @@ import pytest
 from tbprobe import Probe, SummaryWriter
 from tbprobe.probe.report import diagnose_logdir
 
-from .faults import ARCHS, FAULTS, Data, Fault, base_lr, loss_fn, make_model
+from .faults import ARCHS, FAULTS, Data, Fault, base_lr, loss_fn, make_model, one_thread
 
 STEP = 17
 pytestmark = pytest.mark.filterwarnings(
@@ -24,7 +24,7 @@ def run_with_probe(arch, kind, logdir, opt="adam"):
     optimizer = fault.make_optimizer(model, opt, lr)
     data = Data(arch)
     seen = []
-    with SummaryWriter(logdir) as w:
+    with one_thread(), SummaryWriter(logdir) as w:
         # Non-finite checks run every step whatever `every` is; update sizes need a scheduled
         # step, so the learning-rate spike runs with every=1.
         every = 1 if kind == "lr_spike" else 50

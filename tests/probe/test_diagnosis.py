@@ -152,13 +152,79 @@ def test_spike_again_after_recovery_and_not_in_warmup():
 
 
 def test_small_tensor_spike_below_min_share_is_ignored():
-    """A tiny tensor's 20x jump that stays below min_share of the total is not a spike."""
+    """A tiny tensor's 200x jump that stays below min_share of the total is not a spike."""
     grads = healthy_grads(40)
     for g in grads:
-        g["ln.bias"] = 1e-3
+        g["ln.bias"] = 1e-4
     grads[30]["ln.bias"] = 2e-2
     assert feed_all(Diagnosis(), [rec(i, grads=g) for i, g in enumerate(grads)]) == []
     assert feed_all(Diagnosis(min_share=0.0), [rec(i, grads=g) for i, g in enumerate(grads)])
+
+
+def growing_grads(n, per_step, noise, names=("a.weight", "b.weight"), seed=0):
+    """n steps of gradient norms growing by ``per_step`` a step, with log-normal noise."""
+    rng, out = np.random.default_rng(seed), []
+    for i in range(n):
+        g = {k: float(per_step**i * np.exp(noise * rng.standard_normal())) for k in names}
+        g["_total"] = float(np.sqrt(sum(v * v for v in g.values())))
+        out.append(g)
+    return out
+
+
+def test_gradual_noisy_growth_is_not_a_spike():
+    """Norms growing 1000x over 100 steps, with 3x step-to-step noise, raise nothing: each
+    value is far above the old median but never far above the values just before it."""
+    for seed in range(5):
+        grads = growing_grads(120, 1.07, 1.0, seed=seed)
+        totals = [g["_total"] for g in grads]
+        assert np.median(totals[-20:]) > 100 * np.median(totals[10:30])
+        assert feed_all(Diagnosis(), [rec(i, grads=g) for i, g in enumerate(grads)]) == []
+
+
+@pytest.mark.parametrize("climb", [[30.0], [4.0, 30.0], [2.0, 6.0, 30.0]])
+def test_sudden_climb_within_rise_steps_is_a_spike(climb):
+    """A total that climbs 30x within 1-3 steps (rise=3) is reported at the step it gets there."""
+    grads = healthy_grads(40)
+    for k, factor in enumerate(climb):
+        grads[30 + k] = {n: v * factor for n, v in grads[30 + k].items()}
+    (a,) = feed_all(Diagnosis(), [rec(i, grads=g) for i, g in enumerate(grads)])
+    assert (a.kind, a.step) == ("spike", 30 + len(climb) - 1)
+    assert "recent peak" in a.message and len(a.top) == 3
+
+
+def test_single_parameter_spike_needs_param_spike_factor():
+    """A parameter jumping 60x with an unmoved total is noise at the default (100x) but a spike
+    at param_spike_factor=20; a 300x jump is a spike either way."""
+    grads = healthy_grads(60, names=("a.weight", "b.weight", "c.weight", "d.bias"))
+    for g in grads:
+        g["d.bias"] = 0.3 * g["d.bias"]
+    grads[30]["d.bias"] = 60 * 0.3
+    grads[50]["d.bias"] = 300 * 0.3
+    records = [rec(i, grads=g) for i, g in enumerate(grads)]
+    assert [(a.step, a.where) for a in feed_all(Diagnosis(), records)] == [(50, "d.bias")]
+    found = feed_all(Diagnosis(param_spike_factor=20), records)
+    assert [(a.step, a.where) for a in found] == [(30, "d.bias"), (50, "d.bias")]
+
+
+def test_amp_skipped_step_gradients_are_not_an_episode():
+    """On a step the GradScaler skipped, Inf gradients are a normal overflow (no report, no
+    episode); a NaN forward output on a skipped step is still reported."""
+    inf_grads = [
+        ev(0, "l0"),
+        ev(1, "l0", "backward", "grad_input", 5, 0),
+        ev(2, "l0.weight", "grad", "grad", 5, None),
+    ]
+    bad_norms = {"l0.weight": float("inf"), "_total": float("inf")}
+    skipped = StepRecord(
+        step=3, scheduled=False, skipped=True, events=tuple(inf_grads), grad_norms=bad_norms
+    )
+    diag = Diagnosis()
+    assert diag.feed(skipped) == []
+    (a,) = diag.feed(rec(4, inf_grads, grads=bad_norms))  # not skipped: a real episode
+    assert (a.step, a.pass_, a.where) == (4, "backward", "l0")
+    nan_fwd = StepRecord(step=5, scheduled=False, skipped=True, events=(ev(0, "l0", nonfinite=2),))
+    (b,) = Diagnosis().feed(nan_fwd)
+    assert (b.step, b.pass_, b.where) == (5, "forward", "l0")
 
 
 def test_update_spike_from_ratio_times_param_norm():
@@ -216,6 +282,9 @@ def test_dead_activation_after_warmup():
         {"vanishing": 1.5},
         {"min_share": 1.0},
         {"min_history": 60},
+        {"rise": 0},
+        {"recent": 49},
+        {"param_spike_factor": 5.0},
     ],
 )
 def test_bad_config_raises_value_error(kwargs):

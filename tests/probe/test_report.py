@@ -85,6 +85,7 @@ def test_spikes_recomputed_with_top_layers(tmp_path, spike_records, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     text = capsys.readouterr().out
     assert "step 20: spike at 2." in text and "per-layer trends" in text
+    assert "(update)" in text and "(update update)" not in text  # pass and tensor said once
 
 
 def test_truncated_run_reads_up_to_the_damage(tmp_path, nan_records, capsys):

@@ -1,0 +1,142 @@
+"""Non-finite attribution: which module made the first NaN/Inf of a step, in which pass.
+
+Pure host code on :class:`~tbprobe.probe.records.StepRecord` data. :class:`Diagnosis` keeps
+the episode state (one report per episode) and calls :func:`attribute` on the step that starts
+one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from tbprobe.probe.anomaly import Anomaly
+from tbprobe.probe.records import TensorEvent
+
+__all__ = ["attribute", "grad_norm_anomaly", "has_nonfinite", "owner_module"]
+
+_ORIGIN = {
+    True: "produced here: its inputs were finite",
+    False: "propagated: its inputs were already non-finite",
+    None: "inputs not measured",
+}
+
+
+def owner_module(param: str) -> str:
+    """The module a parameter belongs to: ``"layers.2.weight"`` -> ``"layers.2"``.
+
+    Example: ``owner_module("bias")`` -> ``""`` (the root module).
+    """
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def _is_ancestor(anc: str, name: str) -> bool:
+    return anc != name and (anc == "" or name.startswith(anc + "."))
+
+
+def has_nonfinite(events: Sequence[TensorEvent], grad_norms: Mapping[str, float]) -> bool:
+    """True when an event counted NaN/Inf elements or a gradient norm is not finite.
+
+    Example: ``has_nonfinite((), {"_total": float("inf")})`` -> ``True``.
+    """
+    return any(e.nonfinite > 0 for e in events) or not all(
+        math.isfinite(v) for v in grad_norms.values()
+    )
+
+
+def _producer(e: TensorEvent, events) -> bool | None:
+    if e.inputs_nonfinite is not None:
+        return e.inputs_nonfinite == 0
+    if e.pass_ == "grad":  # a parameter gradient: what reached its module from above
+        owner = owner_module(e.module)
+        for o in events:
+            if o.pass_ == "backward" and o.module == owner and o.tensor == "grad_output":
+                return o.nonfinite == 0
+    return None
+
+
+def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
+    """The first non-finite event of ``events`` (in ``seq`` order, at least one with
+    ``nonfinite > 0``), refined to the module that produced the value.
+
+    A parameter gradient is reported as its module's backward when that module's
+    ``grad_input`` is non-finite too (parameter hooks fire before the module's backward
+    hook). A propagator (non-finite inputs) is replaced by its innermost enclosing module
+    whose inputs were finite: the value was made inside it, outside any hooked child.
+
+    Example::
+
+        a = attribute(5, record.events)  # Anomaly(5, "nonfinite", "blk.fc2", "output", ...)
+    """
+    bad = [e for e in events if e.nonfinite > 0]
+    first = chosen = bad[0]
+    if first.pass_ == "grad":
+        owner = owner_module(first.module)
+        chosen = next(
+            (
+                e
+                for e in bad
+                if e.pass_ == "backward" and e.module == owner and e.tensor == "grad_input"
+            ),
+            first,
+        )
+    producer = _producer(chosen, events)
+    if producer is False:
+        enclosing = next(
+            (
+                e
+                for e in bad
+                if e.seq > chosen.seq
+                and e.pass_ == chosen.pass_
+                and e.tensor == chosen.tensor
+                and _is_ancestor(e.module, chosen.module)
+                and e.inputs_nonfinite == 0
+            ),
+            None,
+        )
+        if enclosing is not None:
+            chosen, producer = enclosing, True
+    module = owner_module(chosen.module) if chosen.pass_ == "grad" else chosen.module
+    name = chosen.module or "<root>"
+    msg = (
+        f"{chosen.nonfinite} NaN/Inf in the {chosen.pass_} {chosen.tensor} of {name} "
+        f"({_ORIGIN[producer]})"
+    )
+    if chosen is not first:
+        msg += f"; first non-finite hooked tensor: {first.pass_} {first.tensor} of "
+        msg += first.module or "<root>"
+    return Anomaly(
+        step,
+        "nonfinite",
+        chosen.module,
+        chosen.tensor,
+        float(chosen.nonfinite),
+        None,
+        msg,
+        pass_=chosen.pass_,
+        module=module,
+        producer=producer,
+    )
+
+
+def grad_norm_anomaly(step: int, grad_norms: Mapping[str, float]) -> Anomaly:
+    """The report for a step whose only non-finite evidence is a gradient norm (no
+    per-tensor counts): the first non-finite parameter norm, else ``_total``.
+
+    Example: ``grad_norm_anomaly(3, {"x.weight": nan, "_total": nan}).where`` -> ``"x.weight"``.
+    """
+    bad = [k for k, v in grad_norms.items() if not math.isfinite(v)]
+    where = next((k for k in bad if k != "_total"), bad[0])
+    value = grad_norms[where]
+    return Anomaly(
+        step,
+        "nonfinite",
+        where,
+        "grad norm",
+        value,
+        None,
+        f"gradient norm of {where} is {value} (first non-finite value seen; no per-tensor "
+        "counts on this step)",
+        pass_="grad",
+        module=owner_module(where) if where != "_total" else "",
+    )
