@@ -25,7 +25,7 @@
 #   summary.json  the same, machine-readable
 #   steps.log     every step's output
 #   <step>.json   one per heavy step: gpu_checks.json, bench_kernels.json, bench_writer.json,
-#                 bench_probe.json
+#                 bench_probe.json, bench_diagnose.json
 # The summary table is printed last. Exit status: 0 if every step passed or was skipped, else 1.
 set -uo pipefail # no -e: one failing step must not stop the others
 
@@ -58,7 +58,7 @@ else
 fi
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
-rm -f "$OUT"/{summary.md,summary.json,steps.log,gpu_checks.json,bench_kernels.json,bench_writer.json,bench_probe.json}
+rm -f "$OUT"/{summary.md,summary.json,steps.log,gpu_checks.json,bench_kernels.json,bench_writer.json,bench_probe.json,bench_diagnose.json}
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 SITE=${TBPROBE_SITE:-/tmp/site} # where the carried wheels are installed (not in a dry run)
@@ -79,12 +79,12 @@ STEPS=(
     "wheels 60"
     "environment 60"
     "gpu_checks 240"
+    "probe_nosync 90"
     "bench_kernels 200"
-    "bench_writer 90"
     "bench_probe 120"
-    # PLACEHOLDER, a later issue: "bench_diagnose 120" with step_bench_diagnose running
-    #   "$PY" benchmarks/bench_diagnose.py --device cuda --json "$OUT/bench_diagnose.json"
-    # (8 files at most come back: these two JSONs are the last ones that fit.)
+    "bench_diagnose 120"
+    "bench_writer 90"
+    # (8 files at most come back from the GPU machine: $OUT holds exactly 8.)
 )
 
 step_wheels() {
@@ -178,6 +178,37 @@ step_bench_probe() {
         if ((QUICK)); then args+=(--quick); fi
     fi
     "$PY" benchmarks/bench_probe.py "${args[@]}"
+}
+
+step_probe_nosync() {
+    # The probe on four zoo models under set_sync_debug_mode("error"); its tags are checked.
+    local out=$SCRATCH/probe_nosync.json
+    if ((DRY_RUN)); then export DEVICE=cpu; fi
+    BENCH_N=20 "$PY" -m tests.probe.gpu_probe_check >"$out" || return 1
+    cat "$out"
+    "$PY" - "$out" <<'PY'
+import json
+import sys
+
+doc = json.load(open(sys.argv[1]))
+models = {k: v for k, v in doc.items() if isinstance(v, dict) and "sync_error" in v}
+bad = [k for k, v in models.items() if v["sync_error"] or v["probe_errors"] or not v["param_norm_ok"]]
+ms = doc.get("bench_ms")
+extra = f"; 8-layer bf16 conv net ms/step {ms}" if ms else ""
+print(f"KEY: {len(models) - len(bad)}/{len(models)} models without a host sync{extra}")
+sys.exit(1 if bad or not models else 0)
+PY
+}
+
+step_bench_diagnose() {
+    local args=(--json "$OUT/bench_diagnose.json")
+    if ((DRY_RUN)); then
+        args+=(--device cpu --quick)
+    else
+        args+=(--device cuda)
+        if ((QUICK)); then args+=(--quick); fi
+    fi
+    "$PY" benchmarks/bench_diagnose.py "${args[@]}"
 }
 
 # ----------------------------------------------------------------------------- the runner

@@ -1,84 +1,47 @@
-"""What the hooks gather during one step: small device tensors, keyed on the host.
+"""What the hooks gather during one step: row ids of queued reductions, keyed on the host.
 
 Nothing here reads a device value. A step is collected in one of two modes: ``full`` (a
 ``kernels.STAT_NAMES`` row per hooked tensor) or counts only (the number of non-finite
-elements, the cheap per-step check). Repeated keys (micro-batches, a module called twice)
-are merged on the device: counts and sums add, minima and maxima combine.
+elements, the cheap per-step check). The tensors themselves are reduced in batches by
+:class:`tbprobe.probe.batch.Rows`; an event only lists the ids of its rows (repeated keys:
+micro-batches, a module called twice) and of the rows whose non-finite counts make up its
+``inputs``. The host merges them once the step has landed.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 
 import torch
 
 from tbprobe import kernels
+from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows
 
-_NF = slice(6, 9)  # nan, pos_inf, neg_inf in STAT_NAMES
-_MIN_COLS = (3,)
-_MAX_COLS = (4, 5)
-_masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _COMPACT_AT = 4096  # slots kept before dead ones are dropped
 
 
-def _col_masks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    m = _masks.get(device)
-    if m is None:
-        n = len(kernels.STAT_NAMES)
-        lo = torch.zeros(n, dtype=torch.bool)
-        hi = torch.zeros(n, dtype=torch.bool)
-        lo[list(_MIN_COLS)] = True
-        hi[list(_MAX_COLS)] = True
-        m = _masks[device] = (lo.to(device), hi.to(device))
-    return m
-
-
-def merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Combine two stats rows ``(10,)`` (or two counts ``()``) of disjoint data, on device."""
-    if a.ndim == 0:
-        return a + b
-    lo, hi = _col_masks(a.device)
-    return torch.where(lo, torch.minimum(a, b), torch.where(hi, torch.maximum(a, b), a + b))
-
-
-def _combine(rows: torch.Tensor) -> torch.Tensor:
-    """One row from ``(k, 10)`` rows of disjoint data."""
-    if rows.shape[0] == 1:
-        return rows[0]
-    lo, hi = _col_masks(rows.device)
-    return torch.where(lo, rows.amin(0), torch.where(hi, rows.amax(0), rows.sum(0)))
-
-
-def nonfinite_count(x: torch.Tensor) -> torch.Tensor:
-    """float64 ``()`` count of NaN and ±Inf elements, on ``x``'s device."""
-    return torch.isfinite(x.detach()).logical_not_().sum(dtype=torch.float64)
-
-
-def nonfinite_of(value: torch.Tensor) -> torch.Tensor:
-    """The non-finite count of a row ``(10,)`` or a count ``()``."""
-    return value if value.ndim == 0 else value[_NF].sum()
-
-
-@dataclass
 class Event:
-    seq: int
-    module: str
-    pass_: str
-    tensor: str
-    value: torch.Tensor  # row (10,) in full mode, else count ()
-    inputs: torch.Tensor | None = None  # non-finite count () of what it consumed
+    """One (module, pass, tensor) key of a step: its row ids and its inputs' row ids."""
+
+    __slots__ = ("inputs", "module", "pass_", "rows", "seq", "tensor")
+
+    def __init__(self, seq: int, module: str, pass_: str, tensor: str):
+        self.seq, self.module, self.pass_, self.tensor = seq, module, pass_, tensor
+        self.rows: list[int] = []
+        self.inputs: list[int] | None = None  # non-finite counts of what it consumed
 
 
-@dataclass
 class Slot:
     """One forward tensor seen by the hooks in this step (at one version)."""
 
-    ref: weakref.ref
-    value: torch.Tensor | None = None  # its reduction, when it was a hooked output
-    handle: object = None  # its backward tensor hook
-    producers: list = field(default_factory=list)  # modules it is an output of
-    consumers: list = field(default_factory=list)  # modules it is an input of
+    __slots__ = ("consumers", "handle", "producers", "ref", "row")
+
+    def __init__(self, ref: weakref.ref):
+        self.ref = ref
+        self.row: int | None = None  # its row id, when it was a hooked output
+        self.handle = None  # its backward tensor hook
+        self.producers: list[str] = []  # modules it is an output of
+        self.consumers: list[str] = []  # modules it is an input of
 
 
 class StepState:
@@ -94,48 +57,100 @@ class StepState:
         backward: bool = False,
         hist: bool = False,
         snap: frozenset | None = None,
+        eager: set | None = None,
+        learn: bool = False,
     ):
         self.step = step
         self.scheduled = scheduled  # tags are written
         self.checked = checked  # non-finite counts and grad norms for the diagnosis
         self.active = scheduled or checked or hist or snap is not None  # hooks do anything
         self.backward = backward  # gradients w.r.t. module outputs/inputs are reduced
-        self.full = full  # full stats rows rather than counts
         self.hist = hist  # activation histograms
         self.snap = snap  # module names to thumbnail, or None
+        self.eager = eager if eager is not None else set()  # names reduced at once
+        self.learn = learn  # reduce at once and find the outputs changed in place
+        self.rows = Rows(full, self.eager.add, self)
+        self.in_backward = False  # the phase: backward hooks have run since the last forward
         self.events: dict[tuple[str, str, str], Event] = {}
         self.grad_seq: dict[str, int] = {}
         self.grads: dict[str, torch.Tensor] = {}  # accumulated grads seen by the hooks
         self.slots: dict[tuple[int, int], Slot] = {}
-        self.act_hists: dict[str, kernels.Histogram] = {}
+        self.act_hists: dict[str, kernels.Histogram | None] = {}
         self.thumbs: dict[str, tuple[torch.Tensor, tuple, str]] = {}
-        self.pending_gout: dict[str, torch.Tensor] = {}
+        self.pending_gout: dict[str, list[int]] = {}
+        self._hist_queue: list[tuple[str, torch.Tensor]] = []
+        self._hist_bytes = 0
         self._seq = 0
         self._compact_at = _COMPACT_AT
 
+    @property
+    def full(self) -> bool:
+        """Full stats rows rather than non-finite counts."""
+        return self.rows.full
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        if value != self.rows.full and self.rows.n:
+            raise RuntimeError("full: the step has rows already")
+        self.rows.full = value
+
     # ---------------------------------------------------------------- reductions
-    def reduce(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Row ``(10,)`` (full mode) or non-finite count ``()`` of the tensors together."""
-        if self.full:
-            return _combine(kernels.tensor_stats([t.detach() for t in tensors]))
-        total = nonfinite_count(tensors[0])
-        for t in tensors[1:]:
-            total = total + nonfinite_count(t)
-        return total
+    def add(self, t: torch.Tensor, key: str | None = None) -> int:
+        """Queue ``t`` for reduction; its row id. ``key`` (a module name): the tensor is
+        a forward output, reduced at once if that module's outputs get changed in place."""
+        if key is None:
+            return self.rows.add(t)
+        learn = self.learn
+        return self.rows.add(t, key, eager=learn or key in self.eager, watch=learn)
+
+    def add_hist(self, name: str, t: torch.Tensor, bins: int) -> None:
+        """Queue the histogram of ``t`` as ``act_hist/<name>``."""
+        if self.learn or name in self.eager:
+            self.act_hists[name] = kernels.histogram(t.detach(), bins=bins)
+            return
+        self.act_hists[name] = None
+        self._hist_queue.append((name, t.detach()))
+        self._hist_bytes += t.numel() * t.element_size()
+        if len(self._hist_queue) >= MAX_TENSORS or self._hist_bytes >= MAX_BYTES:
+            self._flush_hists(bins)
+
+    def _flush_hists(self, bins: int) -> None:
+        q, self._hist_queue, self._hist_bytes = self._hist_queue, [], 0
+        if q:
+            hs = kernels.histogram_many([t for _, t in q], bins=bins)
+            for (name, _), h in zip(q, hs, strict=True):
+                self.act_hists[name] = h
+
+    def flush(self, bins: int) -> None:
+        """Reduce everything queued (a phase boundary)."""
+        self.rows.flush()
+        self.rows.check_watch()
+        self._flush_hists(bins)
 
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def add_event(self, module, pass_, tensor, value, inputs=None) -> None:
+    def event(self, module: str, pass_: str, tensor: str) -> Event:
         key = (module, pass_, tensor)
         ev = self.events.get(key)
         if ev is None:
-            self.events[key] = Event(self.next_seq(), module, pass_, tensor, value, inputs)
-            return
-        ev.value = merge_rows(ev.value, value)
-        if inputs is not None:
-            ev.inputs = inputs if ev.inputs is None else ev.inputs + inputs
+            ev = self.events[key] = Event(self.next_seq(), module, pass_, tensor)
+        return ev
+
+    # ---------------------------------------------------------------- compaction
+    def groups(self) -> tuple[list[list[int]], list[list[int]]]:
+        """The row-id lists to keep: merged (events' rows), and non-finite sums (their
+        inputs, pending output-gradient counts)."""
+        merge = [ev.rows for ev in self.events.values()]
+        nf = [ev.inputs for ev in self.events.values() if ev.inputs]
+        nf += [g for g in self.pending_gout.values() if g]
+        return merge, nf
+
+    def compacted(self) -> None:
+        """Row ids of single tensors are gone: forget them."""
+        for s in self.slots.values():
+            s.row = None
 
     # ---------------------------------------------------------------- slots
     def slot(self, t: torch.Tensor, create: bool = True) -> Slot | None:
@@ -162,3 +177,4 @@ class StepState:
                 s.handle = None
         self.slots = {}
         self.grads = {}
+        self._hist_queue = []

@@ -26,7 +26,10 @@ class StepMeta:
     scheduled: bool
     full: bool
     events: list = field(default_factory=list)  # (seq, module, pass_, tensor)
-    event_inputs: list = field(default_factory=list)  # indices into events
+    order: list = field(default_factory=list)  # the row id of each packed row
+    n_rows: int = 0  # row ids handed out
+    event_rows: list = field(default_factory=list)  # row ids merged into each event
+    event_inputs: list = field(default_factory=list)  # row ids of its inputs, or None
     grads: list = field(default_factory=list)  # (seq, param name)
     params: list = field(default_factory=list)  # param names
     updates: list = field(default_factory=list)  # param names with a pre-step copy
@@ -48,16 +51,50 @@ def _rms(row: np.ndarray) -> float:
     return math.sqrt(row[SUM_SQ] / row[COUNT]) if row[COUNT] > 0 else math.nan
 
 
+def _segments(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat row ids and the start of each (non-empty) list, for ``ufunc.reduceat``."""
+    lens = np.fromiter((len(g) for g in ids), np.int64, len(ids))
+    starts = np.zeros(len(ids), np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    flat = np.fromiter((r for g in ids for r in g), np.int64, int(lens.sum()))
+    return flat, starts
+
+
+def merge_events(meta: StepMeta, data: dict) -> None:
+    """``data["ev"]``: each event's rows merged (counts and sums add, minima and maxima
+    combine), ``(E, 10)`` or ``(E,)`` counts; ``data["evin"]``: its inputs' non-finite
+    count, NaN where unknown."""
+    packed = data["rows"]
+    by_id = np.zeros((meta.n_rows, *packed.shape[1:]))  # a row lost to a failure: zeros
+    by_id[np.asarray(meta.order, np.int64)] = packed
+    flat, starts = _segments(meta.event_rows)
+    rows = by_id[flat]
+    ev = np.add.reduceat(rows, starts, axis=0)
+    if meta.full:
+        ev[:, MIN] = np.minimum.reduceat(rows[:, MIN], starts)
+        ev[:, MAX : ABS_MAX + 1] = np.maximum.reduceat(rows[:, MAX : ABS_MAX + 1], starts, axis=0)
+    data["ev"] = ev
+    nf = by_id[:, NAN : NEG_INF + 1].sum(1) if meta.full else by_id
+    evin = np.full(len(meta.events), np.nan)
+    known = [i for i, g in enumerate(meta.event_inputs) if g is not None]
+    some = [i for i in known if meta.event_inputs[i]]
+    evin[known] = 0.0
+    if some:
+        flat, starts = _segments([meta.event_inputs[i] for i in some])
+        evin[some] = np.add.reduceat(nf[flat], starts)
+    data["evin"] = evin
+
+
 def build_record(meta: StepMeta, data: dict) -> StepRecord:
     """The :class:`StepRecord` of a decoded step."""
     stats_on = meta.scheduled
-    ev = data.get("ev")
     events = []
     if meta.events:
+        merge_events(meta, data)
+        ev, evin = data["ev"], data["evin"]
         nonfinite = ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev
-        inputs = dict(zip(meta.event_inputs, data.get("evin", ()), strict=True))
         for i, (seq, module, pass_, tensor) in enumerate(meta.events):
-            nf_in = inputs.get(i)
+            nf_in = None if math.isnan(evin[i]) else evin[i]
             events.append(
                 TensorEvent(
                     seq=seq,
@@ -95,9 +132,11 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
             w = param_norms.get(name, math.nan)
             ratios[name] = norm_of(row) / w if w > 0 else math.nan
     events.sort(key=lambda e: e.seq)
+    skip = data.get("skip")
     return StepRecord(
         step=meta.step,
         scheduled=meta.scheduled,
+        skipped=skip is not None and bool(skip.reshape(-1)[0] > 0),
         events=tuple(events),
         grad_norms=grad_norms,
         param_norms=param_norms,
@@ -133,7 +172,7 @@ def write_step(writer, meta: StepMeta, data: dict, record: StepRecord, cfg) -> N
         if meta.events and meta.full and (meta.scheduled or meta.snap_modules):
             _write_module_scalars(add, meta, data["ev"], track, gs)
         for i, tag in enumerate(meta.hists):
-            _write_hist(writer, tag, data[("h", i)], gs)
+            _write_hist(writer, tag, data["hcounts"][i], data["hedges"][i], data["hstats"][i], gs)
         for i, (module, shape, kind) in enumerate(meta.thumbs):
             img, fmt = image_for_tensorboard(data[("t", i)], shape, kind, module, cfg)
             writer.add_image(f"snapshot/{module}", img, gs, dataformats=fmt)
@@ -150,10 +189,8 @@ def _write_module_scalars(add, meta: StepMeta, rows, track, gs) -> None:
             add(f"outgrad_rms/{module}", _rms(row), gs)
 
 
-def _write_hist(writer, tag: str, packed: np.ndarray, gs) -> None:
-    """``packed``: counts ``(n,)``, edges ``(n + 1,)`` and the stats row, concatenated."""
-    n = (packed.size - 11) // 2
-    counts, edges, stats = packed[:n], packed[n : 2 * n + 1], packed[2 * n + 1 :]
+def _write_hist(writer, tag: str, counts, edges, stats, gs) -> None:
+    """``counts`` ``(n,)``, ``edges`` ``(n + 1,)`` and the stats row ``(10,)``."""
     if stats[COUNT] <= 0:  # nothing finite to draw
         return
     writer.add_histogram_raw(

@@ -24,8 +24,7 @@ import warnings
 
 import torch
 
-from tbprobe import kernels
-from tbprobe.probe.collect import StepState, nonfinite_of
+from tbprobe.probe.collect import StepState
 from tbprobe.probe.selection import floating_tensors
 
 
@@ -98,62 +97,81 @@ class HookSet:
         outs = floating_tensors(output)
         if not outs:
             return
-        ins = floating_tensors(args) or floating_tensors(kwargs)
+        watch = st.backward and torch.is_grad_enabled()
         if not _in_backward():  # a checkpoint recompute is not a new forward
+            if st.in_backward:  # the next micro-batch: its backward has ended
+                st.in_backward = False
+                st.flush(self.owner.cfg.hist_bins)
+            st.rows.maybe_compact()
+            ins = floating_tensors(args) or floating_tensors(kwargs)
             self._forward_stats(st, name, outs, ins)
-        if st.backward and torch.is_grad_enabled():
+        elif watch:
+            ins = floating_tensors(args) or floating_tensors(kwargs)
+        if watch:
             self._watch_grads(st, name, outs, ins)
 
     def _forward_stats(self, st: StepState, name, outs, ins) -> None:
-        value = st.reduce(outs)
-        inputs = None
+        ev = st.event(name, "forward", "output")
+        rids = [st.add(t, name) for t in outs]
+        ev.rows.extend(rids)
         if ins:
-            inputs = self._nonfinite_inputs(st, ins)
-        st.add_event(name, "forward", "output", value, inputs)
+            inputs = []
+            for t in ins:
+                s = st.slot(t, create=False)
+                inputs.append(s.row if s is not None and s.row is not None else st.rows.add_nf(t))
+            ev.inputs = inputs if ev.inputs is None else ev.inputs + inputs
         if len(outs) == 1:
-            st.slot(outs[0]).value = value
+            st.slot(outs[0]).row = rids[0]
         snap = st.snap is not None and name in st.snap
         if (st.hist or snap) and name not in st.act_hists:
-            st.act_hists[name] = kernels.histogram(outs[0].detach(), bins=self.owner.cfg.hist_bins)
+            st.add_hist(name, outs[0], self.owner.cfg.hist_bins)
         if snap and name not in st.thumbs:
             st.thumbs[name] = self.owner.snapshots.capture(outs[0])
 
-    @staticmethod
-    def _nonfinite_inputs(st: StepState, ins) -> torch.Tensor:
-        total = None
-        for t in ins:
-            s = st.slot(t, create=False)
-            c = nonfinite_of(s.value if s is not None and s.value is not None else st.reduce([t]))
-            total = c if total is None else total + c
-        return total
-
     def _watch_grads(self, st: StepState, name, outs, ins) -> None:
-        for t, role in [(t, "p") for t in outs] + [(t, "c") for t in ins]:
-            if not t.requires_grad:
-                continue
-            s = st.slot(t)
-            (s.producers if role == "p" else s.consumers).append(name)
-            if s.handle is None:
-                fn = self._guarded("backward", name, functools.partial(self._backward, s))
-                s.handle = t.register_hook(fn)
+        for t in outs:
+            if t.requires_grad:
+                self._watch(st, name, t).producers.append(name)
+        for t in ins:
+            if t.requires_grad:
+                self._watch(st, name, t).consumers.append(name)
+
+    def _watch(self, st: StepState, name, t):
+        s = st.slot(t)
+        if s.handle is None:
+            fn = self._guarded("backward", name, functools.partial(self._backward, s))
+            s.handle = t.register_hook(fn)
+        return s
 
     def _backward(self, slot, grad) -> None:
         st: StepState = self.owner.state
         if not st.backward or grad is None:
             return
-        value = st.reduce([grad])
+        if not st.in_backward:  # the forward has ended: reduce what it queued
+            st.in_backward = True
+            st.flush(self.owner.cfg.hist_bins)
+        st.rows.maybe_compact()
+        rid = st.add(grad)
         for m in slot.consumers:  # the gradient w.r.t. m's input: m produced it
-            st.add_event(m, "backward", "grad_input", value, st.pending_gout.pop(m, None))
-        if slot.producers:
-            nf = nonfinite_of(value)
-            for m in slot.producers:  # the gradient w.r.t. m's output: m consumes it next
-                st.add_event(m, "backward", "grad_output", value)
-                prev = st.pending_gout.get(m)
-                st.pending_gout[m] = nf if prev is None else prev + nf
+            ev = st.event(m, "backward", "grad_input")
+            ev.rows.append(rid)
+            gout = st.pending_gout.pop(m, None)
+            if gout is not None:
+                ev.inputs = gout if ev.inputs is None else ev.inputs + gout
+        for m in slot.producers:  # the gradient w.r.t. m's output: m consumes it next
+            st.event(m, "backward", "grad_output").rows.append(rid)
+            gout = st.pending_gout.get(m)
+            if gout is None:
+                st.pending_gout[m] = [rid]
+            else:
+                gout.append(rid)
 
     def _grad(self, name, param) -> None:
         st: StepState = self.owner.state
         if st.active:
+            if not st.in_backward:
+                st.in_backward = True
+                st.flush(self.owner.cfg.hist_bins)
             if name not in st.grad_seq:
                 st.grad_seq[name] = st.next_seq()
             # The accumulated grad is reduced at the step boundary; keep the tensor so that a

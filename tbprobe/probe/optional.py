@@ -68,6 +68,26 @@ class AmpScale:
             return list(tensors)
         return torch._foreach_div(list(tensors), s.reshape(()))
 
+    def found_inf(self) -> torch.Tensor | None:
+        """A device ``()`` count of the devices on which the scaler found Inf/NaN gradients
+        this step (> 0: it skipped the optimizer step), or None when it has not checked."""
+        if not self.enabled:
+            return None
+        states = self.scaler._per_optimizer_states
+        if self.optimizer is not None:
+            st = states.get(id(self.optimizer))
+            states = [] if st is None else [st]
+        else:
+            states = list(states.values())
+        found = [v for st in states for v in st["found_inf_per_device"].values()]
+        if not found:
+            return None
+        dev = found[0].device
+        total = found[0].double()
+        for v in found[1:]:
+            total = total + v.to(dev, torch.float64, non_blocking=True)
+        return total
+
     # ---------------------------------------------------------------- boundary
     def wrap_update(self, close, after) -> None:
         """Make ``scaler.update()`` the step boundary: ``close()`` before the scale changes,

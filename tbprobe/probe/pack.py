@@ -3,9 +3,12 @@ boundary, histograms and thumbnails, all into one device buffer (:mod:`.stream`)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tbprobe import kernels
+from tbprobe.probe.batch import nonfinite_counts
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.emit import StepMeta
 from tbprobe.probe.stream import Packer
@@ -16,38 +19,75 @@ def pack_step(probe, st: StepState):
     cfg, pk = probe.cfg, Packer()
     meta = StepMeta(step=st.step, scheduled=st.scheduled, full=st.full)
     meta.snap_modules = st.snap or frozenset()
-    evs = sorted(st.events.values(), key=lambda e: e.seq)
-    if evs:
-        pk.add("ev", torch.stack([e.value for e in evs]))
+    st.flush(cfg.hist_bins)
+    rows, order = st.rows.rows()
+    if rows is not None:
+        evs = sorted(st.events.values(), key=lambda e: e.seq)
+        pk.add("rows", rows)
+        meta.order, meta.n_rows = order, st.rows.n
         meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
-        meta.event_inputs = [i for i, e in enumerate(evs) if e.inputs is not None]
-        if meta.event_inputs:
-            pk.add("evin", torch.stack([evs[i].inputs for i in meta.event_inputs]))
+        meta.event_rows = [e.rows for e in evs]
+        meta.event_inputs = [e.inputs for e in evs]
+    skip = probe.amp.found_inf()
+    if skip is not None:
+        pk.add("skip", skip)
     seen = st.grads
     grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
     grads = [(n, g) for n, g in grads if g is not None]
     if grads and (st.checked or st.scheduled or st.hist):
         order = st.grad_seq
         grads.sort(key=lambda ng: order.get(ng[0], 1 << 60))
-        rows = probe.amp.unscale(kernels.tensor_stats([g.detach() for _, g in grads]))
+        gs = [g.detach() for _, g in grads]
+        full = st.scheduled or probe._rows_always  # else only norms and non-finite counts
+        rows = probe.amp.unscale(kernels.tensor_stats(gs) if full else norm_rows(gs))
         pk.add("grad", rows)
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
     if st.scheduled and "params" in cfg.track:
         _pack_params(probe, pk, meta)
+    hists: list = []
     if st.hist:
         if grads:
             gs = [g.detach() for _, g in grads]
-            _pack_hists(probe, pk, meta, "grad_hist", [n for n, _ in grads], gs, unscale=True)
+            _hists(probe, meta, hists, "grad_hist", [n for n, _ in grads], gs, unscale=True)
         trainable = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
         if trainable:
             names, ts = zip(*trainable, strict=True)
-            _pack_hists(probe, pk, meta, "param_hist", names, ts)
+            _hists(probe, meta, hists, "param_hist", names, ts)
     for name, h in st.act_hists.items():
-        _add_hist(pk, meta, f"act_hist/{name}", h)
+        if h is not None:
+            meta.hists.append(f"act_hist/{name}")
+            hists.append(h)
+    if hists:  # three stacked tensors, not three per histogram (all have hist_bins bins)
+        dev = hists[0].counts.device
+        pk.add("hcounts", torch.stack([h.counts.to(dev) for h in hists]))
+        pk.add("hedges", torch.stack([h.edges.to(dev) for h in hists]))
+        pk.add("hstats", torch.stack([h.stats.to(dev) for h in hists]))
     for name, (img, shape, kind) in st.thumbs.items():
         pk.add(("t", len(meta.thumbs)), img)
         meta.thumbs.append((name, shape, kind))
     return pk.finish(st.step, meta)
+
+
+def norm_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stats rows ``(n, 10)`` holding only what a checked step needs, from one fused
+    ``_foreach_norm`` per dtype and exact non-finite counts (cheaper than ``tensor_stats``
+    on the CPU): ``sum_sq`` (0 where there are non-finite elements), and the non-finite count in
+    ``nan`` when the norm is NaN, else in ``pos_inf``; so ``emit.norm_of`` gives the norm.
+
+    Example::
+
+        norm_rows([torch.ones(4)])[0, 2]  # sum of squares: 4.0
+    """
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))  # (n,)
+    nf = nonfinite_counts(tensors)  # (n,)
+    zero = torch.zeros((), dtype=torch.float64, device=norms.device)
+    nan = torch.isnan(norms)
+    out = torch.zeros(len(tensors), 10, dtype=torch.float64, device=norms.device)
+    out[:, 2] = torch.where(nf > 0, zero, norms * norms)  # inf only if fp64 overflowed
+    out[:, 3], out[:, 4] = math.inf, -math.inf  # no min/max: their identities
+    out[:, 6] = torch.where(nan, nf, zero)
+    out[:, 7] = torch.where(nan, zero, nf)
+    return out
 
 
 def _pack_params(probe, pk: Packer, meta: StepMeta) -> None:
@@ -63,16 +103,8 @@ def _pack_params(probe, pk: Packer, meta: StepMeta) -> None:
         meta.updates = list(prev[0])
 
 
-def _pack_hists(probe, pk, meta, family, names, tensors, unscale=False) -> None:
+def _hists(probe, meta, out, family, names, tensors, unscale=False) -> None:
     if unscale:
         tensors = probe.amp.unscaled(tensors)
-    hs = kernels.histogram_many(list(tensors), bins=probe.cfg.hist_bins)
-    for name, h in zip(names, hs, strict=True):
-        _add_hist(pk, meta, f"{family}/{name}", h)
-
-
-def _add_hist(pk: Packer, meta: StepMeta, tag: str, h) -> None:
-    dev = h.counts.device
-    parts = [h.counts.double(), h.edges.to(dev, torch.float64), h.stats.to(dev)]
-    pk.add(("h", len(meta.hists)), torch.cat(parts))
-    meta.hists.append(tag)
+    out.extend(kernels.histogram_many(list(tensors), bins=probe.cfg.hist_bins))
+    meta.hists.extend(f"{family}/{name}" for name in names)

@@ -130,6 +130,8 @@ class Probe:
         self.snapshots = Snapshots(self.cfg, [n for n, _ in self.modules])
         self._diagnosis = make_diagnosis(diagnosis)
         self._extra_handles: list = []
+        self._eager: set = set()  # modules whose outputs get changed in place: reduced at once
+        self._learned = False  # a step has run that found them
         self._attached = False
         self.state = StepState(self._step)
         try:
@@ -228,6 +230,7 @@ class Probe:
         except Exception as exc:  # logging never stops training
             self._hooks.fail("step", "pack", exc)
         finally:
+            self._learned = self._learned or (st.learn and bool(st.events))
             st.close()
             self._prev = None
         self._step += 1
@@ -254,6 +257,8 @@ class Probe:
             backward=checked or (scheduled and "outgrads" in cfg.track),
             hist=cfg.histogram_step(step),
             snap=snap,
+            eager=self._eager,
+            learn=not self._learned,
         )
 
     def _arm(self, names: frozenset, steps: int) -> None:
@@ -325,7 +330,7 @@ class Probe:
         except Exception as exc:
             self._hooks.fail("anomaly", "write", exc)
         for a in new:
-            print(f"tbprobe: {a.message}", file=sys.stderr)
+            print(str(a), file=sys.stderr)  # "tbprobe: step N: <kind> at <where> ...: message"
         react = self.cfg.on_anomaly
         if callable(react):
             for a in new:

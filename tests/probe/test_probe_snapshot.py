@@ -146,7 +146,9 @@ def test_on_anomaly_warn_records_prints_and_writes_markdown(tmp_path, capsys):
     probe.detach()
     writer.close()
     assert [a.step for a in probe.anomalies] == [1]
-    assert capsys.readouterr().err.count("planted at 0") == 1
+    err = capsys.readouterr().err
+    assert err.count("planted at 0") == 1
+    assert "tbprobe: step 1: nonfinite at 0 (output): planted at 0" in err  # str(anomaly)
     texts = read_run(str(tmp_path))["texts"]["anomaly/text_summary"]  # tensorboardX naming
     assert list(texts) == [1] and "planted at 0" in texts[1]
 
@@ -210,3 +212,55 @@ def test_builtin_diagnosis_reports_a_planted_nan(tmp_path):
     writer.close()
     nf = [a for a in probe.anomalies if a.kind == "nonfinite"]
     assert nf and (nf[0].step, nf[0].module, nf[0].pass_) == (3, "2", "forward")
+
+
+class _TwoShapes(torch.nn.Module):
+    """A 5-D (Conv3d) and a 2-D (Linear) activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3d = torch.nn.Conv3d(2, 5, 3, padding=1)
+        self.lin = torch.nn.Linear(8, 6)
+
+    def forward(self, v, x):
+        return self.conv3d(v).pow(2).mean() + self.lin(x).pow(2).mean()
+
+
+def test_snapshot_images_follow_the_drawn_shape_and_the_size_options(tmp_path):
+    """With thumbnail_size=64 and max_tiles=3, a 5-D and a 2-D activation are written as
+    exactly render_snapshot(thumbnail(drawn view), shape=drawn shape, max_tiles, max_size,
+    title=module) of their captured output."""
+    from tbprobe import kernels
+    from tbprobe.probe.render import render_snapshot
+
+    torch.manual_seed(0)
+    model = _TwoShapes()
+    outs = {}
+    for name in ("conv3d", "lin"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, _n=name: outs.__setitem__(_n, out.detach().clone())
+        )
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(
+        model, writer, snapshot_every=5, thumbnail_size=64, max_tiles=3, watch_requests=False
+    )
+    model(torch.randn(2, 2, 4, 6, 6), torch.randn(4, 8)).backward()
+    probe.step()
+    probe.detach()
+    writer.close()
+    images = read_run(str(tmp_path))["images"]
+    drawn = {
+        "conv3d": (outs["conv3d"].reshape(2, 5, 4, 36), "conv"),  # (B, C, D, H*W)
+        "lin": (outs["lin"], "heatmap"),
+    }
+    for name, (view, kind) in drawn.items():
+        img = kernels.thumbnail(view, kind=kind, max_tiles=3, max_size=64).numpy()
+        want = render_snapshot(
+            img, shape=tuple(view.shape), kind=kind, title=name, max_tiles=3, max_size=64
+        )
+        got = np.asarray(
+            Image.open(io.BytesIO(images[f"snapshot/{name}"][0].encoded_image_string)).convert(
+                "RGB"
+            )
+        )
+        np.testing.assert_array_equal(got, want)

@@ -125,9 +125,9 @@ def test_unscheduled_unchecked_steps_launch_nothing(monkeypatch):
     probe.detach()
 
 
-def test_checked_steps_cost_one_small_reduction_per_tensor(monkeypatch):
-    """On a checked, unscheduled CPU step the hooks compute non-finite counts only: no
-    histogram or stats-row ops besides the one multi-tensor grad reduction."""
+def test_checked_steps_compute_counts_and_norms_only(monkeypatch):
+    """On a checked, unscheduled CPU step the hooks compute non-finite counts only and the
+    grads fused norms: no stats-row, histogram or thumbnail kernel at all."""
     _track_probe_code(monkeypatch)
     model = models.make("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -143,5 +143,7 @@ def test_checked_steps_cost_one_small_reduction_per_tensor(monkeypatch):
         )
     with contextlib.ExitStack():
         train(model, "mlp", 1, opt=opt)
-    assert calls == ["tensor_stats"]  # the grads, once
+    assert calls == []
+    rec = probe.last_record
+    assert set(rec.grad_norms) == {"0.weight", "0.bias", "2.weight", "2.bias", "_total"}
     probe.detach()

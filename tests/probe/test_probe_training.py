@@ -89,6 +89,7 @@ def test_amp_grad_norms_are_unscaled_without_a_sync():
     for n, v in expect[0].items():
         assert diag.records[0].grad_norms[n] == pytest.approx(v, rel=1e-6)
     assert any(e.nonfinite > 0 for e in diag.records[1].events)
+    assert [r.skipped for r in diag.records] == [False, True, False]  # the scaler skipped 1
     assert scaler.get_scale() == 512.0  # the scaler still works: it backed off once
     assert "update" not in vars(scaler)
 

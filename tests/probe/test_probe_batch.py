@@ -1,0 +1,233 @@
+"""Batched reductions: a fixed number of multi-tensor calls per step, results equal to
+per-tensor reductions, outputs changed in place, flush budgets and compaction."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tbprobe
+from tbprobe import kernels
+from tbprobe.probe import batch
+from tests.probe import models
+from tests.probe.util import train
+
+
+class Collect:
+    def __init__(self):
+        self.records = []
+
+    def feed(self, record):
+        self.records.append(record)
+        return []
+
+
+_TENSOR_STATS = kernels.tensor_stats
+
+
+def _deep(n: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(n)])
+
+
+def _stats_calls(monkeypatch, model, steps=2, **kw):
+    calls = []
+    orig = _TENSOR_STATS
+    monkeypatch.setattr(kernels, "tensor_stats", lambda ts: calls.append(len(list(ts))) or orig(ts))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = tbprobe.SummaryWriter(write_to_disk=False)
+    probe = tbprobe.Probe(model, writer, opt, every=1, watch_requests=False, **kw)
+    x = torch.randn(4, 8)
+    for _ in range(steps):
+        calls.clear()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    probe.detach()
+    assert probe.errors == []
+    return calls
+
+
+def test_a_scheduled_step_makes_the_same_few_stats_calls_for_4_or_24_blocks(monkeypatch):
+    """After the first step, a scheduled step reduces everything in 5 tensor_stats calls
+    (forward, backward, grads, params, updates), however many modules are hooked."""
+    small = _stats_calls(monkeypatch, _deep(4))
+    large = _stats_calls(monkeypatch, _deep(24))
+    assert len(small) == len(large) == 5
+    assert sum(large) > sum(small)  # the same calls hold more tensors
+
+
+def test_flush_budget_splits_the_queue_and_keeps_every_value(monkeypatch):
+    """With a 3-tensor budget the queue is flushed in many calls and the records equal the
+    unbudgeted run's."""
+
+    def run():
+        model = models.make("gpt2")
+        diag = Collect()
+        probe = tbprobe.Probe(
+            model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag,
+            watch_requests=False,
+        )  # fmt: skip
+        train(model, "gpt2", 2, probe_step=probe.step, micro=2)
+        probe.detach()
+        return diag.records
+
+    want = run()
+    monkeypatch.setattr(batch, "MAX_TENSORS", 3)
+    got = run()
+    _assert_same_records(want, got)
+
+
+def test_compaction_keeps_every_value(monkeypatch):
+    """With compaction after 16 rows, 4 micro-batches (one with a NaN) give the same
+    merged stats, non-finite counts and input counts as without it."""
+
+    def run():
+        model = models.make("mlp")
+        state = {"n": 0}
+
+        def plant(m, a, out):
+            state["n"] += 1
+            return out.index_fill(1, torch.tensor([0]), math.nan) if state["n"] == 3 else None
+
+        model[2].register_forward_hook(plant)
+        diag = Collect()
+        probe = tbprobe.Probe(
+            model, tbprobe.SummaryWriter(write_to_disk=False), every=2, diagnosis=diag,
+            watch_requests=False,
+        )  # fmt: skip
+        train(model, "mlp", 2, probe_step=probe.step, micro=4)
+        probe.detach()
+        return diag.records, probe
+
+    want, _ = run()
+    compactions = []
+    orig = batch.Rows.compact
+    monkeypatch.setattr(batch, "MAX_ROWS", 16)
+    monkeypatch.setattr(batch.Rows, "compact", lambda self: compactions.append(1) or orig(self))
+    got, _ = run()
+    assert len(compactions) >= 2
+    assert any(e.nonfinite > 0 for e in got[0].events)
+    _assert_same_records(want, got)
+
+
+def _assert_same_records(want, got):
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+        ka = [(e.module, e.pass_, e.tensor, e.nonfinite, e.inputs_nonfinite) for e in a.events]
+        kb = [(e.module, e.pass_, e.tensor, e.nonfinite, e.inputs_nonfinite) for e in b.events]
+        assert ka == kb
+        for ea, eb in zip(a.events, b.events, strict=True):
+            if ea.stats is None:
+                assert eb.stats is None
+            else:
+                np.testing.assert_allclose(eb.stats, ea.stats, rtol=1e-12, atol=0)
+        assert a.grad_norms == pytest.approx(b.grad_norms, rel=1e-12, nan_ok=True)
+
+
+def test_outputs_changed_in_place_are_reduced_before_the_change():
+    """A conv followed by ReLU(inplace=True): its act stats are those of the conv's own
+    output (negative minimum) at the first step and later ones, and the probe reduces
+    that module at once from then on."""
+    model = models.make("cnn")
+    acts = []
+    model.features[0].register_forward_hook(lambda m, a, out: acts.append(out.detach().clone()))
+    diag = Collect()
+    probe = tbprobe.Probe(
+        model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag, watch_requests=False
+    )
+    train(model, "cnn", 3, probe_step=probe.step)
+    probe.detach()
+    assert probe._eager == {"features.0", "features.2"}
+    for rec, act in zip(diag.records, acts, strict=True):
+        (ev,) = [e for e in rec.events if e.module == "features.0" and e.pass_ == "forward"]
+        want = kernels.tensor_stats([act])[0].numpy()
+        assert ev.stats[3] < 0
+        np.testing.assert_allclose(ev.stats, want, rtol=1e-12)
+
+
+def test_in_place_change_after_the_first_step_is_found_at_the_flush():
+    """A module whose output starts being changed in place only at step 2 is found by its
+    version counter at that step's flush and reduced at once from step 3 on."""
+    model = models.make("mlp")
+    state = {"step": 0}
+    acts = []
+
+    def relu_later(m, a, out):
+        acts.append(out.detach().clone())
+        if state["step"] >= 2:
+            out.relu_()  # after the probe's hook (registered first)
+
+    diag = Collect()
+    probe = tbprobe.Probe(
+        model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag, watch_requests=False
+    )
+    model[0].register_forward_hook(relu_later)
+    x = torch.randn(4, 8)
+    for step in range(4):
+        state["step"] = step
+        model(x).pow(2).mean().backward()
+        probe.step()
+    probe.detach()
+    mins = [
+        next(e.stats[3] for e in r.events if e.module == "0" and e.pass_ == "forward")
+        for r in diag.records
+    ]
+    assert "0" in probe._eager
+    assert mins[3] == pytest.approx(float(acts[3].min()), rel=1e-12) and mins[3] < 0
+    assert mins[2] >= 0  # reduced after the change: the step that finds it
+
+
+def test_nonfinite_counts_count_nan_and_inf_exactly():
+    """nonfinite_counts equals the number of NaN and ±Inf elements for every float dtype."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.tensor([1.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -2.0], dtype=dtype)
+        got = batch.nonfinite_counts([x, x[:2], torch.full((5,), math.nan, dtype=dtype)])
+        assert got.dtype == torch.float64 and got.tolist() == [3.0, 0.0, 5.0], dtype
+
+
+def test_norm_rows_give_exact_norms_and_nonfinite_counts():
+    """norm_rows: norm_of of each row is the float64 norm (NaN with a NaN, inf with only
+    infinities) and its non-finite columns sum to the exact count."""
+    from tbprobe.probe.emit import norm_of
+    from tbprobe.probe.pack import norm_rows
+
+    torch.manual_seed(0)
+    a = torch.randn(7, 5)
+    b = torch.randn(11)
+    b[[2, 4]] = math.inf
+    c = torch.randn(3, 3, dtype=torch.float64)
+    c[0, 0], c[1, 1] = math.nan, -math.inf
+    rows = norm_rows([a, b, c]).numpy()
+    assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-12)
+    assert norm_of(rows[1]) == math.inf and math.isnan(norm_of(rows[2]))
+    assert rows[:, 6:9].sum(1).tolist() == [0.0, 2.0, 2.0]
+
+
+def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
+    """A tensor_stats failure inside a flush disables the one hook that flushed, warns
+    once, and later steps are still recorded; parameters keep training."""
+    model = models.make("mlp")
+    diag = Collect()
+    probe = tbprobe.Probe(
+        model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag, watch_requests=False
+    )
+    train(model, "mlp", 1, probe_step=probe.step)
+    fail = {"left": 1}
+
+    def flaky(ts):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("kernel bug")
+        return _TENSOR_STATS(ts)
+
+    monkeypatch.setattr(kernels, "tensor_stats", flaky)
+    with pytest.warns(RuntimeWarning, match="kernel bug"):
+        train(model, "mlp", 3, probe_step=probe.step)
+    probe.detach()
+    assert len(probe.errors) == 1 and [r.step for r in diag.records] == [0, 1, 2, 3]
+    assert all(any(e.pass_ == "grad" for e in r.events) for r in diag.records)
