@@ -205,8 +205,7 @@ step_bench_diagnose() {
     if ((DRY_RUN)); then
         args+=(--device cpu --quick)
     else
-        args+=(--device cuda)
-        if ((QUICK)); then args+=(--quick); fi
+        args+=(--device cuda --quick) # MLP and CNN: the GPU image has no transformers
     fi
     "$PY" benchmarks/bench_diagnose.py "${args[@]}"
 }
