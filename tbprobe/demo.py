@@ -42,7 +42,7 @@ def _train_cnn(logdir, device, scale):
     model = ShapesCNN().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     writer = SummaryWriter(os.path.join(logdir, "cnn"))
-    probe = attach(model, writer, opt, every=5, histogram_every=20)  # the one line
+    probe = attach(model, writer, opt, every=1, histogram_every=20)  # the one line
     steps = max(20, int(CNN_STEPS * scale))
     bar, request = Progress(steps, "1/3 train CNN"), None
     for step in range(steps):

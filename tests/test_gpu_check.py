@@ -59,7 +59,16 @@ def test_dry_run_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = _script_steps()
-    assert steps[:5] == ["wheels", "environment", "gpu_checks", "bench_kernels", "bench_writer"]
+    assert steps == [
+        "wheels",
+        "environment",
+        "gpu_checks",
+        "probe_nosync",
+        "bench_kernels",
+        "bench_probe",
+        "bench_diagnose",
+        "bench_writer",
+    ]
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True

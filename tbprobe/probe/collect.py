@@ -59,6 +59,7 @@ class StepState:
         snap: frozenset | None = None,
         eager: set | None = None,
         learn: bool = False,
+        keep_hists: bool = False,
     ):
         self.step = step
         self.scheduled = scheduled  # tags are written
@@ -69,6 +70,10 @@ class StepState:
         self.snap = snap  # module names to thumbnail, or None
         self.eager = eager if eager is not None else set()  # names reduced at once
         self.learn = learn  # reduce at once and find the outputs changed in place
+        # Activation histograms binned over all ranks: the tensors are kept to the step
+        # boundary, where the edges are agreed (tbprobe.probe.dist_pack).
+        self.keep_hists = keep_hists
+        self.act_keep: dict[str, torch.Tensor] = {}
         self.rows = Rows(full, self.eager.add, self)
         self.in_backward = False  # the phase: backward hooks have run since the last forward
         self.events: dict[tuple[str, str, str], Event] = {}
@@ -105,6 +110,11 @@ class StepState:
 
     def add_hist(self, name: str, t: torch.Tensor, bins: int) -> None:
         """Queue the histogram of ``t`` as ``act_hist/<name>``."""
+        if self.keep_hists:  # a copy if its module's outputs get changed in place
+            eager = self.learn or name in self.eager
+            self.act_keep[name] = t.detach().clone() if eager else t.detach()
+            self.act_hists[name] = None  # taken: a second call of the module does not count
+            return
         if self.learn or name in self.eager:
             self.act_hists[name] = kernels.histogram(t.detach(), bins=bins)
             return
@@ -177,4 +187,5 @@ class StepState:
                 s.handle = None
         self.slots = {}
         self.grads = {}
+        self.act_keep = {}
         self._hist_queue = []

@@ -73,6 +73,8 @@ class ProbeConfig:
     max_tiles: int = 64
     watch_requests: bool = True
     start_step: int = 0
+    reduce_activations: bool = False
+    per_rank: bool = False
 
     def __post_init__(self):
         _positive_int("every", self.every)
@@ -104,9 +106,14 @@ class ProbeConfig:
             raise ValueError(
                 f"on_anomaly: expected one of {REACTIONS} or a callable, got {self.on_anomaly!r}"
             )
-        if not isinstance(self.watch_requests, bool):
-            raise TypeError(
-                f"watch_requests: expected a bool, got {type(self.watch_requests).__name__}"
+        for name in ("watch_requests", "reduce_activations", "per_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        if self.per_rank and self.reduce_activations:
+            raise ValueError(
+                "reduce_activations: per_rank=True writes each rank's own activation "
+                "statistics; it cannot be combined with reduce_activations=True"
             )
 
     # ---------------------------------------------------------------- schedule

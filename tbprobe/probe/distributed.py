@@ -27,6 +27,7 @@ __all__ = [
     "PackedGather",
     "identity_rows",
     "is_distributed",
+    "is_dtensor",
     "local_part",
     "merge_rows",
     "rank",
@@ -69,6 +70,12 @@ def _dtensor_type():
     except ImportError:  # a build without distributed support
         return None
     return DTensor
+
+
+def is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (a sharded or replicated tensor)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local_part(t: torch.Tensor) -> tuple[torch.Tensor, bool]:

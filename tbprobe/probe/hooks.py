@@ -126,7 +126,7 @@ class HookSet:
         if (st.hist or snap) and name not in st.act_hists:
             st.add_hist(name, outs[0], self.owner.cfg.hist_bins)
         if snap and name not in st.thumbs:
-            st.thumbs[name] = self.owner.snapshots.capture(outs[0])
+            st.thumbs[name] = self.owner.snapshots.capture(outs[0], name)
 
     def _watch_grads(self, st: StepState, name, outs, ins) -> None:
         for t in outs:

@@ -16,9 +16,27 @@ from tbprobe.probe.stream import Packer
 
 def pack_step(probe, st: StepState):
     """Pack the results of step ``st`` into one device buffer; returns its ``Pending``."""
-    cfg, pk = probe.cfg, Packer()
+    pk = Packer()
     meta = StepMeta(step=st.step, scheduled=st.scheduled, full=st.full)
     meta.snap_modules = st.snap or frozenset()
+    skip = probe.amp.found_inf()
+    if skip is not None:
+        pk.add("skip", skip)
+    if probe._dist is not None:
+        from tbprobe.probe.dist_pack import pack_distributed
+
+        pack_distributed(probe, st, pk, meta)
+    else:
+        _pack_local(probe, st, pk, meta)
+    for name, (img, shape, kind) in st.thumbs.items():
+        pk.add(("t", len(meta.thumbs)), img)
+        meta.thumbs.append((name, shape, kind))
+    return pk.finish(st.step, meta)
+
+
+def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
+    """The step's rows, gradient/parameter statistics and histograms, as on one device."""
+    cfg = probe.cfg
     st.flush(cfg.hist_bins)
     rows, order = st.rows.rows()
     if rows is not None:
@@ -28,9 +46,6 @@ def pack_step(probe, st: StepState):
         meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
         meta.event_rows = [e.rows for e in evs]
         meta.event_inputs = [e.inputs for e in evs]
-    skip = probe.amp.found_inf()
-    if skip is not None:
-        pk.add("skip", skip)
     seen = st.grads
     grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
     grads = [(n, g) for n, g in grads if g is not None]
@@ -57,15 +72,16 @@ def pack_step(probe, st: StepState):
         if h is not None:
             meta.hists.append(f"act_hist/{name}")
             hists.append(h)
-    if hists:  # three stacked tensors, not three per histogram (all have hist_bins bins)
+    _pack_hists(pk, hists)
+
+
+def _pack_hists(pk: Packer, hists: list) -> None:
+    """Three stacked tensors, not three per histogram (all have ``hist_bins`` bins)."""
+    if hists:
         dev = hists[0].counts.device
         pk.add("hcounts", torch.stack([h.counts.to(dev) for h in hists]))
         pk.add("hedges", torch.stack([h.edges.to(dev) for h in hists]))
         pk.add("hstats", torch.stack([h.stats.to(dev) for h in hists]))
-    for name, (img, shape, kind) in st.thumbs.items():
-        pk.add(("t", len(meta.thumbs)), img)
-        meta.thumbs.append((name, shape, kind))
-    return pk.finish(st.step, meta)
 
 
 def norm_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -17,10 +17,12 @@ from torch import nn
 
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.config import TRACK, ProbeConfig
+from tbprobe.probe.distributed import local_part
 from tbprobe.probe.emit import at_step, build_record, write_step
 from tbprobe.probe.hooks import HookSet
 from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
 from tbprobe.probe.pack import pack_step
+from tbprobe.probe.ranks import agreed_every, dist_context, output_writer, unwrap
 from tbprobe.probe.selection import select_modules
 from tbprobe.probe.snapshot import Snapshots
 
@@ -50,6 +52,16 @@ class Probe:
     and ``max_tiles`` bound snapshot images. ``watch_requests``: pick up ``tbprobe snapshot``
     requests in the writer's log dir. ``diagnosis``: an object with ``feed(StepRecord)``
     (default: the built-in one; False: none).
+
+    Under torch.distributed every rank builds a probe (they join one collective per step);
+    rank 0 writes and the other ranks may pass ``writer=None``. Gradients and parameters held
+    as DTensors (FSDP2) are reduced shard by shard and merged into the statistics of the
+    whole tensor; plain ones (DDP: synchronised) are rank 0's own. ``reduce_activations``:
+    activation and output-gradient statistics merged over the ranks (default: rank 0's own;
+    non-finite counts are always merged on checked steps). ``per_rank``: every rank passes a
+    writer on the same log dir and writes its own statistics under ``<logdir>/rank<r>``.
+    Snapshot requests are watched on rank 0 only. A model wrapped in
+    ``DistributedDataParallel`` is probed under its inner module's names.
 
     The step boundary is ``optimizer.step()`` (or ``scaler.update()`` with a scaler); without
     either, call :meth:`step` once per optimizer step.
@@ -84,18 +96,22 @@ class Probe:
         watch_requests: bool = True,
         start_step: int = 0,
         diagnosis=None,
+        reduce_activations: bool = False,
+        per_rank: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if not callable(getattr(writer, "add_scalar", None)):
-            raise TypeError(f"writer: expected a SummaryWriter, got {type(writer).__name__}")
+        self._dist = dist_context(reduce_activations, per_rank)
+        out = output_writer(writer, self._dist, per_rank is True)
+        self._out = None
         if optimizer is not None and not callable(
             getattr(optimizer, "register_step_post_hook", None)
         ):
             raise TypeError(
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if every is None:
+        every_default = every is None
+        if every_default:
             lf = getattr(writer, "log_freq", 1)
             every = lf if isinstance(lf, int) and not isinstance(lf, bool) and lf > 0 else 1
         self.cfg = ProbeConfig(
@@ -112,11 +128,15 @@ class Probe:
             max_tiles=max_tiles,
             watch_requests=watch_requests,
             start_step=start_step,
+            reduce_activations=reduce_activations,
+            per_rank=per_rank,
         )
         self.amp = AmpScale(scaler, optimizer)  # validates scaler
         self.model, self.writer, self.optimizer = model, writer, optimizer
-        base = getattr(model, "_orig_mod", model)  # a torch.compile'd module: its original
+        base = unwrap(model)
         self.modules = select_modules(base, self.cfg.modules, self.cfg.exclude)
+        if every_default:  # every rank schedules rank 0's steps (after the checks that raise)
+            self.cfg.every = agreed_every(self.cfg.every, self._dist)
         self._params = list(base.named_parameters())
         first = self._params[0][1] if self._params else None
         self._rows_always = first is not None and first.device.type == "cuda"
@@ -134,7 +154,7 @@ class Probe:
         self._learned = False  # a step has run that found them
         self._attached = False
         self.state = StepState(self._step)
-        try:
+        try:  # nothing below may raise on one rank only (a collective is above)
             self._hooks.attach(self.modules, self._params)
             if optimizer is not None:
                 self._extra_handles.append(optimizer.register_step_pre_hook(self._pre_opt))
@@ -142,7 +162,9 @@ class Probe:
                     self._extra_handles.append(optimizer.register_step_post_hook(self._post_opt))
             if self.amp.enabled:
                 self.amp.wrap_update(self._close_step, self._after_step)
-            self._watcher = make_watcher(writer, self.cfg.watch_requests)
+            watch = self.cfg.watch_requests and (self._dist is None or self._dist.rank == 0)
+            self._watcher = make_watcher(writer, watch)  # rank 0's only: see dist_pack
+            self._out = out() if callable(out) else out  # the writer this rank writes to
         except BaseException:
             self._remove_hooks()
             raise
@@ -200,6 +222,8 @@ class Probe:
                 self._react(new, raising=False)
         finally:
             self._remove_hooks()
+            if self._out is not None and self._out is not self.writer:
+                self._out.close()  # the per-rank writer this probe opened
 
     close = detach
 
@@ -259,6 +283,9 @@ class Probe:
             snap=snap,
             eager=self._eager,
             learn=not self._learned,
+            keep_hists=self._dist is not None
+            and cfg.reduce_activations
+            and cfg.histogram_step(step),
         )
 
     def _arm(self, names: frozenset, steps: int) -> None:
@@ -293,7 +320,10 @@ class Probe:
         named = [(n, p) for n, p in self._params if p.requires_grad]
         if not named:
             return None
-        return [n for n, _ in named], torch._foreach_mul([p.detach() for _, p in named], 1.0)
+        ts = [p.detach() for _, p in named]
+        if self._dist is not None:  # DTensors: the local shards
+            ts = [local_part(t)[0] for t in ts]
+        return [n for n, _ in named], torch._foreach_mul(ts, 1.0)
 
     # ---------------------------------------------------------------- landing, anomalies
     def _poll(self, wait: bool) -> list:
@@ -309,7 +339,8 @@ class Probe:
                 data = p.decode()
                 record = build_record(p.meta, data)
                 self.last_record = record
-                write_step(self.writer, p.meta, data, record, self.cfg)
+                if self._out is not None:
+                    write_step(self._out, p.meta, data, record, self.cfg)
                 if self._diagnosis is not None:
                     new.extend(self._diagnosis.feed(record))
             except Exception as exc:
@@ -320,16 +351,17 @@ class Probe:
         if not new:
             return
         self.anomalies.extend(new)
+        writes = self._out is not None
         try:
             from tbprobe.probe.anomaly import format_markdown
 
-            for step in sorted({a.step for a in new}):
+            for step in sorted({a.step for a in new}) if writes else ():
                 group = [a for a in new if a.step == step]
-                with at_step(self.writer, step) as gs:
-                    self.writer.add_text("anomaly", format_markdown(group), gs)
+                with at_step(self._out, step) as gs:
+                    self._out.add_text("anomaly", format_markdown(group), gs)
         except Exception as exc:
             self._hooks.fail("anomaly", "write", exc)
-        for a in new:
+        for a in new if writes else ():
             print(str(a), file=sys.stderr)  # "tbprobe: step N: <kind> at <where> ...: message"
         react = self.cfg.on_anomaly
         if callable(react):

@@ -17,9 +17,21 @@ class _Armed:
     steps: int
 
 
-def _thumb_input(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+_ATTENTION_WORDS = ("attn", "attention", "prob", "softmax", "score")
+
+
+def _looks_like_attention(x: torch.Tensor, name: str) -> bool:
+    """A ``(B, heads, T, S)`` map from a module whose name says attention (``attn.probs``,
+    ``attention.softmax``, ...): drawn as a grid of heads, not of channels."""
+    tail = name.lower().rsplit(".", 2)[-2:]
+    return x.ndim == 4 and any(w in part for part in tail for w in _ATTENTION_WORDS)
+
+
+def _thumb_input(x: torch.Tensor, name: str = "") -> tuple[torch.Tensor, str]:
     """A 2-D, 3-D or 4-D view of ``x`` and the thumbnail kind that suits it."""
     x = x.detach()
+    if _looks_like_attention(x, name):
+        return x, "attention"
     if x.ndim <= 1:
         return x.reshape(1, -1), "heatmap"
     if x.ndim == 2:
@@ -83,9 +95,10 @@ class Snapshots:
     def pending(self) -> bool:
         return bool(self._armed)
 
-    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple, str]:
-        """``(uint8 (H, W) thumbnail on x's device, x's shape, kind)``."""
-        view, kind = _thumb_input(x)
+    def capture(self, x: torch.Tensor, name: str = "") -> tuple[torch.Tensor, tuple, str]:
+        """``(uint8 (H, W) thumbnail on x's device, x's shape, kind)``; ``name`` (the module's)
+        tells attention maps from feature maps."""
+        view, kind = _thumb_input(x, name)
         img = kernels.thumbnail(
             view, kind=kind, max_tiles=self.cfg.max_tiles, max_size=self.cfg.thumbnail_size
         )

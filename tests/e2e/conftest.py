@@ -1,8 +1,8 @@
 """Session fixtures: one probe run on disk, and the real TensorBoard serving it.
 
-To test another run (e.g. a real ``tbprobe demo`` run), change only ``build_run``: it gets a
-run directory and returns the :class:`RunSpec` of what is in it (``spec_from_events`` builds
-one from any run's event files).
+The run is a real ``tbprobe demo`` run (its CNN run, with the probe's tags, snapshots and the
+anomaly report of the fine-tune explosion): ``build_run`` runs the demo into a log dir and
+returns the :class:`RunSpec` of what the CNN run holds (``spec_from_events``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.probe_run import RunSpec, write_probe_run
+from tests.e2e.probe_run import RunSpec, spec_from_events
 from tests.e2e.tb_server import TensorBoard
 
-RUN = "probe"
+RUN = "cnn"  # the demo's CNN run; the demo also writes "transformer"
+RUNS = ["cnn", "transformer"]
 READERS = {"rust": "true", "python": "false"}  # reader -> --load_fast (true: fail, no fallback)
 
 
-def build_run(run_dir: Path) -> RunSpec:
-    """Write the run the end-to-end tests look at into ``run_dir``; return its spec."""
-    return write_probe_run(run_dir)
+def build_run(logdir: Path) -> RunSpec:
+    """Run ``tbprobe demo`` into ``logdir``; return the spec of its run ``RUN``."""
+    from tbprobe.demo import run_demo
+
+    assert run_demo(str(logdir)) == 0
+    return spec_from_events(logdir / RUN)
 
 
 @pytest.fixture(scope="session")
 def probe_run(tmp_path_factory) -> tuple[Path, RunSpec]:
-    """``(logdir, spec)``: a logdir holding the single run ``RUN``, and what that run holds."""
+    """``(logdir, spec)``: a demo's logdir (runs ``RUNS``), and what its run ``RUN`` holds."""
     logdir = tmp_path_factory.mktemp("e2e") / "logs"
-    spec = build_run(logdir / RUN)
+    spec = build_run(logdir)
     return logdir, spec
 
 

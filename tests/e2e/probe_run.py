@@ -207,7 +207,9 @@ def spec_from_events(logdir: str | Path) -> RunSpec:
             elif kind == "image":
                 img = decode_png(v.image.encoded_image_string)
                 spec.images.setdefault(v.tag, []).append((ev.step, img))
-            elif kind == "tensor" and v.metadata.plugin_data.plugin_name == "text":
+            elif kind == "tensor" and (
+                v.metadata.plugin_data.plugin_name == "text" or v.tag in spec.texts
+            ):  # only a tag's first event carries the plugin metadata, as in TensorBoard's files
                 text = v.tensor.string_val[0].decode("utf-8")
                 spec.texts.setdefault(v.tag, []).append((ev.step, text))
     return spec

@@ -23,8 +23,8 @@ CHROMIUM_TIMEOUT_S = 180  # generous: a 2-core machine shared with other jobs
 # Chromium's virtual time only advances while no request is pending, so the page gets this
 # much page time after its data arrived, however slow the machine is.
 VIRTUAL_TIME_BUDGET_MS = 15000
-# The colour TensorBoard gives the first (here: only) run: #ff7043.
-RUN_COLOUR = np.array([255, 112, 67])
+# The colours TensorBoard gives the demo's two runs: cnn #ff7043, transformer #0077bb.
+RUN_COLOURS = np.array([[255, 112, 67], [0, 119, 187]])
 # Page -> URL fragment. The scalars page is filtered to the gradient norms, where the
 # explosion shows.
 PAGES = {
@@ -35,7 +35,11 @@ PAGES = {
 # Measured on an empty logdir ("No ... data was found"): 454 distinct colours and 0 run-colour
 # pixels in the main pane; with the probe run: >= 1000 colours and >= 1500 run-colour pixels
 # (the images page, showing thumbnails, >= 4000 colours).
-MIN_MAIN_COLOURS = {"scalars": 700, "histograms": 700, "images": 2000}
+# The demo's snapshots use a 256-colour map (tbprobe.probe.render), so its images page has
+# fewer distinct colours than the charts; there, at least MIN_COLORMAP_PIXELS pixels must show
+# colour-map colours (the thumbnails themselves).
+MIN_MAIN_COLOURS = {"scalars": 700, "histograms": 700, "images": 500}
+MIN_COLORMAP_PIXELS = 20000
 MIN_RUN_COLOUR_PIXELS = 300
 
 
@@ -103,9 +107,17 @@ def test_dashboard_renders_run(page, chromium, tensorboard_default, tmp_path):
     _screenshot(chromium, f"{tensorboard_default.url}/#{PAGES[page]}", out, tmp_path / "profile")
     main = _main_pane(out)
     colours = len(np.unique(main.reshape(-1, 3), axis=0))
-    run_pixels = int((np.abs(main - RUN_COLOUR).max(axis=-1) < 40).sum())
+    near = np.abs(main[..., None, :].astype(int) - RUN_COLOURS).max(axis=-1) < 40  # (H, W, runs)
+    run_pixels = int(near.any(axis=-1).sum())
     assert colours >= MIN_MAIN_COLOURS[page], (page, colours, out)
     assert run_pixels >= MIN_RUN_COLOUR_PIXELS, (page, run_pixels, out)
+    if page == "images":
+        from tbprobe.probe.render import colormap
+
+        lut = colormap().astype(int)  # (256, 3)
+        flat = main.reshape(-1, 3)
+        dist = np.abs(flat[:, None, :] - lut[None, ::4, :]).max(axis=-1).min(axis=1)
+        assert int((dist <= 6).sum()) >= MIN_COLORMAP_PIXELS, (page, out)
     if os.environ.get("TBPROBE_UPDATE_DOCS") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(out, REPO / "docs" / out.name)

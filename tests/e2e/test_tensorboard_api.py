@@ -10,8 +10,8 @@ import html
 
 import numpy as np
 
-from tests.e2e.conftest import RUN
-from tests.e2e.probe_run import decode_png, spec_from_events
+from tests.e2e.conftest import RUN, RUNS
+from tests.e2e.probe_run import decode_png, spec_from_events, write_probe_run
 
 PLUGINS_WITH_DATA = ("scalars", "histograms", "distributions", "images", "text")
 
@@ -31,8 +31,9 @@ def _markdown_table_cells(markdown: str) -> list[str]:
 
 
 def test_runs_and_plugins_listed(tensorboard, probe_run):
-    """/data/runs lists the one run; the scalar, histogram, image and text plugins are active."""
-    assert tensorboard.get_json("/data/runs") == [RUN]
+    """/data/runs lists the demo's runs; the scalar, histogram, image and text plugins are
+    active."""
+    assert sorted(tensorboard.get_json("/data/runs")) == RUNS
     listing = tensorboard.get_json("/data/plugins_listing")
     for plugin in PLUGINS_WITH_DATA:
         assert listing[plugin]["enabled"] is True, plugin
@@ -54,14 +55,18 @@ def test_scalars_served_with_values(tensorboard, probe_run):
 
 
 def test_grad_norm_explosion_visible(tensorboard, probe_run):
-    """The served grad_norm/fc1.weight jumps more than 100x at the step the run exploded."""
-    served = tensorboard.get_json(
-        "/data/plugin/scalars/scalars", run=RUN, tag="grad_norm/fc1.weight"
-    )
+    """The served grad_norm/_total jumps more than 50x where the anomaly report puts the first
+    spike (the demo's fine-tune at a too-high learning rate): at that step, or the next one
+    when the spike was found in the update the step made."""
+    _, spec = probe_run
+    spikes = [(s, md) for s, md in spec.texts["anomaly/text_summary"] if "| spike |" in md]
+    assert spikes, spec.texts["anomaly/text_summary"]
+    first, markdown = spikes[0]
+    served = tensorboard.get_json("/data/plugin/scalars/scalars", run=RUN, tag="grad_norm/_total")
     ratios = [b[2] / a[2] for a, b in zip(served, served[1:], strict=False)]
     jump = int(np.argmax(ratios)) + 1
-    assert ratios[jump - 1] > 100
-    assert served[jump][1] == probe_run[1].texts["anomaly/text_summary"][0][0]
+    assert ratios[jump - 1] > 50
+    assert served[jump][1] in (first, first + 1), (served[jump][1], markdown)
 
 
 def test_histograms_served_with_buckets(tensorboard, probe_run):
@@ -114,17 +119,19 @@ def test_anomaly_text_served_as_table(tensorboard, probe_run):
             assert cells, markdown
             for cell in cells:
                 escaped = html.escape(cell, quote=False)
+                if len(cell) > 2 and cell[0] == cell[-1] == "`":  # inline code
+                    escaped = f"<code>{html.escape(cell[1:-1], quote=False)}</code>"
                 assert f"<td>{escaped}</td>" in rendered or f"<th>{escaped}</th>" in rendered, (
                     cell,
                     rendered,
                 )
 
 
-def test_spec_from_events_matches_written(probe_run):
-    """spec_from_events reads back exactly what was written (so a demo run can be checked the
-    same way)."""
-    logdir, written = probe_run
-    read = spec_from_events(logdir / RUN)
+def test_spec_from_events_matches_written(tmp_path):
+    """spec_from_events reads back exactly what a run with known values holds (so the demo
+    run, whose spec it builds, is checked against what was really written)."""
+    written = write_probe_run(tmp_path / "probe")
+    read = spec_from_events(tmp_path / "probe")
     assert read.scalars.keys() == written.scalars.keys()
     for tag, series in written.scalars.items():
         assert [s for s, _ in read.scalars[tag]] == [s for s, _ in series]

@@ -264,3 +264,15 @@ def test_snapshot_images_follow_the_drawn_shape_and_the_size_options(tmp_path):
             )
         )
         np.testing.assert_array_equal(got, want)
+
+
+def test_attention_maps_are_drawn_as_heads():
+    """A 4-D output of a module named like attention probabilities is drawn as a grid of
+    heads; other 4-D outputs as channels."""
+    from tbprobe.probe.snapshot import _thumb_input
+
+    x = torch.rand(2, 4, 8, 8)
+    assert _thumb_input(x, "blocks.0.attn.probs")[1] == "attention"
+    assert _thumb_input(x, "encoder.layer.1.attention.self")[1] == "attention"
+    assert _thumb_input(x, "features.3")[1] == "conv"
+    assert _thumb_input(x[0], "blocks.0.attn.probs")[1] == "sequence"  # 3-D: not attention

@@ -1,0 +1,114 @@
+"""Issue 7 in one process: the distributed options' validation, per-rank run dirs, unwrapping
+DistributedDataParallel, and the local rows that enter the packed gather."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import tbprobe
+from tbprobe import kernels
+from tbprobe.probe.collect import StepState
+from tbprobe.probe.dist_pack import Part, local_rows
+from tbprobe.probe.ranks import unwrap
+from tests.probe.util import read_run
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_writer_none_is_refused_outside_torch_distributed():
+    """Without a process group there is only rank 0, which writes: writer=None raises."""
+    with pytest.raises(TypeError, match="writer"):
+        tbprobe.Probe(_model(), None)
+
+
+@pytest.mark.parametrize("name", ["reduce_activations", "per_rank"])
+def test_distributed_options_must_be_bools(name):
+    """reduce_activations= and per_rank= take bools only, named in the TypeError."""
+    writer = tbprobe.SummaryWriter(write_to_disk=False)
+    with pytest.raises(TypeError, match=name):
+        tbprobe.Probe(_model(), writer, **{name: 1})
+
+
+def test_per_rank_and_reduce_activations_exclude_each_other(tmp_path):
+    """per_rank writes each rank's own activations: reduce_activations=True with it raises."""
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    with pytest.raises(ValueError, match="reduce_activations"):
+        tbprobe.Probe(_model(), writer, per_rank=True, reduce_activations=True)
+    writer.close()
+
+
+def test_per_rank_outside_torch_distributed_writes_rank0(tmp_path):
+    """per_rank=True in one process writes the probe's tags under <logdir>/rank0 only."""
+    model = _model()
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = tbprobe.Probe(model, writer, opt, every=1, per_rank=True, watch_requests=False)
+    for _ in range(2):
+        model(torch.ones(3, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    probe.detach()
+    writer.close()
+    top = read_run(str(tmp_path))
+    assert not [t for k in ("scalars", "histos") for t in top[k]]
+    ranked = read_run(os.path.join(str(tmp_path), "rank0"))["scalars"]
+    assert set(ranked["grad_norm/0.weight"]) == {0, 1}
+    assert "act_rms/2" in ranked
+
+
+def test_unwrap_finds_the_module_inside_ddp_and_compile(tmp_path):
+    """DistributedDataParallel (a one-rank gloo group) and _orig_mod are unwrapped, so a
+    probed DDP model's tags carry the inner module's names."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    init = "file://" + os.path.join(str(tmp_path), "store")
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        inner = _model()
+        ddp = DistributedDataParallel(inner)
+        assert unwrap(ddp) is inner
+        wrapper = nn.Module()
+        wrapper._orig_mod = ddp
+        assert unwrap(wrapper) is inner
+        probe = tbprobe.Probe(ddp, tbprobe.SummaryWriter(write_to_disk=False), every=1)
+        assert [n for n, _ in probe.modules] == ["0", "2"]
+        assert [n for n, _ in probe._params] == [n for n, _ in inner.named_parameters()]
+        probe.detach()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_rows_give_identity_rows_for_empty_and_replica_parts():
+    """An empty shard or a replica counted elsewhere gives the merge's identity row (no
+    elements, min +inf, max -inf), not the 0..1 range of an empty tensor; live parts their
+    stats."""
+    x = torch.tensor([1.0, -2.0, math.nan])
+    parts = [Part(x, True, True), Part(torch.empty(0), True, True), Part(x, True, False)]
+    rows = local_rows(parts, kernels.tensor_stats)
+    torch.testing.assert_close(rows[0], kernels.tensor_stats([x])[0])
+    for i in (1, 2):
+        assert rows[i, 0] == 0 and rows[i, 6] == 0
+        assert rows[i, 3] == math.inf and rows[i, 4] == -math.inf
+
+
+def test_kept_activation_histogram_takes_the_first_call_only():
+    """With keep_hists (reduce_activations on a histogram step) a module's first output is
+    kept for the step boundary; a second call of the module does not replace it."""
+    st = StepState(0, scheduled=True, full=True, hist=True, keep_hists=True)
+    a, b = torch.ones(3), torch.zeros(3)
+    st.add_hist("m", a, bins=4)
+    if "m" not in st.act_hists:  # the hook's own guard
+        st.add_hist("m", b, bins=4)
+    assert st.act_keep["m"] is not b and torch.equal(st.act_keep["m"], a)
+    assert st.act_hists == {"m": None}
+    st.close()
+    assert st.act_keep == {}
