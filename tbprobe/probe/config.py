@@ -72,6 +72,7 @@ class ProbeConfig:
     thumbnail_size: int = 256
     max_tiles: int = 64
     watch_requests: bool = True
+    snapshot_signal: bool = False
     start_step: int = 0
     reduce_activations: bool = False
     per_rank: bool = False
@@ -106,7 +107,7 @@ class ProbeConfig:
             raise ValueError(
                 f"on_anomaly: expected one of {REACTIONS} or a callable, got {self.on_anomaly!r}"
             )
-        for name in ("watch_requests", "reduce_activations", "per_rank"):
+        for name in ("watch_requests", "snapshot_signal", "reduce_activations", "per_rank"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")

@@ -49,9 +49,10 @@ class Probe:
     scheduled steps). ``on_anomaly``: ``"warn"``, ``"raise"`` (:class:`AnomalyError` from the
     training step), ``"snapshot"`` or a callable taking each ``Anomaly``. ``snapshot_every``:
     scheduled snapshots. ``hist_bins``: linear bins over the finite range. ``thumbnail_size``
-    and ``max_tiles`` bound snapshot images. ``watch_requests``: pick up ``tbprobe snapshot``
-    requests in the writer's log dir. ``diagnosis``: an object with ``feed(StepRecord)``
-    (default: the built-in one; False: none).
+    and ``max_tiles`` bound snapshot images. ``snapshot_signal``: an opt-in SIGUSR1 handler
+    (main thread): ``kill -USR1 <pid>`` snapshots the next step. ``watch_requests``: pick up
+    ``tbprobe snapshot`` requests in the writer's log dir. ``diagnosis``: an object with
+    ``feed(StepRecord)`` (default: the built-in one; False: none).
 
     Under torch.distributed every rank builds a probe (they join one collective per step);
     rank 0 writes and the other ranks may pass ``writer=None``. Gradients and parameters held
@@ -94,6 +95,7 @@ class Probe:
         thumbnail_size: int = 256,
         max_tiles: int = 64,
         watch_requests: bool = True,
+        snapshot_signal: bool = False,
         start_step: int = 0,
         diagnosis=None,
         reduce_activations: bool = False,
@@ -127,6 +129,7 @@ class Probe:
             thumbnail_size=thumbnail_size,
             max_tiles=max_tiles,
             watch_requests=watch_requests,
+            snapshot_signal=snapshot_signal,
             start_step=start_step,
             reduce_activations=reduce_activations,
             per_rank=per_rank,
@@ -153,6 +156,7 @@ class Probe:
         self._eager: set = set()  # modules whose outputs get changed in place: reduced at once
         self._learned = False  # a step has run that found them
         self._attached = False
+        self._signal_hit, self._restore_signal = False, None
         self.state = StepState(self._step)
         try:  # nothing below may raise on one rank only (a collective is above)
             self._hooks.attach(self.modules, self._params)
@@ -164,6 +168,10 @@ class Probe:
                 self.amp.wrap_update(self._close_step, self._after_step)
             watch = self.cfg.watch_requests and (self._dist is None or self._dist.rank == 0)
             self._watcher = make_watcher(writer, watch)  # rank 0's only: see dist_pack
+            if self.cfg.snapshot_signal:  # opt-in: `kill -USR1 <pid>` snapshots the next step
+                from tbprobe.probe.requests import install_sigusr1
+
+                self._restore_signal = install_sigusr1(self._on_signal)
             self._out = out() if callable(out) else out  # the writer this rank writes to
         except BaseException:
             self._remove_hooks()
@@ -300,7 +308,14 @@ class Probe:
         if steps > 0:
             self.snapshots.arm(names, steps)
 
+    def _on_signal(self) -> None:
+        """SIGUSR1 (main thread, possibly inside a hook): only note it; the step arms it."""
+        self._signal_hit = True
+
     def _take_requests(self) -> None:
+        if self._signal_hit:
+            self._signal_hit = False
+            self.snapshots.arm(frozenset(self.snapshots.names), 1)
         if self._watcher is None:
             return
         try:
@@ -397,6 +412,9 @@ class Probe:
             w, self._watcher = getattr(self, "_watcher", None), None
             if w is not None:
                 w.close()
+            restore, self._restore_signal = getattr(self, "_restore_signal", None), None
+            if restore is not None:
+                restore()
 
 
 def attach(model: nn.Module, writer, optimizer=None, **kwargs) -> Probe:
