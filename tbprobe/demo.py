@@ -149,5 +149,7 @@ def run_demo(logdir: str | None = None, scale: float = 1.0) -> int:
     tb = tb if os.path.exists(tb) else "tensorboard"
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Look at it:")
     print(f"  {tb} --logdir {logdir}")
-    print(f"  tbprobe report {logdir}        # the diagnosis, read back from the event files")
+    cli = os.path.join(os.path.dirname(sys.executable), "tbprobe")
+    cli = cli if os.path.exists(cli) else "tbprobe"
+    print(f"  {cli} report {logdir}   # the diagnosis, read back from the event files")
     return 0
