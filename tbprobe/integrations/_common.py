@@ -64,3 +64,18 @@ class ProbeSession:
             if self._owns_writer and self._writer is not None:
                 self._writer.close()
                 self._writer = None
+
+
+def lazy_class(module_name: str, build):
+    """A module ``__getattr__`` that builds ``TbProbeCallback`` with ``build()`` on first
+    access (so importing the module does not import its framework) and caches it."""
+    built = []
+
+    def __getattr__(name):
+        if name == "TbProbeCallback":
+            if not built:
+                built.append(build())
+            return built[0]
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return __getattr__

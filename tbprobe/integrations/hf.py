@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
+from tbprobe.integrations._common import lazy_class
 
-_CLASS = None
+__all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
 
 
 def _build():
@@ -52,10 +52,4 @@ def _build():
     return TbProbeCallback
 
 
-def __getattr__(name):
-    global _CLASS
-    if name == "TbProbeCallback":
-        if _CLASS is None:
-            _CLASS = _build()
-        return _CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_class(__name__, _build)

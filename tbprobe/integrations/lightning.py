@@ -9,9 +9,9 @@ Example::
 
 from __future__ import annotations
 
-__all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
+from tbprobe.integrations._common import lazy_class
 
-_CLASS = None
+__all__ = ["TbProbeCallback"]  # noqa: F822 - built on first access by __getattr__
 
 
 def _callback_base():
@@ -65,10 +65,4 @@ def _build():
     return TbProbeCallback
 
 
-def __getattr__(name):
-    global _CLASS
-    if name == "TbProbeCallback":
-        if _CLASS is None:
-            _CLASS = _build()
-        return _CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_class(__name__, _build)

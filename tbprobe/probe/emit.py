@@ -200,7 +200,7 @@ def _write_hist(writer, tag: str, counts, edges, stats, gs) -> None:
         num=int(stats[COUNT]),
         sum=float(stats[1]),
         sum_squares=float(stats[SUM_SQ]),
-        bucket_limits=edges[1:].tolist(),
-        bucket_counts=counts.tolist(),
+        bucket_limits=edges[1:].tolist(),  # sync-ok: the landed host (numpy) copy
+        bucket_counts=counts.tolist(),  # sync-ok: the landed host (numpy) copy
         global_step=gs,
     )
