@@ -313,6 +313,7 @@ def _child(rank: int, out: str, names: list[str]) -> None:
             if sc.name in names:
                 _run_scenario(rank, sc, out)
         _progress(out, rank, "done")
+        dist.barrier()  # no rank tears gloo down while another still runs (aborts at exit)
     finally:
         dist.destroy_process_group()
 
