@@ -189,9 +189,9 @@ class Diagnosis:
         return names, values, med, peak
 
     def _check_spikes(self, step: int, family: str, items) -> list[Anomaly]:
-        names, values, med, peak = self._observe(family, items)
-        if not names:
+        if not items[0]:  # not measured this step (update sizes come on scheduled steps)
             return []
+        names, values, med, peak = self._observe(family, items)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(med > 0, values / med, np.nan)
         hit = np.nan_to_num(ratio, nan=0.0) >= self.spike_factor

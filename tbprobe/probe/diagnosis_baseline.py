@@ -7,8 +7,6 @@ of parameters.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 __all__ = ["Baselines"]
@@ -53,12 +51,15 @@ class Baselines:
 
     def median(self, rows: np.ndarray) -> np.ndarray:
         """The ``(len(rows),)`` medians of the stored values (NaN below ``min_history``)."""
-        out = np.full(len(rows), np.nan)
-        ok = self.stored[rows] >= self.min_history
-        if ok.any():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                out[ok] = np.nanmedian(self.buf[rows[ok]], axis=1)
+        # One sort of the rows (NaN, the unfilled slots, sorts last) and two picks per row:
+        # ~20x cheaper than np.nanmedian, which goes through masked arrays on small inputs.
+        k = self.stored[rows]
+        srt = np.sort(self.buf[rows], axis=1)
+        i = np.arange(len(rows))
+        lo, hi = np.maximum(k - 1, 0) // 2, k // 2
+        hi = np.minimum(hi, self.window - 1)
+        out = 0.5 * (srt[i, lo] + srt[i, hi])
+        out[k < max(self.min_history, 1)] = np.nan
         return out
 
     def recent_max(self, rows: np.ndarray, skip: int, count: int) -> np.ndarray:

@@ -19,7 +19,6 @@ taken at the step boundary, outside the graph). A hook that raises disables itse
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -31,6 +30,24 @@ from tbprobe.probe.selection import floating_tensors
 def _in_backward() -> bool:
     """True while autograd runs a backward graph: a checkpoint recompute is happening."""
     return torch._C._current_graph_task_id() != -1
+
+
+class _Guarded:
+    """A hook body behind the failure policy (see :meth:`HookSet.fail`); returns None."""
+
+    __slots__ = ("bound", "fn", "key", "owner")
+
+    def __init__(self, owner, key, fn, bound):
+        self.owner, self.key, self.fn, self.bound = owner, key, fn, bound
+
+    def __call__(self, *args, **kwargs):
+        if self.key in self.owner.disabled:
+            return None
+        try:
+            self.fn(*self.bound, *args, **kwargs)
+        except Exception as exc:  # a probe failure must never stop training
+            self.owner.fail(*self.key, exc)
+        return None
 
 
 class HookSet:
@@ -57,29 +74,22 @@ class HookSet:
             stacklevel=3,
         )
 
-    def _guarded(self, kind: str, where: str, fn):
-        @functools.wraps(fn)
-        def hook(*args, **kwargs):
-            if (kind, where) in self.disabled:
-                return None
-            try:
-                fn(*args, **kwargs)
-            except Exception as exc:  # a probe failure must never stop training
-                self.fail(kind, where, exc)
-            return None
-
-        return hook
+    def _guarded(self, kind: str, where: str, fn, *bound):
+        """``fn(*bound, *args)`` that does nothing once ``(kind, where)`` failed, and disables
+        it when it raises. A small callable object: a tensor hook is made per tensor per step,
+        and ``functools.wraps`` would cost more than the hook itself."""
+        return _Guarded(self, (kind, where), fn, bound)
 
     # ---------------------------------------------------------------- registration
     def attach(self, modules, params) -> None:
         """Forward hooks on ``modules`` ``[(name, module)]``, post-accumulate-grad hooks on
         ``params`` ``[(name, parameter)]``."""
         for name, m in modules:
-            fn = self._guarded("forward", name, functools.partial(self._forward, name))
+            fn = self._guarded("forward", name, self._forward, name)
             self.handles.append(m.register_forward_hook(fn, with_kwargs=True))
         for name, p in params:
             if p.requires_grad:
-                fn = self._guarded("grad", name, functools.partial(self._grad, name))
+                fn = self._guarded("grad", name, self._grad, name)
                 self.handles.append(p.register_post_accumulate_grad_hook(fn))
 
     def remove(self) -> None:
@@ -139,7 +149,7 @@ class HookSet:
     def _watch(self, st: StepState, name, t):
         s = st.slot(t)
         if s.handle is None:
-            fn = self._guarded("backward", name, functools.partial(self._backward, s))
+            fn = self._guarded("backward", name, self._backward, s)
             s.handle = t.register_hook(fn)
         return s
 

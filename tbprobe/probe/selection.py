@@ -66,6 +66,8 @@ def select_modules(model: nn.Module, include=(), exclude=()) -> list[tuple[str, 
 def floating_tensors(obj, depth: int = 0) -> list[torch.Tensor]:
     """The floating-point tensors inside ``obj``: a tensor, or tuples/lists/dicts/dataclasses
     of them (e.g. Hugging Face ``ModelOutput``), in order."""
+    if type(obj) is tuple and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
+        obj = obj[0]  # a module's positional args, most often: the hot path
     if isinstance(obj, torch.Tensor):
         return [obj] if obj.is_floating_point() and obj.numel() > 0 else []
     if depth >= _MAX_DEPTH:

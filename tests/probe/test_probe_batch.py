@@ -182,12 +182,25 @@ def test_in_place_change_after_the_first_step_is_found_at_the_flush():
     assert mins[2] >= 0  # reduced after the change: the step that finds it
 
 
-def test_nonfinite_counts_count_nan_and_inf_exactly():
-    """nonfinite_counts equals the number of NaN and ±Inf elements for every float dtype."""
+@pytest.mark.parametrize("few", [0, 4])
+def test_nonfinite_counts_count_nan_and_inf_exactly(few, monkeypatch):
+    """nonfinite_counts equals the number of NaN and ±Inf elements for every float dtype, on
+    each of its paths (one by one; one flat pass; multi-tensor ops)."""
+    monkeypatch.setattr(batch, "_FEW", few)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         x = torch.tensor([1.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -2.0], dtype=dtype)
         got = batch.nonfinite_counts([x, x[:2], torch.full((5,), math.nan, dtype=dtype)])
         assert got.dtype == torch.float64 and got.tolist() == [3.0, 0.0, 5.0], dtype
+        # Past the flat pass's size, mixed dtypes, empty and non-contiguous tensors: the
+        # multi-tensor path; counts stay exact (fp16 counts are not summed in fp16).
+        big = torch.full((300_001,), math.nan, dtype=dtype)
+        got = batch.nonfinite_counts([big, x, x[:0]])
+        assert got.tolist() == [300_001.0, 3.0, 0.0], dtype
+        got = batch.nonfinite_counts([x, x.double()[:5], x[:0], x.view(7, 1).t()])
+        assert got.tolist() == [3.0, 3.0, 0.0, 3.0], dtype
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        x = torch.tensor([1.0, math.nan, 2.0]).to(dtype)
+        assert batch.nonfinite_counts([x, torch.ones(2)]).tolist() == [1.0, 0.0], dtype
 
 
 def test_norm_rows_give_exact_norms_and_nonfinite_counts():

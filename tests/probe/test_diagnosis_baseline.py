@@ -1,0 +1,52 @@
+"""The diagnosis' running baselines: medians and recent maxima of ring-buffered series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tbprobe.probe.diagnosis_baseline import Baselines
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_median_equals_nanmedian_of_the_stored_values(seed):
+    """Series at every fill state (empty, partial, wrapped) give np.median of what they hold."""
+    rng = np.random.default_rng(seed)
+    base = Baselines(window=8, warmup=2, min_history=3)
+    names = [f"s{i}" for i in range(6)]
+    rows = base.rows(names)
+    held = {n: [] for n in names}
+    for step in range(20):
+        vals = rng.lognormal(size=len(names))
+        vals[rng.random(len(names)) < 0.2] = np.nan  # dropped, never stored
+        live = rng.random(len(names)) < 0.7  # some series are not observed every step
+        base.push(rows[live], vals[live])
+        for n, v, on in zip(names, vals, live, strict=True):
+            if on and np.isfinite(v):
+                held[n].append(v)
+        got = base.median(rows)
+        for j, n in enumerate(names):
+            stored = held[n][base.warmup :][-base.window :]
+            if len(stored) < base.min_history:
+                assert np.isnan(got[j]), (step, n)
+            else:
+                assert got[j] == np.median(stored), (step, n, stored)
+
+
+def test_median_of_an_even_count_averages_the_middle_pair():
+    base = Baselines(window=4, warmup=0, min_history=1)
+    rows = base.rows(["a"])
+    for v in (4.0, 1.0, 3.0, 2.0, 10.0):  # the 4.0 falls out of the window
+        base.push(rows, np.array([v]))
+    assert base.median(rows)[0] == 2.5  # median of 1, 3, 2, 10
+
+
+def test_recent_max_skips_the_latest_values():
+    base = Baselines(window=8, warmup=0, min_history=1)
+    rows = base.rows(["a"])
+    for v in (1.0, 2.0, 9.0, 3.0, 4.0):
+        base.push(rows, np.array([v]))
+    assert base.recent_max(rows, 2, 2)[0] == 9.0
+    assert np.isnan(base.recent_max(base.rows(["new"]), 0, 1)[0])
+    with pytest.raises(ValueError, match="count"):
+        base.recent_max(rows, 5, 5)
