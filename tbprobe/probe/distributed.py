@@ -5,8 +5,8 @@ already global. Under FSDP2 (``fully_shard``) and other DTensor sharding each ra
 shard: it reduces its *local* part with the kernels, and the partial results of every probed
 tensor go through **one** asynchronous all-gather of a packed float64 buffer per logged step.
 Each rank then merges the gathered partials on its device — sums and counts add, minima and
-maxima combine, histogram bins (on edges every rank agrees on) add — so rank 0 holds the
-statistics of the unsharded tensors without a host sync.
+maxima combine, histogram bins (on fixed edges every rank knows before binning) add — so
+rank 0 holds the statistics of the unsharded tensors without a host sync.
 
 A replicated DTensor dimension must count once: only the ranks at coordinate 0 along each
 ``Replicate`` mesh dimension contribute; the others send identity rows.
@@ -25,6 +25,7 @@ __all__ = [
     "IDENTITY_ROW",
     "Packed",
     "PackedGather",
+    "collective_device",
     "identity_rows",
     "is_distributed",
     "is_dtensor",
@@ -62,6 +63,21 @@ def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a buffer for the group's collectives lives: the current CUDA device under NCCL,
+    else the CPU (gloo). For a step with no tensor to take the device from.
+
+    Example::
+
+        buf = torch.zeros(4, device=collective_device())
+    """
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _dtensor_type():

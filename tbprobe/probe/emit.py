@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ class StepMeta:
     params: list = field(default_factory=list)  # param names
     updates: list = field(default_factory=list)  # param names with a pre-step copy
     hists: list = field(default_factory=list)  # tags
+    ghists: list = field(default_factory=list)  # tags binned over all ranks, fixed edges
     thumbs: list = field(default_factory=list)  # (module, shape, kind)
     snap_modules: frozenset = frozenset()
 
@@ -85,11 +87,48 @@ def merge_events(meta: StepMeta, data: dict) -> None:
     data["evin"] = evin
 
 
+def norms_of(rows: np.ndarray) -> np.ndarray:
+    """:func:`norm_of` of every row of ``rows`` ``(n, 10)``, vectorised."""
+    bad_nan = rows[:, NAN] > 0
+    bad_inf = (rows[:, POS_INF] + rows[:, NEG_INF]) > 0
+    out = np.sqrt(rows[:, SUM_SQ])
+    out[bad_inf] = math.inf
+    out[bad_nan] = math.nan
+    return out
+
+
+def _clean_check(meta: StepMeta, data: dict) -> bool:
+    """A checked (not scheduled) step of counts only where nothing is non-finite: its events
+    would say nothing, so the record skips them (the common step, kept cheap)."""
+    if meta.scheduled or meta.full or not meta.grads:
+        return False
+    rows = data.get("rows")
+    if rows is not None and rows.size and rows.max() > 0:
+        return False
+    return not data["grad"][:, NAN : NEG_INF + 1].any()
+
+
+def is_broken(data: dict) -> bool:
+    """True for a distributed step that some rank failed to pack: its global values are
+    incomplete (:mod:`tbprobe.probe.dist_pack`), so it is neither written nor diagnosed."""
+    flag = data.get("broken")
+    return flag is not None and bool(flag.reshape(-1)[0] > 0)
+
+
 def build_record(meta: StepMeta, data: dict) -> StepRecord:
-    """The :class:`StepRecord` of a decoded step."""
+    """The :class:`StepRecord` of a decoded step (an empty one for a broken step)."""
+    if is_broken(data):
+        warnings.warn(
+            "tbprobe: a rank failed to pack its partial statistics; the global values of the "
+            "steps it failed are not written (that rank's probe.errors has the exception)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return StepRecord(step=meta.step, scheduled=meta.scheduled)
     stats_on = meta.scheduled
     events = []
-    if meta.events:
+    clean = _clean_check(meta, data)
+    if meta.events and not clean:
         merge_events(meta, data)
         ev, evin = data["ev"], data["evin"]
         nonfinite = ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev
@@ -109,28 +148,29 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
     grad_norms, param_norms, ratios = {}, {}, {}
     if meta.grads:
         rows = data["grad"]
-        for (seq, name), row in zip(meta.grads, rows, strict=True):
-            nf = int(row[NAN] + row[POS_INF] + row[NEG_INF])
-            events.append(
-                TensorEvent(
-                    seq=seq,
-                    module=name,
-                    pass_="grad",
-                    tensor="grad",
-                    nonfinite=nf,
-                    stats=row.copy() if stats_on else None,
+        names = [name for _, name in meta.grads]
+        grad_norms = dict(zip(names, norms_of(rows).tolist(), strict=True))
+        grad_norms["_total"] = norm_of(rows.sum(0))
+        if not clean:
+            nf = rows[:, NAN] + rows[:, POS_INF] + rows[:, NEG_INF]
+            for i, (seq, name) in enumerate(meta.grads):
+                events.append(
+                    TensorEvent(
+                        seq=seq,
+                        module=name,
+                        pass_="grad",
+                        tensor="grad",
+                        nonfinite=int(nf[i]),
+                        stats=rows[i].copy() if stats_on else None,
+                    )
                 )
-            )
-            grad_norms[name] = norm_of(row)
-        total = rows.sum(0)
-        grad_norms["_total"] = norm_of(total)
     if meta.params:
-        for name, row in zip(meta.params, data["param"], strict=True):
-            param_norms[name] = norm_of(row)
+        param_norms = dict(zip(meta.params, norms_of(data["param"]).tolist(), strict=True))
     if meta.updates:
-        for name, row in zip(meta.updates, data["upd"], strict=True):
+        upd = norms_of(data["upd"])
+        for name, u in zip(meta.updates, upd.tolist(), strict=True):
             w = param_norms.get(name, math.nan)
-            ratios[name] = norm_of(row) / w if w > 0 else math.nan
+            ratios[name] = u / w if w > 0 else math.nan
     events.sort(key=lambda e: e.seq)
     skip = data.get("skip")
     return StepRecord(
@@ -157,7 +197,9 @@ def at_step(writer, step: int):
 
 
 def write_step(writer, meta: StepMeta, data: dict, record: StepRecord, cfg) -> None:
-    """Write the tags of a decoded step with host values."""
+    """Write the tags of a decoded step with host values (nothing for a broken step)."""
+    if is_broken(data):
+        return
     track = cfg.track
     with at_step(writer, meta.step) as gs:
         add = writer.add_scalar
@@ -173,6 +215,8 @@ def write_step(writer, meta: StepMeta, data: dict, record: StepRecord, cfg) -> N
             _write_module_scalars(add, meta, data["ev"], track, gs)
         for i, tag in enumerate(meta.hists):
             _write_hist(writer, tag, data["hcounts"][i], data["hedges"][i], data["hstats"][i], gs)
+        for i, tag in enumerate(meta.ghists):
+            _write_global_hist(writer, tag, data["gcounts"][i], data["gstats"][i], gs)
         for i, (module, shape, kind) in enumerate(meta.thumbs):
             img, fmt = image_for_tensorboard(data[("t", i)], shape, kind, module, cfg)
             writer.add_image(f"snapshot/{module}", img, gs, dataformats=fmt)
@@ -202,5 +246,28 @@ def _write_hist(writer, tag: str, counts, edges, stats, gs) -> None:
         sum_squares=float(stats[SUM_SQ]),
         bucket_limits=edges[1:].tolist(),  # sync-ok: the landed host (numpy) copy
         bucket_counts=counts.tolist(),  # sync-ok: the landed host (numpy) copy
+        global_step=gs,
+    )
+
+
+def _write_global_hist(writer, tag: str, counts, stats, gs) -> None:
+    """A histogram summed over the ranks on the fixed :data:`~tbprobe.probe.dist_slots.
+    GLOBAL_BINS` edges, trimmed as the writer trims ``add_histogram``'s (the occupied bins and
+    one empty bin before them); min, max, num, sum and sum of squares from the merged stats."""
+    if stats[COUNT] <= 0:
+        return
+    from tbprobe.probe.dist_slots import global_edges
+    from tbprobe.writer.histogram import trim
+
+    limits, kept = trim(np.asarray(counts, np.int64), global_edges())
+    writer.add_histogram_raw(
+        tag,
+        min=float(stats[MIN]),
+        max=float(stats[MAX]),
+        num=int(stats[COUNT]),
+        sum=float(stats[1]),
+        sum_squares=float(stats[SUM_SQ]),
+        bucket_limits=limits.tolist(),  # sync-ok: host (numpy) arrays
+        bucket_counts=kept.tolist(),  # sync-ok: host (numpy) arrays
         global_step=gs,
     )

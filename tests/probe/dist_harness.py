@@ -13,10 +13,15 @@ Probe API these runs assume (issue 7): ``writer=None`` on ranks other than 0 (ra
 ``reduce_activations=True`` reduces activation statistics over the ranks; ``per_rank=True``
 with a writer on every rank writes rank r's own statistics under ``<writer logdir>/rank<r>``;
 a model wrapped in ``DistributedDataParallel`` is probed under its inner module's names.
+
+Each rank also records the torch.distributed collectives and the host syncs called from inside
+the probe's code (:class:`Collectives`), and a scenario may make one rank's packing raise at
+one step (``break_pack``), to check that the other ranks are not left waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -27,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tests.probe.dist_instrument import Collectives, broken_pack
 
 WORLD = 2
 MICRO = 2  # sequences per rank and step
@@ -113,16 +120,28 @@ class Scenario:
     probe_kwargs: dict = field(default_factory=dict)
     plant: tuple[str, int, int] | None = None  # (module, step, rank): NaN in its output
     per_rank: bool = False
+    break_pack: tuple[int, int] | None = None  # (step, rank): its packing raises there
 
 
 PLANT = ("blocks.1.fc1", 1, 1)
+BREAK = (2, 1)  # rank 1's packing raises at step 2, a histogram step of "fsdp_broken"
+BREAK_MESSAGE = "planted pack failure"
 SCENARIOS = (
     Scenario("ddp", "ddp"),
     Scenario("fsdp", "fsdp", probe_kwargs={"reduce_activations": True}),
     Scenario("ddp_nan", "ddp", steps=2, plant=PLANT),
     Scenario("fsdp_nan", "fsdp", steps=2, plant=PLANT),
     Scenario("ddp_per_rank", "ddp", steps=2, probe_kwargs={"per_rank": True}, per_rank=True),
+    Scenario(
+        "fsdp_broken",
+        "fsdp",
+        steps=4,
+        probe_kwargs={"reduce_activations": True, "histogram_every": 2},
+        break_pack=BREAK,
+    ),
 )
+SCENARIO = {sc.name: sc for sc in SCENARIOS}
+COLLECTIVES = Collectives()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -259,10 +278,9 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
     handles += _watch_grad_hooks(params, dump["hook_grads"])
     writer = tbprobe.SummaryWriter(run_dir) if rank == 0 or sc.per_rank else None
     probe = None
+    kwargs = {"every": 1, "histogram_every": 1, "hist_bins": BINS, **sc.probe_kwargs}
     try:
-        probe = tbprobe.Probe(
-            wrapped, writer, opt, every=1, histogram_every=1, hist_bins=BINS, **sc.probe_kwargs
-        )
+        probe = tbprobe.Probe(wrapped, writer, opt, **kwargs)
     except Exception:
         dump["error"] = traceback.format_exc()
     errors: list = [None] * WORLD  # agree before training: a rank without a probe stops all
@@ -272,18 +290,25 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
         if probe is not None:
             probe.detach()
         probe = None
-    for step in range(sc.steps):
-        _progress(out, rank, f"{sc.name}: step {step}")
-        lm_loss(wrapped, rank_batch(step, rank)).backward()
-        if step == 0:
-            dump["grad_layout"] = _grad_layout(params)
-        opt.step()
-        opt.zero_grad()
+    fault = contextlib.nullcontext()
+    if sc.break_pack is not None and sc.break_pack[1] == rank:
+        fault = broken_pack(sc.break_pack[0], BREAK_MESSAGE)
+    COLLECTIVES.clear()
+    with fault:
+        for step in range(sc.steps):
+            _progress(out, rank, f"{sc.name}: step {step}")
+            lm_loss(wrapped, rank_batch(step, rank)).backward()
+            if step == 0:
+                dump["grad_layout"] = _grad_layout(params)
+            opt.step()
+            opt.zero_grad()
     if probe is not None:
         _progress(out, rank, f"{sc.name}: detach")
         probe.detach()
         dump["anomalies"] = [_anomaly(a) for a in probe.anomalies]
         dump["probe_errors"] = [f"{k} {w}: {e!r}" for k, w, e in probe.errors]
+    dump["collectives"] = list(COLLECTIVES.calls)
+    dump["syncs"] = list(COLLECTIVES.syncs)
     if writer is not None:
         writer.close()
     cap.remove()
@@ -303,6 +328,7 @@ def _child(rank: int, out: str, names: list[str]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two ranks share few cores
+    COLLECTIVES.install()
     store = "file://" + os.path.join(out, "store")
     dist.init_process_group(
         "gloo", init_method=store, rank=rank, world_size=WORLD,

@@ -1,11 +1,13 @@
 """Issue 7 in one process: the distributed options' validation, per-rank run dirs, unwrapping
-DistributedDataParallel, and the local rows that enter the packed gather."""
+DistributedDataParallel, the local rows and slots that enter the packed gather, and how the
+host writes a histogram summed over the ranks or skips a step some rank failed to pack."""
 
 from __future__ import annotations
 
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,8 +15,12 @@ from torch import nn
 import tbprobe
 from tbprobe import kernels
 from tbprobe.probe.collect import StepState
-from tbprobe.probe.dist_pack import Part, local_rows
+from tbprobe.probe.config import ProbeConfig
+from tbprobe.probe.dist_pack import GLOBAL_BINS, Part, local_rows
+from tbprobe.probe.dist_slots import Gather, global_edges
+from tbprobe.probe.emit import StepMeta, build_record, write_step
 from tbprobe.probe.ranks import unwrap
+from tbprobe.writer.histogram import histogram_value
 from tests.probe.util import read_run
 
 
@@ -112,3 +118,75 @@ def test_kept_activation_histogram_takes_the_first_call_only():
     assert st.act_hists == {"m": None}
     st.close()
     assert st.act_keep == {}
+
+
+def test_gather_identities_change_no_merge_and_set_the_flag():
+    """A rank that failed sends identity rows, zero sums and the flag: merged with a rank
+    that packed, the rows and sums are that rank's own and "broken" counts one failure.
+    An empty slot declares nothing; a part of the wrong size is refused."""
+    g = Gather()
+    g.rows("rows", 2)
+    g.sum("counts", 3)
+    g.rows("none", 0)
+    assert g.keys == ["rows", "counts"]
+    x = torch.tensor([1.0, -2.0, math.nan, 4.0])
+    rows = kernels.tensor_stats([x, x[:2]])
+    counts = torch.tensor([1.0, 0.0, 5.0], dtype=torch.float64)
+    good = g.pack({"rows": rows, "counts": counts}, "cpu")
+    merged = g.layout.merge(torch.stack([good, g.identities("cpu")]))
+    broken, got_rows, got_counts = g.layout.unpack(merged)
+    assert broken.tolist() == [1.0]
+    assert torch.equal(got_rows, rows) and torch.equal(got_counts, counts)
+    with pytest.raises(ValueError, match="parts"):
+        g.pack({"rows": rows, "counts": counts[:2]}, "cpu")
+
+
+def _meta(**kw) -> StepMeta:
+    return StepMeta(step=3, scheduled=True, full=True, **kw)
+
+
+class _Recorder:
+    """Stands for a writer: records add_histogram_raw and add_scalar calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_histogram_raw(self, tag, **kw):
+        self.calls.append((tag, kw))
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append((tag, value))
+
+
+def test_global_histogram_is_written_trimmed_on_the_fixed_edges():
+    """A histogram summed over the ranks is written on TensorBoard's fixed edges, trimmed to
+    its occupied bins and one empty bin before them, as add_histogram would write the same
+    values; min, max, num, sum and sum of squares come from the merged stats row."""
+    x = torch.tensor([-0.5, 0.0, 1e-3, 1e-3, 2.0, math.inf])
+    h = kernels.histogram(x, bins=GLOBAL_BINS)
+    data = {"gcounts": h.counts.double().numpy()[None], "gstats": h.stats.numpy()[None]}
+    out, meta = _Recorder(), _meta(ghists=["act_hist/m"])
+    write_step(out, meta, data, build_record(meta, data), ProbeConfig())
+    ((tag, kw),) = out.calls
+    want = histogram_value("act_hist/m", h.counts.numpy(), h.edges.numpy(), h.stats.numpy())
+    assert tag == "act_hist/m"
+    assert kw["bucket_limits"] == list(want.histo.bucket_limit)
+    assert kw["bucket_counts"] == list(want.histo.bucket)
+    assert (kw["min"], kw["max"], kw["num"]) == (-0.5, 2.0, 5)
+    assert kw["sum"] == pytest.approx(1.502) and kw["sum_squares"] == pytest.approx(4.250002)
+    assert len(global_edges()) == 1549 and not global_edges().flags.writeable
+
+
+def test_a_broken_step_is_neither_recorded_nor_written():
+    """The gathered flag > 0 (a rank failed to pack): the record is empty (nothing for the
+    diagnosis), nothing is written and a RuntimeWarning says why; flag 0 changes nothing."""
+    meta = _meta(grads=[(1, "w")])
+    row = np.array([[4.0, 0.0, 4.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    with pytest.warns(RuntimeWarning, match="failed to pack"):
+        record = build_record(meta, {"grad": row, "broken": np.array([1.0])})
+    assert (record.step, record.events, dict(record.grad_norms)) == (3, (), {})
+    out = _Recorder()
+    write_step(out, meta, {"grad": row, "broken": np.array([1.0])}, record, ProbeConfig())
+    assert out.calls == []
+    record = build_record(meta, {"grad": row, "broken": np.array([0.0])})
+    assert record.grad_norms["w"] == 2.0

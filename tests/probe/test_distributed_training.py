@@ -6,27 +6,20 @@ planted on rank 1 only must be attributed on rank 0; ``per_rank=True`` writes ``
 
 from __future__ import annotations
 
-import math
+import collections
 import os
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import tbprobe
 from tbprobe.probe.anomaly import parse_markdown
 from tests.probe import dist_harness as H
+from tests.probe.dist_expect import LOOSE_OTHERS, expected, mismatches, report
 from tests.probe.util import read_run
 
-# Relative tolerances. TIGHT: a written float32 scalar vs float64 statistics of the very same
-# tensors. LOOSE: float32 training vs the float64 reference; measured in one process (the
-# control test) at <= 4e-7, except update ratios (<= 4e-5: ||w_after - w_before|| cancels
-# float32 rounding of w, ~1 for LayerNorm weights, against an update of ~1e-3).
-TIGHT = 1e-6
-LOOSE = {"update_ratio": 2e-4}
-LOOSE_OTHERS = 1e-5
 FAMILIES = ("grad_norm", "param_norm", "update_ratio", "act_rms", "act_absmax", "outgrad_rms")
 HIST_FAMILIES = ("grad_hist", "param_hist", "act_hist")
 PLANTED = {"module": "blocks.1.fc1", "pass_": "forward", "step": 1}
@@ -66,109 +59,6 @@ def ref64():
     return reference(3)
 
 
-# ---------------------------------------------------------------- expected values
-def _flat(ts) -> np.ndarray:
-    return np.concatenate([t.detach().double().numpy().ravel() for t in ts])
-
-
-def _hist(x: np.ndarray):
-    """The probe's bins: ``BINS`` linear bins over the finite range (numpy's rule)."""
-    x = x[np.isfinite(x)]
-    lo, hi = float(x.min()), float(x.max())
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, H.BINS + 1)
-    return edges, np.histogram(x, edges)[0], x
-
-
-def expected(run: dict, steps: int, act_ranks) -> dict:
-    """``{"scalars": {tag: {step: v}}, "histos": {tag: {step: (edges, counts, values)}}}``."""
-    sc, hi = {}, {}
-
-    def put(table, tag, step, v):
-        table.setdefault(tag, {})[step] = v
-
-    for step in range(steps):
-        grads, before, after = run["grads"][step], run["before"][step], run["after"][step]
-        total = 0.0
-        for n, g in grads.items():
-            x = _flat([g])
-            put(sc, f"grad_norm/{n}", step, math.sqrt(x @ x))
-            total += x @ x
-            w, d = _flat([after[n]]), _flat([before[n]]) - _flat([after[n]])
-            put(sc, f"param_norm/{n}", step, math.sqrt(w @ w))
-            put(sc, f"update_ratio/{n}", step, math.sqrt(d @ d) / math.sqrt(w @ w))
-            put(hi, f"grad_hist/{n}", step, _hist(x))
-            put(hi, f"param_hist/{n}", step, _hist(w))
-        put(sc, "grad_norm/_total", step, math.sqrt(total))
-        for m in run["acts"][(step, act_ranks[0])]:
-            a = _flat([run["acts"][(step, r)][m] for r in act_ranks])
-            put(sc, f"act_rms/{m}", step, math.sqrt(a @ a / a.size))
-            put(sc, f"act_absmax/{m}", step, float(np.abs(a).max()))
-            put(hi, f"act_hist/{m}", step, _hist(a))
-            g = _flat([run["outgrads"][(step, r)][m] for r in act_ranks])
-            put(sc, f"outgrad_rms/{m}", step, math.sqrt(g @ g / g.size))
-    return {"scalars": sc, "histos": hi}
-
-
-def _near_edges(x: np.ndarray, edges: np.ndarray, tol: float) -> int:
-    """How many values lie within ``tol`` of an inner edge (they may change bins)."""
-    inner = edges[1:-1]
-    return int((np.abs(x[:, None] - inner[None, :]).min(1) <= tol).sum()) if inner.size else 0
-
-
-def mismatches(written: dict, want: dict, loose: bool = False, families=None) -> list[str]:
-    """Every difference between what was written and ``want``, as readable lines. Tight:
-    scalars to ``TIGHT``, histogram edges to 1e-12 and counts equal. Loose: ``LOOSE``, and
-    counts may differ only by values within rounding of an edge. The written edges are
-    ``bucket_limit`` (the upper edges)."""
-    keep = (lambda tag: tag.split("/")[0] in families) if families else (lambda tag: True)
-    bad = []
-    for tag, by_step in want["scalars"].items():
-        rtol = LOOSE.get(tag.split("/")[0], LOOSE_OTHERS) if loose else TIGHT
-        for step, v in by_step.items() if keep(tag) else ():
-            got = written["scalars"].get(tag, {}).get(step)
-            if got is None:
-                bad.append(f"{tag} @{step}: not written (expected {v:.7g})")
-            elif not math.isclose(got, v, rel_tol=rtol):
-                bad.append(f"{tag} @{step}: wrote {got:.7g}, expected {v:.7g}")
-    for tag, by_step in want["histos"].items():
-        for step, (edges, counts, x) in by_step.items() if keep(tag) else ():
-            h = written["histos"].get(tag, {}).get(step)
-            if h is None:
-                bad.append(f"{tag} @{step}: not written")
-                continue
-            limits, got = np.array(h.bucket_limit), np.array(h.bucket, dtype=np.int64)
-            span = edges[-1] - edges[0]
-            etol = LOOSE_OTHERS if loose else 1e-12
-            if limits.shape != edges[1:].shape or not np.allclose(
-                limits, edges[1:], rtol=etol, atol=etol * span
-            ):
-                bad.append(f"{tag} @{step}: edges {limits[[0, -1]]} != {edges[[1, -1]]}")
-                continue
-            moved = _near_edges(x, edges, etol * span) if loose else 0
-            if got.sum() != counts.sum() or np.abs(got - counts).sum() > 2 * moved:
-                bad.append(f"{tag} @{step}: counts differ in {int((got != counts).sum())} bins")
-    fams = {t.split("/")[0] for t in [*want["scalars"], *want["histos"]] if keep(t)}
-    for kind in ("scalars", "histos"):
-        extra = [t for t in written[kind] if t.split("/")[0] in fams and t not in want[kind]]
-        bad += [f"{t}: written but not expected" for t in sorted(extra)]
-    return bad
-
-
-def _report(bad: list[str], what: str) -> str:
-    """A summary: how many tags are missing, wrong, unexpected, and a few of each."""
-    kinds = {"not written": [], "written but not expected": [], "wrong": []}
-    for line in bad:
-        key = next((k for k in kinds if k in line), "wrong")
-        kinds[key].append(line)
-    parts = [f"{len(bad)} mismatches with {what}:"]
-    for k, lines in kinds.items():
-        if lines:
-            parts += [f"  {len(lines)} {k}, e.g.:"] + [f"    {x}" for x in lines[:6]]
-    return "\n".join(parts)
-
-
 def _probe_errors(dumps) -> list[str]:
     return [f"rank {d['rank']}: {e}" for d in dumps for e in d.get("probe_errors", [])]
 
@@ -193,13 +83,13 @@ def test_single_process_control_matches_the_expected_values(tmp_path, ref64):
     writer.close()
     written = read_run(str(tmp_path))
     bad = mismatches(written, expected(cap.data(), 3, [0]))
-    assert not bad, _report(bad, "its own tensors")
+    assert not bad, report(bad, "its own tensors")
     assert not probe.errors
     # The reference's activations of both ranks are the global batch's; its output gradients
     # are of each rank's own mean loss (WORLD times those of the global mean): not compared.
     fams = [f for f in FAMILIES + HIST_FAMILIES if f != "outgrad_rms"]
     bad = mismatches(written, expected(ref64, 3, [0, 1]), loose=True, families=fams)
-    assert not bad, _report(bad, "the float64 reference")
+    assert not bad, report(bad, "the float64 reference")
 
 
 def test_single_process_control_attributes_the_planted_nan():
@@ -271,13 +161,14 @@ def test_rank0_writes_the_stats_of_the_global_tensors(runs, name):
     """Rank 0's tags equal float64 statistics of the synchronised (DDP) or unsharded (FSDP2)
     grads and params, and of rank 0's activations (DDP) or all ranks' (FSDP2 run with
     reduce_activations=True): scalars to float32 rounding, histogram edges and counts exactly
-    (bins over the global finite range)."""
+    (DDP: linear bins over rank 0's finite range; FSDP2: TensorBoard's fixed bins, counts
+    summed over the ranks), and the histograms' num, min, max, sum and sum of squares."""
     dumps = H.load(runs, name)
     assert not _probe_errors(dumps), _probe_errors(dumps)
     act_ranks = [0] if name == "ddp" else [0, 1]
     written = read_run(os.path.join(runs[0], name, "run"))
-    bad = mismatches(written, expected(H.truth(dumps), 3, act_ranks))
-    assert not bad, _report(bad, "the tensors the ranks held")
+    bad = mismatches(written, expected(H.truth(dumps), 3, act_ranks, tf=name == "fsdp"))
+    assert not bad, report(bad, "the tensors the ranks held")
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
@@ -287,8 +178,8 @@ def test_rank0_writes_the_single_process_reference(runs, ref64, name):
     H.load(runs, name)
     act_ranks = [0] if name == "ddp" else [0, 1]
     written = read_run(os.path.join(runs[0], name, "run"))
-    bad = mismatches(written, expected(ref64, 3, act_ranks), loose=True)
-    assert not bad, _report(bad, "the float64 single-process reference")
+    bad = mismatches(written, expected(ref64, 3, act_ranks, tf=name == "fsdp"), loose=True)
+    assert not bad, report(bad, "the float64 single-process reference")
 
 
 @pytest.mark.parametrize("name", ["ddp_nan", "fsdp_nan"])
@@ -322,7 +213,48 @@ def test_per_rank_writes_one_run_dir_per_rank(runs):
         rdir = os.path.join(base, f"rank{r}")
         assert os.path.isdir(rdir), f"{rdir} missing"
         bad = mismatches(read_run(rdir), expected(run, 2, [r]))
-        assert not bad, _report(bad, f"rank {r}'s tensors")
+        assert not bad, report(bad, f"rank {r}'s tensors")
+
+
+# ---------------------------------------------------------------- one collective, no hang
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_broken"])
+def test_one_collective_per_logged_step(runs, name):
+    """On every rank the probe's code calls exactly one torch.distributed collective per logged
+    step, at the step boundary (its packed all-gather), histogram steps included (every step of
+    "ddp" and "fsdp", where FSDP2 bins grads, params and activations over the ranks; steps 0
+    and 2 of "fsdp_broken"), and none from its hooks."""
+    dumps = H.load(runs, name)
+    for d in dumps:
+        calls = d["collectives"]
+        assert {entry for entry, _, _ in calls} <= {"_close_step"}, calls
+        per_step = collections.Counter(step for _, step, _ in calls)
+        assert per_step == dict.fromkeys(range(H.SCENARIO[name].steps), 1), calls
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_broken"])
+def test_no_host_sync_in_the_distributed_step(runs, name):
+    """In the hooks and at the step boundary (packing, the gather, the merge, histogram steps
+    and the failing rank included) the probe calls none of item/cpu/tolist/numpy/bool/int/
+    float/nonzero on a tensor, on either rank."""
+    dumps = H.load(runs, name)
+    assert [d["syncs"] for d in dumps] == [[], []]
+
+
+def test_a_rank_failing_to_pack_leaves_no_rank_waiting(runs):
+    """Rank 1's packing raises at step 2 (a histogram step): it still takes its part in the
+    step's gather, so the run goes on (no rank waits in the collective), records the error
+    once and keeps packing; rank 0, told by the gathered flag, writes nothing of step 2 (its
+    global values would lack rank 1's part) and steps 0, 1 and 3 exactly."""
+    dumps = H.load(runs, "fsdp_broken")
+    errors = [d["probe_errors"] for d in dumps]
+    assert errors[0] == [] and len(errors[1]) == 1, errors
+    assert H.BREAK_MESSAGE in errors[1][0], errors
+    written = read_run(os.path.join(runs[0], "fsdp_broken", "run"))
+    at_break = [t for k in ("scalars", "histos") for t, by in written[k].items() if 2 in by]
+    assert not at_break, f"written at the broken step: {at_break[:5]}"
+    want = expected(H.truth(dumps), [0, 1, 3], [0, 1], tf=True, hist_steps=[0])
+    bad = mismatches(written, want)
+    assert not bad, report(bad, "the tensors the ranks held")
 
 
 # ---------------------------------------------------------------- the harness itself
