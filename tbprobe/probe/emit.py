@@ -202,17 +202,20 @@ def write_step(writer, meta: StepMeta, data: dict, record: StepRecord, cfg) -> N
         return
     track = cfg.track
     with at_step(writer, meta.step) as gs:
-        add = writer.add_scalar
+        tags, values = [], []
         if meta.scheduled and "grads" in track:
-            for name, v in record.grad_norms.items():
-                add(f"grad_norm/{name}", v, gs)
+            _scalars(tags, values, "grad_norm/", record.grad_norms)
         if meta.scheduled and "params" in track:
-            for name, v in record.param_norms.items():
-                add(f"param_norm/{name}", v, gs)
-            for name, v in record.update_ratios.items():
-                add(f"update_ratio/{name}", v, gs)
+            _scalars(tags, values, "param_norm/", record.param_norms)
+            _scalars(tags, values, "update_ratio/", record.update_ratios)
         if meta.events and meta.full and (meta.scheduled or meta.snap_modules):
-            _write_module_scalars(add, meta, data["ev"], track, gs)
+            _module_scalars(tags, values, meta, data["ev"], track)
+        batch = getattr(writer, "_add_scalar_batch", None)
+        if batch is not None:  # tbprobe's writer: the step's scalars in one event
+            batch(tags, values, gs)
+        else:
+            for tag, v in zip(tags, values, strict=True):
+                writer.add_scalar(tag, v, gs)
         for i, tag in enumerate(meta.hists):
             _write_hist(writer, tag, data["hcounts"][i], data["hedges"][i], data["hstats"][i], gs)
         for i, tag in enumerate(meta.ghists):
@@ -222,15 +225,21 @@ def write_step(writer, meta: StepMeta, data: dict, record: StepRecord, cfg) -> N
             writer.add_image(f"snapshot/{module}", img, gs, dataformats=fmt)
 
 
-def _write_module_scalars(add, meta: StepMeta, rows, track, gs) -> None:
+def _scalars(tags: list, values: list, prefix: str, mapping) -> None:
+    tags.extend(prefix + name for name in mapping)
+    values.extend(mapping.values())
+
+
+def _module_scalars(tags: list, values: list, meta: StepMeta, rows, track) -> None:
     for (_, module, pass_, tensor), row in zip(meta.events, rows, strict=True):
         if not meta.scheduled and module not in meta.snap_modules:
             continue
         if pass_ == "forward" and ("acts" in track or module in meta.snap_modules):
-            add(f"act_rms/{module}", _rms(row), gs)
-            add(f"act_absmax/{module}", float(row[ABS_MAX]), gs)
+            tags += (f"act_rms/{module}", f"act_absmax/{module}")
+            values += (_rms(row), float(row[ABS_MAX]))
         elif tensor == "grad_output" and "outgrads" in track and meta.scheduled:
-            add(f"outgrad_rms/{module}", _rms(row), gs)
+            tags.append(f"outgrad_rms/{module}")
+            values.append(_rms(row))
 
 
 def _write_hist(writer, tag: str, counts, edges, stats, gs) -> None:

@@ -79,6 +79,23 @@ def scalar_value_prefix(tag: str) -> bytes:
     return _len_field(0x0A, tag.encode("utf-8")) + b"\x15"
 
 
+def scalar_field_head(tag: str) -> bytes:
+    """A ``Summary.value`` field holding a ``simple_value`` of ``tag``, up to its 4 float
+    bytes: the field key and length, then :func:`scalar_value_prefix`."""
+    value = scalar_value_prefix(tag)
+    return b"\x0a" + _varint(len(value) + 4) + value
+
+
+def scalar_values(heads: list[bytes], values) -> bytes:
+    """A serialised ``Summary`` of ``simple_value`` scalars: ``heads`` from
+    :func:`scalar_field_head`, ``values`` numbers (beyond float32: ±inf, as for one scalar)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        raw = np.asarray(values, dtype=np.float64).astype("<f4").tobytes()
+    return b"".join([h + raw[4 * i : 4 * i + 4] for i, h in enumerate(heads)])
+
+
 def event_bytes(wall_time: float, step: int | None, summary_values: bytes) -> bytes:
     """``Event{wall_time, step, summary{value...}}`` from already-encoded ``Summary`` bytes.
 

@@ -23,7 +23,14 @@ from tbprobe.writer.event_file import (
 )
 from tbprobe.writer.naming import _check_step, _check_walltime, clean_tag, safe_subdir
 from tbprobe.writer.proto import event_pb2
-from tbprobe.writer.record import event_bytes, scalar_event, scalar_head, summary_bytes
+from tbprobe.writer.record import (
+    event_bytes,
+    scalar_event,
+    scalar_field_head,
+    scalar_head,
+    scalar_values,
+    summary_bytes,
+)
 from tbprobe.writer.writer_extras import ExtrasMixin
 from tbprobe.writer.writer_histograms import HistogramMixin
 
@@ -132,6 +139,7 @@ class SummaryWriter(HistogramMixin, ExtrasMixin):
         self._on_error = on_error
         self._max_queue_bytes = max_queue_bytes
         self._scalar_head: dict[str, bytes] = {}
+        self._scalar_field: dict[str, bytes] = {}
         self._meta_sent: set[tuple[str | None, str]] = set()
         self._defaults: dict | None = None
         self.scalar_dict: dict[str, list] = {}
@@ -264,6 +272,27 @@ class SummaryWriter(HistogramMixin, ExtrasMixin):
             w.put(None, data, len(data))
         else:
             self._put(None, data, len(data))
+
+    def _add_scalar_batch(self, tags: list[str], values, global_step: int | None = None) -> None:
+        """Many host scalars of one step as ONE event (a ``Summary`` with a value per tag):
+        the probe's per-step tags, at a fraction of a call per scalar. Readers see the same
+        scalars as from one :meth:`add_scalar` per tag."""
+        if global_step is not None and self.log_freq != 1 and global_step % self.log_freq:
+            return
+        if len(tags) != len(values):
+            raise ValueError(f"values: expected {len(tags)} values, got {len(values)}")
+        if not tags:
+            return
+        step, wall = self._step_wall(global_step, None)
+        cache = self._scalar_field
+        heads = []
+        for tag in tags:
+            h = cache.get(tag)
+            if h is None:
+                h = cache[tag] = scalar_field_head(clean_tag(tag))
+            heads.append(h)
+        data = event_bytes(wall, step, scalar_values(heads, values))
+        self._put(None, data, len(data))
 
     def _put_device_scalar(self, head, tensor, wall, step) -> None:
         import torch
