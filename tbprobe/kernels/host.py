@@ -1,11 +1,16 @@
 """Histograms and statistics of host (CPU) arrays, fast and exact.
 
-The input is cut into chunks that fit in a core's cache, and every number is read off a chunk
-while it is in cache: bin counts, NaN/Inf/zero counts, min, max and fp64 sums. fp32 data (and
-fp16, widened) takes the table kernel (:mod:`host_table`: one lookup and one count per element)
-when the edges allow it; anything else takes the sort kernel (:mod:`host_sort`). Chunks are
-handed out one at a time to the calling thread and the pool's threads (numpy releases the GIL),
-so a core that another process slows down simply takes fewer chunks.
+fp32 data (and fp16, widened) takes the table kernel (:mod:`host_table`: one lookup and one
+count per element) when the edges allow it; anything else takes the sort kernel
+(:mod:`host_sort`). The input is cut into chunks that fit in a core's cache, handed out one at
+a time to the calling thread and the pool's threads (numpy and torch release the GIL), so a
+core that another process slows down simply takes fewer chunks.
+
+Small inputs read every number off a chunk while it is in cache: bin counts, NaN/Inf/zero
+counts, min, max and fp64 sums. Large fp32 inputs split the work by kind instead: a helper
+thread first takes the statistics over big blocks (a few long GIL-free numpy calls), then joins
+the caller in counting keys chunk by chunk. Short numpy calls from two threads hand the GIL to
+each other so often that the handovers, not the arithmetic, set the pace.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import numpy as np
 
 from tbprobe.kernels.host_sort import SortPlan
 from tbprobe.kernels.host_sums import combine
-from tbprobe.kernels.host_table import TablePlan
+from tbprobe.kernels.host_table import COUNT_SLICE, TablePlan
 
 CHUNK = 1 << 16  # elements per chunk: 256 KiB of fp32, kept in a core's L2 cache
+KEY_CHUNK = 2 * COUNT_SLICE  # elements per key chunk of a split fold (~64K)
+STATS_BLOCK = 1 << 20  # elements per statistics call of a split fold: long GIL-free calls
+SPLIT_MIN = 1 << 21  # fp32 inputs from this size split the work by kind
 _pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
 _pool_lock = threading.Lock()
@@ -69,6 +77,8 @@ def _plan(flat: np.ndarray, edges: np.ndarray) -> TablePlan | SortPlan:
 
 def _fold(flat: np.ndarray, plan) -> list:
     """Every chunk of ``flat`` folded into one partial per participating thread."""
+    if isinstance(plan, TablePlan) and flat.dtype == np.float32 and len(flat) >= SPLIT_MIN:
+        return _fold_split(flat, plan)
     n_chunks = -(-len(flat) // CHUNK)
     next_chunk = itertools.count().__next__  # atomic under the GIL: each chunk is taken once
     buf_dtype = np.float32 if isinstance(plan, TablePlan) else plan.dtype
@@ -90,6 +100,39 @@ def _fold(flat: np.ndarray, plan) -> list:
         if not f.cancel():  # a helper that never started (busy pool) has nothing to add
             parts.append(f.result())
     return parts
+
+
+def _fold_split(flat: np.ndarray, plan: TablePlan) -> list:
+    """The fold of a large contiguous fp32 ``flat``: one helper takes the statistics in big
+    blocks and then joins the caller, which counts keys from the first chunk on."""
+    n_chunks = -(-len(flat) // KEY_CHUNK)
+    next_chunk = itertools.count().__next__  # atomic under the GIL: each chunk is taken once
+
+    def count(acc):
+        while (i := next_chunk()) < n_chunks:
+            plan.count(flat[i * KEY_CHUNK : (i + 1) * KEY_CHUNK], acc.hist)
+
+    def stats(acc):
+        for start in range(0, len(flat), STATS_BLOCK):
+            plan.add_stats(flat[start : start + STATS_BLOCK], acc.stats)
+
+    def helper():
+        acc = plan.partial()
+        stats(acc)
+        count(acc)
+        return acc
+
+    main = plan.partial()
+    if _cpus() < 2:
+        stats(main)
+        count(main)
+        return [main]
+    future = _executor().submit(helper)
+    count(main)
+    if future.cancel():  # the helper never started (busy pool): its statistics fall to us
+        stats(main)
+        return [main]
+    return [main, future.result()]
 
 
 def _finite_range(flat: np.ndarray) -> tuple[float, float] | None:

@@ -34,7 +34,7 @@ class Stats:
     def add_finite(self, f: np.ndarray, lo: float, hi: float, sq: np.ndarray) -> None:
         """Fold in finite values ``f`` ``(m,)`` (fp32 or fp64) whose min/max are ``lo``/``hi``.
 
-        ``sq`` is a scratch buffer of ``f``'s dtype with at least ``m`` elements.
+        ``sq`` is a scratch buffer of ``f``'s dtype with at least ``m // 8`` elements.
         """
         if not len(f):
             return
@@ -52,11 +52,11 @@ def _sums_f32(f: np.ndarray, sq: np.ndarray, lo: float, hi: float) -> tuple[floa
     m = len(f)
     k = m // _ROWS
     if k and max(-lo, hi) < _SQUARE_MAX:
-        q = sq[:m]
-        np.multiply(f, f, out=q)
-        rows = q[: _ROWS * k].reshape(_ROWS, k)  # (ROWS, k): each column adds ROWS squares
-        total_sq = float(np.add.reduce(rows.sum(axis=0), dtype=np.float64))
-        total_sq += float(np.add.reduce(q[_ROWS * k :], dtype=np.float64))
+        rows = f[: _ROWS * k].reshape(_ROWS, k)  # (ROWS, k): each column adds ROWS squares
+        cols = np.einsum("ij,ij->j", rows, rows, out=sq[:k])  # fp32, one pass, no temporary
+        total_sq = float(np.add.reduce(cols, dtype=np.float64))
+        tail = f[_ROWS * k :].astype(np.float64)
+        total_sq += float(np.einsum("i,i->", tail, tail))
         if total_sq >= m * _TINY_MEAN_SQUARE:
             return total, total_sq
     return total, float(np.einsum("i,i->", f, f, dtype=np.float64))
