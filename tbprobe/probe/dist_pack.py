@@ -1,31 +1,36 @@
 """Packing a step under torch.distributed: local partials, one packed all-gather, global rows.
 
-Which collectives run on a step depends only on the configuration and on the model (the same
-on every rank), never on rank-local state such as an armed snapshot, so ranks cannot desync:
+Which collectives run on a step, and the layout of the gathered buffer, depend only on the
+configuration and on the model (the same on every rank), never on rank-local state such as
+an armed snapshot, the events this rank's hooks recorded or the gradients it holds, so ranks
+cannot desync whatever ran on each of them:
 
-- on a checked or scheduled step, the events' rows (compacted to one row per event and one
-  per group of inputs) contribute their non-finite counts, summed over the ranks (so rank 0's
-  diagnosis sees a NaN made on rank 1); with ``reduce_activations`` on a scheduled step the
-  whole rows are merged;
-- gradients, parameters and updates held as DTensors (FSDP2) contribute the stats rows of
-  their local shards (identity rows for an empty shard or a replica counted elsewhere); plain
-  tensors (DDP: replicated, gradients already averaged) are this rank's own;
-- on a histogram step, every tensor histogrammed over all ranks (DTensors, and activations
-  with ``reduce_activations``) contributes its local part's stats row and its bin counts on
-  TensorBoard's fixed "tensorflow" edges (:data:`GLOBAL_BINS`), which every rank knows before
-  anything is binned: the counts add up exactly and the merged stats row gives the written
-  histogram's min, max, num, sum and sum of squares. Rank-local tensors keep ``hist_bins``
-  linear bins over their own range, as on one device;
+- on a checked or scheduled step, the events: a fixed slot per hooked module and key
+  (:mod:`tbprobe.probe.dist_events`), identity rows where a key did not fire on this rank;
+  their non-finite counts are summed over the ranks (so rank 0's diagnosis sees a NaN made on
+  rank 1), and on a scheduled step their whole rows are merged;
+- gradients, parameters and updates of the trainable parameters held as DTensors (FSDP2)
+  contribute the stats rows of their local shards (identity rows for an empty shard, a
+  replica counted elsewhere or a gradient this rank does not hold); plain tensors (DDP:
+  replicated, gradients already averaged) are this rank's own;
+- on a histogram step, every tensor histogrammed over all ranks (DTensors, and with
+  ``reduce_activations`` every hooked module's activation) contributes its local part's stats
+  row and its bin counts on TensorBoard's fixed "tensorflow" edges (:data:`GLOBAL_BINS`),
+  which every rank knows before anything is binned: the counts add up exactly and the merged
+  stats row gives the written histogram's min, max, num, sum and sum of squares (a tensor no
+  rank held has no elements and is not written). Rank-local tensors keep ``hist_bins`` linear
+  bins over their own range, as on one device;
 - a flag: 1 from a rank that failed to compute its partials.
 
 All of the above go through **one** :class:`PackedGather` per step, histogram steps included.
 
 A step is packed in three phases, so that a failure on one rank never leaves the others
-waiting in the collective: the plan (host bookkeeping only: which slots, of how many values,
-the same on every rank), this rank's partials (device work; if it raises, the error is
-recorded and the rank sends identity rows, zero counts and the flag instead), and, after the
-gather, the write-back of the merged values. The flag travels in the packed step to the
-writer side, which skips a step some rank failed (:func:`tbprobe.probe.emit.is_broken`).
+waiting in the collective: the plan (the slots, of how many values, from the configuration
+and the model alone), this rank's partials (host bookkeeping and device work; if it raises,
+the error is recorded and the rank sends identity rows, zero counts and the flag instead),
+and, after the gather, the write-back of the merged values. The flag travels in the packed
+step to the writer side, which skips a step some rank failed
+(:func:`tbprobe.probe.emit.is_broken`).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ import torch
 
 from tbprobe import kernels
 from tbprobe.probe.batch import index_on
+from tbprobe.probe.dist_events import EventLayout, declare, event_layout, local_events, write_events
 from tbprobe.probe.dist_slots import GLOBAL_BINS, Gather, Part, global_bins, local_rows, part_of
-from tbprobe.probe.distributed import collective_device, identity_rows
+from tbprobe.probe.distributed import collective_device, identity_rows, is_dtensor
 
 __all__ = [
     "GLOBAL_BINS",
@@ -50,37 +56,44 @@ __all__ = [
     "part_of",
 ]
 
-NF = slice(6, 9)  # nan, pos_inf, neg_inf
 _WHERE = "distributed pack"  # probe.errors' "where" of a failure to pack this rank's partials
 
 
 @dataclass(frozen=True)
 class DistContext:
-    """This rank's place in the default process group and the probe's distributed options."""
+    """This rank's place in the default process group and the probe's distributed options;
+    ``layouts`` caches the event layouts of the probe's modules (by ``backward``)."""
 
     rank: int
     world: int
     reduce_acts: bool
     per_rank: bool
+    layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
 class _Plan:
-    """What this step gathers, decided from host bookkeeping alone (the same on every rank)."""
+    """What this step gathers, from the configuration and the model alone (the same on
+    every rank), then this rank's parts of it (:func:`_parts`)."""
 
-    sync_rows: bool = False  # compact the events' rows and gather them
-    n_ev: int = 0  # rows after the compaction (0: none gathered)
-    grads: list = field(default_factory=list)  # [(name, grad)]
-    gparts: list = field(default_factory=list)  # [Part]
+    events: EventLayout | None = None  # the events' slots (None: not gathered)
+    named: list = field(default_factory=list)  # [(name, param)], the probe's parameters
+    gmerged: list = field(default_factory=list)  # per param: its gradient merged over ranks
     grad_rows: bool = False  # gradient rows this step
     grad_full: bool = False  # full stats rows, else norm rows
     trainable: list = field(default_factory=list)  # [(name, param)]
-    pparts: list = field(default_factory=list)  # [Part]
+    pmerged: list = field(default_factory=list)  # per trainable param: merged over ranks
     params: bool = False  # param rows this step
     updates: bool = False  # update rows (a pre-step copy of the same params exists)
+    acts: list = field(default_factory=list)  # modules whose activations are binned globally
+    n_glob: int = 0  # histograms binned over all ranks
+    gather: Gather = field(default_factory=Gather)
+    # This rank's parts (host bookkeeping, may fail on one rank only):
+    grads: list = field(default_factory=list)  # [(name, grad or None)], as ``named``
+    gparts: list = field(default_factory=list)  # [Part], as ``named``
+    pparts: list = field(default_factory=list)  # [Part], as ``trainable``
     items: list = field(default_factory=list)  # [(tag, Part, unscale)] histogrammed
     glob: list = field(default_factory=list)  # indices into items binned over all ranks
-    gather: Gather = field(default_factory=Gather)
     device: torch.device | None = None
 
 
@@ -89,102 +102,104 @@ class _Local:
     """This rank's partials: the slots to gather and what the write-back needs."""
 
     slots: dict = field(default_factory=dict)
-    rows: torch.Tensor | None = None
-    order: list = field(default_factory=list)
+    events: object = None  # dist_events.LocalEvents
     grows: torch.Tensor | None = None
     prow: torch.Tensor | None = None
     urow: torch.Tensor | None = None
     hists: list = field(default_factory=list)  # aligned with plan.items; None if global
 
 
-def _merged(parts: list[Part]) -> list[int]:
-    return [i for i, p in enumerate(parts) if p.merged]
+def _idx(flags: list[bool]) -> list[int]:
+    return [i for i, f in enumerate(flags) if f]
 
 
 def _plan(probe, st) -> _Plan:
-    """Host bookkeeping only: no reduction runs here, so every rank gets this far (the one
-    exception: :func:`part_of` redistributes a ``Partial`` DTensor, itself a collective)."""
+    """The slots of the step's gather: which, and of how many values, decided from the
+    configuration (the step's flags) and the model (its hooked modules and parameters) only,
+    never from what this rank's hooks recorded."""
     cfg, ctx = probe.cfg, probe._dist
     plan = _Plan()
-    plan.sync_rows = (st.checked or st.scheduled) and st.rows.n > 0
-    if plan.sync_rows:
-        # One row per event (and per group of inputs), in an order every rank agrees on.
-        st.events = dict(sorted(st.events.items()))
-        st.pending_gout = dict(sorted(st.pending_gout.items()))
-        merge, nf = st.groups()
-        plan.n_ev = len(merge) + len(nf)
     g = plan.gather
-    if plan.n_ev:
-        if ctx.reduce_acts and st.scheduled:
-            g.rows("ev", plan.n_ev)
-        else:
-            g.sum("nf", 3 * plan.n_ev)
-    seen = st.grads
-    grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
-    plan.grads = [(n, gr) for n, gr in grads if gr is not None]
-    plan.gparts = [part_of(gr) for _, gr in plan.grads]
-    if plan.grads and (st.checked or st.scheduled or st.hist):
+    modules = [n for n, _ in probe.modules]
+    if (st.checked or st.scheduled) and modules:
+        plan.events = ctx.layouts.get(st.backward)
+        if plan.events is None:
+            plan.events = ctx.layouts[st.backward] = event_layout(modules, st.backward)
+        declare(g, plan.events, wide=st.scheduled)
+    plan.named = list(probe._params)
+    plan.trainable = [(n, p) for n, p in plan.named if p.requires_grad]
+    plan.gmerged = [p.requires_grad and is_dtensor(p) for _, p in plan.named]
+    plan.pmerged = [is_dtensor(p) for _, p in plan.trainable]
+    if plan.named and (st.checked or st.scheduled or st.hist):
         plan.grad_rows = True
         plan.grad_full = st.scheduled or probe._rows_always
-        g.rows("grad", len(_merged(plan.gparts)))
-    plan.trainable = [(n, p) for n, p in probe._params if p.requires_grad]
-    plan.pparts = [part_of(p) for _, p in plan.trainable]
+        g.rows("grad", sum(plan.gmerged))
     if st.scheduled and "params" in cfg.track and plan.trainable:
         plan.params = True
-        g.rows("param", len(_merged(plan.pparts)))
+        g.rows("param", sum(plan.pmerged))
         prev = probe._prev
         plan.updates = prev is not None and prev[0] == [n for n, _ in plan.trainable]
         if plan.updates:
-            g.rows("upd", len(_merged(plan.pparts)))
+            g.rows("upd", sum(plan.pmerged))
     if st.hist:
-        grads = zip(plan.grads, plan.gparts, strict=True)
-        params = zip(plan.trainable, plan.pparts, strict=True)
-        items = [(f"grad_hist/{n}", p, True) for (n, _), p in grads]
-        items += [(f"param_hist/{n}", p, False) for (n, _), p in params]
-        acts = sorted(st.act_keep.items())
-        items += [(f"act_hist/{n}", Part(t, True, True), False) for n, t in acts]
-        plan.items = items
-        plan.glob = [i for i, (_, p, _) in enumerate(items) if p.merged]
-        if plan.glob:
-            g.rows("hstats", len(plan.glob))
-            g.sum("hcounts", len(plan.glob) * global_bins())
-    parts = [p.local for p in plan.gparts + plan.pparts]
-    parts += [t for _, t in sorted(st.act_keep.items())]
-    plan.device = parts[0].device if parts else collective_device()
+        plan.acts = modules if st.keep_hists else []
+        plan.n_glob = sum(plan.gmerged) + sum(plan.pmerged) + len(plan.acts)
+        g.rows("hstats", plan.n_glob)
+        g.sum("hcounts", plan.n_glob * global_bins())
+    first = plan.named[0][1] if plan.named else None
+    plan.device = first.device if first is not None else collective_device()
     return plan
+
+
+def _parts(probe, st, plan: _Plan) -> None:
+    """This rank's local parts of the planned tensors (host bookkeeping; a gradient this rank
+    does not hold is an empty part that does not contribute)."""
+    seen = st.grads
+    plan.grads = [(n, seen.get(n, p.grad)) for n, p in plan.named]
+    plan.pparts = [part_of(p) for _, p in plan.trainable]
+    empty = torch.empty(0, device=plan.device)
+    plan.gparts = []
+    for (_, gr), merged in zip(plan.grads, plan.gmerged, strict=True):
+        part = Part(empty, merged, False) if gr is None else part_of(gr)
+        plan.gparts.append(Part(part.local, merged, part.contributes))
+    if not st.hist:
+        return
+    grads = zip(plan.grads, plan.gparts, strict=True)
+    items = [(f"grad_hist/{n}", p, True) for (n, gr), p in grads if p.merged or gr is not None]
+    params = zip(plan.trainable, plan.pparts, strict=True)
+    items += [(f"param_hist/{n}", p, False) for (n, _), p in params]
+    keep = st.act_keep
+    items += [
+        (f"act_hist/{m}", Part(keep.get(m, empty), True, m in keep), False) for m in plan.acts
+    ]
+    plan.items = items
+    plan.glob = [i for i, (_, p, _) in enumerate(items) if p.merged]
+    if len(plan.glob) != plan.n_glob:
+        raise RuntimeError(f"histograms: {len(plan.glob)} binned over the ranks, planned otherwise")
 
 
 def _local(probe, st, plan: _Plan) -> _Local:
     """This rank's partials of every planned slot (device work, no host sync)."""
     cfg, loc = probe.cfg, _Local()
+    _parts(probe, st, plan)
     st.flush(cfg.hist_bins)
-    if plan.sync_rows:
-        st.rows.compact()
-    loc.rows, loc.order = st.rows.rows()
-    if plan.n_ev:
-        rows = loc.rows
-        if rows is None or rows.shape[0] != plan.n_ev:
-            n = 0 if rows is None else rows.shape[0]
-            raise RuntimeError(f"rows: {n} after the compaction, expected {plan.n_ev}")
-        if "ev" in plan.gather.keys:
-            loc.slots["ev"] = rows
-        else:
-            zero = torch.zeros_like(rows)
-            loc.slots["nf"] = rows[:, NF] if st.full else torch.stack([rows, zero, zero], 1)
+    if plan.events is not None:
+        loc.events = local_events(st, plan.events, st.scheduled, plan.device)
+        loc.slots.update(loc.events.slots)
     gparts, pparts = plan.gparts, plan.pparts
     if plan.grad_rows:
         reduce = kernels.tensor_stats if plan.grad_full else _norm_rows
         loc.grows = probe.amp.unscale(local_rows(gparts, reduce))
-        loc.slots["grad"] = _select(loc.grows, _merged(gparts))
+        loc.slots["grad"] = _select(loc.grows, _idx(plan.gmerged))
     if plan.params:
         loc.prow = local_rows(pparts, kernels.tensor_stats)
-        loc.slots["param"] = _select(loc.prow, _merged(pparts))
+        loc.slots["param"] = _select(loc.prow, _idx(plan.pmerged))
     if plan.updates:
         prev = probe._prev[1]
         torch._foreach_sub_(prev, [p.local for p in pparts])  # -Δw, in place
         uparts = [Part(d, p.merged, p.contributes) for d, p in zip(prev, pparts, strict=True)]
         loc.urow = local_rows(uparts, kernels.tensor_stats)
-        loc.slots["upd"] = _select(loc.urow, _merged(pparts))
+        loc.slots["upd"] = _select(loc.urow, _idx(plan.pmerged))
     if plan.items:
         loc.hists, hstats, hcounts = _hist_partials(probe, plan)
         if plan.glob:
@@ -238,10 +253,10 @@ def _hist_partials(probe, plan: _Plan):
 def pack_distributed(probe, st, pk, meta) -> None:
     """Fill the packer ``pk`` and ``meta`` with step ``st``'s global values (see the module
     docstring); the distributed counterpart of :func:`tbprobe.probe.pack.pack_step`'s body.
-    Every rank must call it at the same step boundary. It raises only where its host
-    bookkeeping does: a failure of this rank's reductions or of the write-back is recorded in
-    ``probe.errors`` and flags the step as broken instead, after this rank took its part in
-    the collective.
+    Every rank must call it at the same step boundary. It raises only where its plan does
+    (from the configuration and the model: the same on every rank): a failure of this rank's
+    bookkeeping, reductions or write-back is recorded in ``probe.errors`` and flags the step
+    as broken instead, after this rank took its part in the collective.
 
     Example::
 
@@ -294,34 +309,30 @@ def _write_back(probe, st, plan: _Plan, loc: _Local, merged: dict, pk, meta) -> 
     """Put the merged values in place and add the step's tensors to ``pk``."""
     from tbprobe.probe.pack import _pack_hists
 
-    rows = loc.rows
-    if "ev" in merged:
-        rows.copy_(merged["ev"])
-    elif "nf" in merged:
-        if st.full:
-            rows[:, NF] = merged["nf"].reshape(-1, 3)
-        else:
-            rows.copy_(merged["nf"].reshape(-1, 3).sum(1))
-    if rows is not None:
-        evs = sorted(st.events.values(), key=lambda e: e.seq)
-        pk.add("rows", rows)
-        meta.order, meta.n_rows = loc.order, st.rows.n
-        meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
-        meta.event_rows = [e.rows for e in evs]
-        meta.event_inputs = [e.inputs for e in evs]
-    gidx, pidx = _merged(plan.gparts), _merged(plan.pparts)
-    for key, dst, idx in (("grad", loc.grows, gidx), ("param", loc.prow, pidx)):
-        if key in merged and idx:
+    ctx = probe._dist
+    if loc.events is not None:
+        own = not (ctx.reduce_acts and st.scheduled)  # this rank's rows where it fired
+        write_events(
+            st, plan.events, loc.events, merged, pk, meta, own=own, others=not ctx.per_rank
+        )
+    else:
+        _local_events(st, pk, meta)
+    gidx, pidx = _idx(plan.gmerged), _idx(plan.pmerged)
+    for key, dst, idx in (
+        ("grad", loc.grows, gidx),
+        ("param", loc.prow, pidx),
+        ("upd", loc.urow, pidx),
+    ):
+        if key in merged:
             dst.index_copy_(0, index_on(idx, dst.device), merged[key])
-    if "upd" in merged and pidx:
-        loc.urow.index_copy_(0, index_on(pidx, loc.urow.device), merged["upd"])
-    grows, grads = loc.grows, plan.grads
+    grows = loc.grows
     if grows is not None:
-        canon = {n: i for i, (n, _) in enumerate(grads)}
         seq = st.grad_seq
-        named = sorted(grads, key=lambda ng: seq.get(ng[0], 1 << 60))
-        pk.add("grad", _select(grows, [canon[n] for n, _ in named]))
-        meta.grads = [(seq.get(n) or st.next_seq(), n) for n, _ in named]
+        held = [(i, n) for i, (n, gr) in enumerate(plan.grads) if gr is not None]
+        held.sort(key=lambda i_n: seq.get(i_n[1], 1 << 60))
+        if held:
+            pk.add("grad", _select(grows, [i for i, _ in held]))
+            meta.grads = [(seq.get(n) or st.next_seq(), n) for _, n in held]
     if loc.prow is not None:
         pk.add("param", loc.prow)
         meta.params = [n for n, _ in plan.trainable]
@@ -340,3 +351,17 @@ def _write_back(probe, st, plan: _Plan, loc: _Local, merged: dict, pk, meta) -> 
         pk.add("gstats", merged["hstats"])
         pk.add("gcounts", merged["hcounts"].reshape(len(plan.glob), global_bins()))
         meta.ghists = [plan.items[i][0] for i in plan.glob]
+
+
+def _local_events(st, pk, meta) -> None:
+    """A step whose events are not gathered (neither checked nor scheduled: histograms or a
+    snapshot only): this rank's own rows, as on one device."""
+    rows, order = st.rows.rows()
+    if rows is None:
+        return
+    evs = sorted(st.events.values(), key=lambda e: e.seq)
+    pk.add("rows", rows)
+    meta.order, meta.n_rows = order, st.rows.n
+    meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
+    meta.event_rows = [e.rows for e in evs]
+    meta.event_inputs = [e.inputs for e in evs]

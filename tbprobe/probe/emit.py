@@ -125,6 +125,8 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
             stacklevel=2,
         )
         return StepRecord(step=meta.step, scheduled=meta.scheduled)
+    if hasattr(meta, "on_landed"):  # dist_events.landed: drop the events no rank fired
+        meta.on_landed(data)
     stats_on = meta.scheduled
     events = []
     clean = _clean_check(meta, data)

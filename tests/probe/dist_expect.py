@@ -51,7 +51,8 @@ def hist(x: np.ndarray, tf: bool = False):
 def expected(run: dict, steps, act_ranks, tf: bool = False, hist_steps=None) -> dict:
     """``{"scalars": {tag: {step: v}}, "histos": {tag: {step: (edges, counts, values)}}}`` at
     ``steps`` (an int: ``range(steps)``); histograms at ``hist_steps`` (default all), binned
-    over the ranks with ``tf``."""
+    over the ranks with ``tf``. A module's activations are those of the ``act_ranks`` that
+    ran it."""
     steps = range(steps) if isinstance(steps, int) else steps
     hist_steps = set(steps if hist_steps is None else hist_steps)
     sc, hi = {}, {}
@@ -74,13 +75,15 @@ def expected(run: dict, steps, act_ranks, tf: bool = False, hist_steps=None) -> 
                 put(hi, f"grad_hist/{n}", step, hist(x, tf))
                 put(hi, f"param_hist/{n}", step, hist(w, tf))
         put(sc, "grad_norm/_total", step, math.sqrt(total))
-        for m in run["acts"][(step, act_ranks[0])]:
-            a = _flat([run["acts"][(step, r)][m] for r in act_ranks])
+        acts = [run["acts"].get((step, r), {}) for r in act_ranks]
+        outgrads = [run["outgrads"].get((step, r), {}) for r in act_ranks]
+        for m in dict.fromkeys(m for held in acts for m in held):  # a module some rank ran
+            a = _flat([held[m] for held in acts if m in held])
             put(sc, f"act_rms/{m}", step, math.sqrt(a @ a / a.size))
             put(sc, f"act_absmax/{m}", step, float(np.abs(a).max()))
             if histos:
                 put(hi, f"act_hist/{m}", step, hist(a, tf))
-            g = _flat([run["outgrads"][(step, r)][m] for r in act_ranks])
+            g = _flat([held[m] for held in outgrads if m in held])
             put(sc, f"outgrad_rms/{m}", step, math.sqrt(g @ g / g.size))
     return {"scalars": sc, "histos": hi}
 

@@ -16,7 +16,10 @@ a model wrapped in ``DistributedDataParallel`` is probed under its inner module'
 
 Each rank also records the torch.distributed collectives and the host syncs called from inside
 the probe's code (:class:`Collectives`), and a scenario may make one rank's packing raise at
-one step (``break_pack``), to check that the other ranks are not left waiting.
+one step (``break_pack``), to check that the other ranks are not left waiting. The ranks of a
+layout scenario record different keys: a :class:`~tests.probe.dist_model.BranchLM` runs its
+hooked ``branch`` on one rank only (``branch``), or one rank's hook of a module raises at one
+step and is disabled there (``fail_hook``).
 """
 
 from __future__ import annotations
@@ -30,84 +33,23 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tests.probe.dist_instrument import Collectives, broken_pack
-
-WORLD = 2
-MICRO = 2  # sequences per rank and step
-SEQ = 8
-VOCAB = 37  # odd: FSDP2 shards of the head's weight are uneven (19 + 18 rows)
-DIM = 16
-HEADS = 2
-LR = 0.1
-BINS = 64
-SEED = 0
-
-
-class Block(nn.Module):
-    """Pre-norm causal self-attention and MLP."""
-
-    def __init__(self):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
-        self.fc1, self.fc2 = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
-
-    def forward(self, x):  # (B, T, C)
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class TinyLM(nn.Module):
-    """2-layer transformer LM. ``pos`` has one row: rank 1's FSDP2 shard of it is empty."""
-
-    def __init__(self):
-        super().__init__()
-        self.tok = nn.Embedding(VOCAB, DIM)
-        self.pos = nn.Parameter(0.1 * torch.randn(1, SEQ, DIM))
-        self.blocks = nn.ModuleList(Block() for _ in range(2))
-        self.ln_f = nn.LayerNorm(DIM)
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
-
-    def forward(self, idx):  # (B, T) -> (B, T, VOCAB)
-        x = self.tok(idx) + self.pos
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.ln_f(x))
-
-
-def make_model(dtype=torch.float32) -> TinyLM:
-    torch.manual_seed(SEED)
-    return TinyLM().to(dtype)
-
-
-def global_batch(step: int) -> torch.Tensor:
-    """int64 ``(WORLD * MICRO, SEQ + 1)`` tokens of ``step``; rank r trains on rows
-    ``r * MICRO : (r + 1) * MICRO``."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, VOCAB, (WORLD * MICRO, SEQ + 1), generator=gen)
-
-
-def rank_batch(step: int, rank: int) -> torch.Tensor:
-    return global_batch(step)[rank * MICRO : (rank + 1) * MICRO]
-
-
-def lm_loss(model, tokens) -> torch.Tensor:
-    """Mean next-token cross entropy over the batch (so DDP's mean of ranks = global mean)."""
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-
-
-def module_names(model: nn.Module) -> list[str]:
-    """The modules a default ``Probe`` hooks (names as on one device)."""
-    from tbprobe.probe.selection import select_modules
-
-    return [n for n, _ in select_modules(model)]
+from tests.probe.dist_instrument import Collectives, broken_pack, failing_hook
+from tests.probe.dist_model import (  # noqa: F401 (the tests use them as H.*)
+    BINS,
+    DIM,
+    LR,
+    MICRO,
+    SEQ,
+    VOCAB,
+    WORLD,
+    global_batch,
+    lm_loss,
+    make_model,
+    module_names,
+    rank_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +63,8 @@ class Scenario:
     plant: tuple[str, int, int] | None = None  # (module, step, rank): NaN in its output
     per_rank: bool = False
     break_pack: tuple[int, int] | None = None  # (step, rank): its packing raises there
+    branch: int | None = None  # the rank whose BranchLM takes its branch (every step)
+    fail_hook: tuple[str, int, int] | None = None  # (module, step, rank): its hook raises
 
 
 PLANT = ("blocks.1.fc1", 1, 1)
@@ -140,6 +84,27 @@ SCENARIOS = (
         break_pack=BREAK,
     ),
 )
+# Ranks whose hooks record different keys: the packed gather's layout must not depend on it.
+HOOK_FAIL = ("blocks.0.fc2", 1, 1)  # rank 1's forward hook of fc2 raises at step 1
+HOOK_FAIL_MESSAGE = "planted hook failure"
+LAYOUT_SCENARIOS = (
+    Scenario(
+        "ddp_branch",
+        "ddp",
+        steps=2,
+        probe_kwargs={"every": 2, "histogram_every": 2},  # step 1: non-finite counts only
+        plant=PLANT,
+        branch=1,
+    ),
+    Scenario("fsdp_branch", "fsdp", steps=2, probe_kwargs={"reduce_activations": True}, branch=1),
+    Scenario("ddp_hook_fail", "ddp", fail_hook=HOOK_FAIL),
+    Scenario(
+        "fsdp_hook_fail", "fsdp", probe_kwargs={"reduce_activations": True}, fail_hook=HOOK_FAIL
+    ),
+)
+BASE_NAMES = tuple(sc.name for sc in SCENARIOS)
+LAYOUT_NAMES = tuple(sc.name for sc in LAYOUT_SCENARIOS)
+SCENARIOS += LAYOUT_SCENARIOS
 SCENARIO = {sc.name: sc for sc in SCENARIOS}
 COLLECTIVES = Collectives()
 
@@ -263,7 +228,8 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
     os.makedirs(sdir, exist_ok=True)
     run_dir = os.path.join(sdir, "run")
     _progress(out, rank, f"{sc.name}: building")
-    model = make_model()
+    model = make_model(branch=sc.branch is not None)
+    model.branch_on = rank == sc.branch
     names = module_names(model)
     wrapped = _wrap(sc, model)
     params = list(model.named_parameters())
@@ -279,6 +245,8 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
     writer = tbprobe.SummaryWriter(run_dir) if rank == 0 or sc.per_rank else None
     probe = None
     kwargs = {"every": 1, "histogram_every": 1, "hist_bins": BINS, **sc.probe_kwargs}
+    if sc.branch is not None:
+        kwargs["modules"] = names  # the defaults and the parameter-free branch
     try:
         probe = tbprobe.Probe(wrapped, writer, opt, **kwargs)
     except Exception:
@@ -293,6 +261,8 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
     fault = contextlib.nullcontext()
     if sc.break_pack is not None and sc.break_pack[1] == rank:
         fault = broken_pack(sc.break_pack[0], BREAK_MESSAGE)
+    if sc.fail_hook is not None and sc.fail_hook[2] == rank:
+        fault = failing_hook(*sc.fail_hook[:2], HOOK_FAIL_MESSAGE)
     COLLECTIVES.clear()
     with fault:
         for step in range(sc.steps):
@@ -307,6 +277,8 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
         probe.detach()
         dump["anomalies"] = [_anomaly(a) for a in probe.anomalies]
         dump["probe_errors"] = [f"{k} {w}: {e!r}" for k, w, e in probe.errors]
+        last = probe.last_record
+        dump["last_events"] = [(e.module, e.pass_, e.tensor, e.nonfinite) for e in last.events]
     dump["collectives"] = list(COLLECTIVES.calls)
     dump["syncs"] = list(COLLECTIVES.syncs)
     if writer is not None:

@@ -1,5 +1,5 @@
 """Instrumentation of the gloo ranks of :mod:`tests.probe.dist_harness`: which collectives and
-host syncs the probe's own code calls, and a fault planted in one rank's packing."""
+host syncs the probe's own code calls, and faults planted in one rank's packing or hooks."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ _FUNCOL_COLLECTIVES = (
 # As in test_probe_sync: calls that read a device value into host code.
 _SYNCS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "nonzero")
 # Callers that only ever read host tensors: the kernels' CPU histogram path (CUDA tensors take
-# the Triton kernels) and the host copy of the fixed histogram edges.
+# the Triton kernels), its host kernels' modules, and the host copy of the fixed edges.
 _HOST_ONLY = ("_histogram_host", "global_edges")
+_HOST_MODULES = ("tbprobe.kernels.host",)  # and its submodules host_table, host_sums...
 _STEP = ("_close_step", "_pre_opt", "_forward", "_backward", "_grad")  # not _after_step
 
 
@@ -76,8 +77,10 @@ class Collectives:
         @functools.wraps(fn)
         def sync(tensor, *args, **kwargs):
             if self._inside and self._inside[0][0] in _STEP:
-                caller = sys._getframe(1).f_code.co_name
-                if caller not in _HOST_ONLY:
+                frame = sys._getframe(1)
+                caller = frame.f_code.co_name
+                module = frame.f_globals.get("__name__", "")
+                if caller not in _HOST_ONLY and not module.startswith(_HOST_MODULES):
                     self.syncs.append((*self._inside[0], name, caller))
             return fn(tensor, *args, **kwargs)
 
@@ -113,3 +116,25 @@ def broken_pack(step: int, message: str):
         yield
     finally:
         dist_pack._hist_partials = orig
+
+
+@contextlib.contextmanager
+def failing_hook(module: str, step: int, message: str):
+    """This rank's forward hook of ``module`` raises at probe step ``step``, midway: it has
+    opened the module's event but reduced nothing. The hooks' failure policy then disables
+    that hook on this rank only, so from that step on the ranks record different keys."""
+    from tbprobe.probe.hooks import HookSet
+
+    orig = HookSet._forward_stats
+
+    def failing(self, st, name, outs, ins):
+        if name == module and st.step == step:
+            st.event(name, "forward", "output")
+            raise RuntimeError(message)
+        return orig(self, st, name, outs, ins)
+
+    HookSet._forward_stats = failing
+    try:
+        yield
+    finally:
+        HookSet._forward_stats = orig

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:tbprobe:RuntimeWarning")
 def runs(tmp_path_factory):
     """Every scenario, in one spawn of two ranks: ``(out dir, spawn error or None)``."""
     out = str(tmp_path_factory.mktemp("dist"))
-    return out, H.run_scenarios(out)
+    return out, H.run_scenarios(out, H.BASE_NAMES)
 
 
 def reference(steps: int) -> dict:
