@@ -74,6 +74,19 @@ class HookSet:
             stacklevel=3,
         )
 
+    def note(self, kind: str, where: str, exc: BaseException) -> None:
+        """Record the error of ``(kind, where)`` and warn once, without disabling it (a
+        distributed step must still join the other ranks' collectives)."""
+        if any(k == kind and w == where for k, w, _ in self.errors):
+            return
+        self.errors.append((kind, where, exc))
+        warnings.warn(
+            f"tbprobe: the {kind} hook of {where!r} failed ({type(exc).__name__}: {exc}); "
+            "its step is not logged, training continues",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _guarded(self, kind: str, where: str, fn, *bound):
         """``fn(*bound, *args)`` that does nothing once ``(kind, where)`` failed, and disables
         it when it raises. A small callable object: a tensor hook is made per tensor per step,

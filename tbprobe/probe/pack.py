@@ -19,15 +19,15 @@ def pack_step(probe, st: StepState):
     pk = Packer()
     meta = StepMeta(step=st.step, scheduled=st.scheduled, full=st.full)
     meta.snap_modules = st.snap or frozenset()
-    skip = probe.amp.found_inf()
-    if skip is not None:
-        pk.add("skip", skip)
-    if probe._dist is not None:
+    if probe._dist is not None:  # first: a later failure must not keep a rank from the gather
         from tbprobe.probe.dist_pack import pack_distributed
 
         pack_distributed(probe, st, pk, meta)
     else:
         _pack_local(probe, st, pk, meta)
+    skip = probe.amp.found_inf()
+    if skip is not None:
+        pk.add("skip", skip)
     for name, (img, shape, kind) in st.thumbs.items():
         pk.add(("t", len(meta.thumbs)), img)
         meta.thumbs.append((name, shape, kind))

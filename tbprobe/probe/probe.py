@@ -260,7 +260,10 @@ class Probe:
                 if pending is not None:
                     self._pending.append(pending)
         except Exception as exc:  # logging never stops training
-            self._hooks.fail("step", "pack", exc)
+            if self._dist is None:
+                self._hooks.fail("step", "pack", exc)
+            else:  # every rank must join every later step's gather: warn once, keep packing
+                self._hooks.note("step", "pack", exc)
         finally:
             self._learned = self._learned or (st.learn and bool(st.events))
             st.close()

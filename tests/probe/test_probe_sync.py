@@ -49,9 +49,11 @@ def _track_probe_code(monkeypatch):
         monkeypatch.setattr(cls, name, wrapped)
 
 
-# The kernels' host-tensor histogram path reads CPU tensors with numpy (no device there);
-# CUDA tensors take the Triton kernels instead, so it is not a sync on the GPU.
+# The kernels' host-tensor histogram path (``_histogram_host`` and the tbprobe.kernels.host*
+# modules) reads CPU tensors with numpy (no device there); CUDA tensors take the Triton
+# kernels instead, so it is not a sync on the GPU.
 _CPU_ONLY = ("_histogram_host",)
+_CPU_ONLY_MODULES = ("tbprobe.kernels.host",)  # and host_table, host_sums, ...
 
 
 def _count_syncs(monkeypatch, counts):
@@ -60,10 +62,12 @@ def _count_syncs(monkeypatch, counts):
 
         @functools.wraps(orig)
         def wrapped(self, *a, _orig=orig, _name=name, **k):
-            caller = sys._getframe(1).f_code.co_name
+            frame = sys._getframe(1)
+            module = frame.f_globals.get("__name__", "")
             if (
                 _Inside.depth
-                and caller not in _CPU_ONLY
+                and frame.f_code.co_name not in _CPU_ONLY
+                and not module.startswith(_CPU_ONLY_MODULES)
                 and not any(self is b for b in HOST_BUFFERS)
             ):
                 counts.append(_name)

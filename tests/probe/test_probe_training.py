@@ -212,6 +212,32 @@ def test_failing_hook_disables_itself_warns_once_and_training_continues():
     )
 
 
+def test_distributed_pack_failure_warns_once_and_keeps_packing(monkeypatch):
+    """Under torch.distributed a failing step pack is not disabled (each rank must join every
+    later gather): one warning, one recorded error, packing tried again every step."""
+    from tbprobe.probe import probe as probe_mod
+
+    model = models.make("mlp")
+    probe = tbprobe.Probe(model, _writer(), watch_requests=False)
+    probe._dist = object()  # what a process group makes it; only its presence matters here
+    calls = []
+
+    def broken(p, st):
+        calls.append(st.step)
+        raise RuntimeError("pack bug")
+
+    monkeypatch.setattr(probe_mod, "pack_step", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, "mlp", 3, probe_step=probe.step)
+    probe._dist = None
+    probe.detach()
+    assert calls == [0, 1, 2]
+    assert len([w for w in caught if "pack bug" in str(w.message)]) == 1
+    assert [(k, w) for k, w, _ in probe.errors] == [("step", "pack")]
+    assert ("step", "pack") not in probe._hooks.disabled
+
+
 def test_manual_step_is_refused_when_the_optimizer_drives_the_probe():
     """step() raises when the optimizer's hook already ends each step."""
     model = nn.Linear(2, 2)
