@@ -51,9 +51,8 @@ _FEW = 4  # tensors: up to this many, counted one by one
 def nonfinite_counts(tensors: list[torch.Tensor]) -> torch.Tensor:
     """float64 ``(len(tensors),)`` counts of NaN and ±Inf elements, on the tensors' device.
 
-    A fixed number of ops whatever the number of tensors: the stats kernel on CUDA (one
-    launch per dtype); on the CPU, one flat pass over small tensors of one dtype, else two
-    multi-tensor (``_foreach``) ops.
+    The stats kernel on CUDA (one launch per dtype); on the CPU one flat pass over many small
+    tensors of one dtype, else two exact ops per tensor.
 
     Example::
 
@@ -66,15 +65,16 @@ def nonfinite_counts(tensors: list[torch.Tensor]) -> torch.Tensor:
     tensors = [t.half() if t.element_size() == 1 else t for t in tensors]  # fp8: no sub
     first = tensors[0]
     sizes = [t.numel() for t in tensors]
-    total = sum(sizes)
-    if len(tensors) <= _FEW and total <= _SMALL_TOTAL:  # fewer ops than the batched paths
-        return torch.stack([torch.count_nonzero(t - t) for t in tensors]).to(torch.float64)
-    if total <= _SMALL_TOTAL and all(t.dtype == first.dtype for t in tensors):
+    if (
+        len(tensors) > _FEW
+        and sum(sizes) <= _SMALL_TOTAL
+        and all(t.dtype == first.dtype for t in tensors)
+    ):
         flat = torch._C._nn.flatten_dense_tensors(tensors)
-        bad = torch.isnan(flat - flat).to(torch.float64)
-        return torch.segment_reduce(bad, "sum", lengths=torch.tensor(sizes), unsafe=True)
-    diffs = torch._foreach_sub(tensors, tensors)
-    return torch.stack(torch._foreach_norm(diffs, 0, dtype=torch.float64))  # non-zeros: NaNs
+        ones = torch.nan_to_num(flat - flat, nan=1.0).float()  # 1 per non-finite element
+        counts = torch.segment_reduce(ones, "sum", lengths=torch.tensor(sizes), unsafe=True)
+        return counts.double()  # exact: at most _SMALL_TOTAL < 2**24 per count
+    return torch.stack([torch.count_nonzero(t - t) for t in tensors]).to(torch.float64)
 
 
 def index_on(values: list[int], device: torch.device) -> torch.Tensor:

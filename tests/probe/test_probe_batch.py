@@ -219,6 +219,13 @@ def test_norm_rows_give_exact_norms_and_nonfinite_counts():
     assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-12)
     assert norm_of(rows[1]) == math.inf and math.isnan(norm_of(rows[2]))
     assert rows[:, 6:9].sum(1).tolist() == [0.0, 2.0, 2.0]
+    # Without a float64 tensor the CPU accumulates in float32: close enough for the spike
+    # baselines, and half-precision squares do not overflow (300² > fp16's 65504).
+    h = torch.full((100,), 300.0, dtype=torch.float16)
+    rows = norm_rows([a, h, b]).numpy()
+    assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-4)
+    assert norm_of(rows[1]) == pytest.approx(3000.0, rel=1e-4)
+    assert norm_of(rows[2]) == math.inf and rows[2, 6:9].sum() == 2.0
 
 
 def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
