@@ -23,6 +23,7 @@ import math
 import torch
 
 from tbprobe import kernels
+from tbprobe.kernels import host_stats
 
 MAX_TENSORS = 128  # queued tensors before a flush
 MAX_BYTES = 256 << 20  # queued bytes before a flush
@@ -44,37 +45,23 @@ def _const(device: torch.device):
     return c
 
 
-_SMALL_TOTAL = 1 << 18  # elements: below this, many CPU tensors are counted in one flat pass
-_FEW = 4  # tensors: up to this many, counted one by one
 
 
-def nonfinite_counts(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """float64 ``(len(tensors),)`` counts of NaN and ±Inf elements, on the tensors' device.
-
-    The stats kernel on CUDA (one launch per dtype); on the CPU one flat pass over many small
-    tensors of one dtype, else two exact ops per tensor.
+def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
+    """float64 ``(len(tensors),)`` counts of NaN and ±Inf elements, on the tensors' device:
+    the stats kernel on CUDA (one launch per dtype, no sync), host code on the CPU (where
+    ``hint``, per-tensor reductions that are finite only for finite tensors, saves a pass).
 
     Example::
 
         nonfinite_counts([torch.tensor([1.0, math.nan]), torch.ones(3)])  # tensor([1., 0.])
     """
-    first = tensors[0]
-    if first.is_cuda:
+    if tensors[0].is_cuda:
         return kernels.tensor_stats(tensors)[:, NF].sum(1)
-    # x - x is 0 for every finite x and NaN for NaN and ±Inf.
-    tensors = [t.half() if t.element_size() == 1 else t for t in tensors]  # fp8: no sub
-    first = tensors[0]
-    sizes = [t.numel() for t in tensors]
-    if (
-        len(tensors) > _FEW
-        and sum(sizes) <= _SMALL_TOTAL
-        and all(t.dtype == first.dtype for t in tensors)
-    ):
-        flat = torch._C._nn.flatten_dense_tensors(tensors)
-        ones = torch.nan_to_num(flat - flat, nan=1.0).float()  # 1 per non-finite element
-        counts = torch.segment_reduce(ones, "sum", lengths=torch.tensor(sizes), unsafe=True)
-        return counts.double()  # exact: at most _SMALL_TOTAL < 2**24 per count
-    return torch.stack([torch.count_nonzero(t - t) for t in tensors]).to(torch.float64)
+    if tensors[0].device.type == "cpu":
+        return host_stats.nonfinite_counts(tensors, hint)
+    counts = [torch.count_nonzero(t - t) for t in tensors]  # other devices: x - x is NaN
+    return torch.stack(counts).to(torch.float64)  # exactly where x is not finite
 
 
 def index_on(values: list[int], device: torch.device) -> torch.Tensor:

@@ -100,7 +100,7 @@ def norm_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     wide = tensors[0].is_cuda or any(t.dtype == torch.float64 for t in tensors)
     acc = torch.float64 if wide else torch.float32
     norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).double()  # (n,)
-    nf = nonfinite_counts(tensors)  # (n,)
+    nf = nonfinite_counts(tensors, hint=norms)  # (n,)
     zero = torch.zeros((), dtype=torch.float64, device=norms.device)
     nan = torch.isnan(norms)
     out = torch.zeros(len(tensors), 10, dtype=torch.float64, device=norms.device)

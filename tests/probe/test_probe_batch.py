@@ -12,6 +12,7 @@ from torch import nn
 
 import tbprobe
 from tbprobe import kernels
+from tbprobe.kernels import host_stats
 from tbprobe.probe import batch
 from tests.probe import models
 from tests.probe.util import train
@@ -185,8 +186,8 @@ def test_in_place_change_after_the_first_step_is_found_at_the_flush():
 @pytest.mark.parametrize("few", [0, 4])
 def test_nonfinite_counts_count_nan_and_inf_exactly(few, monkeypatch):
     """nonfinite_counts equals the number of NaN and ±Inf elements for every float dtype, on
-    each of its paths (one by one; one flat pass; multi-tensor ops)."""
-    monkeypatch.setattr(batch, "_FEW", few)
+    each of its CPU paths (one by one; one flat pass), where a sum overflows too."""
+    monkeypatch.setattr(host_stats, "FEW", few)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         x = torch.tensor([1.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -2.0], dtype=dtype)
         got = batch.nonfinite_counts([x, x[:2], torch.full((5,), math.nan, dtype=dtype)])
@@ -198,9 +199,26 @@ def test_nonfinite_counts_count_nan_and_inf_exactly(few, monkeypatch):
         assert got.tolist() == [300_001.0, 3.0, 0.0], dtype
         got = batch.nonfinite_counts([x, x.double()[:5], x[:0], x.view(7, 1).t()])
         assert got.tolist() == [3.0, 3.0, 0.0, 3.0], dtype
+        # Finite values whose sum overflows: the shortcut's sum is inf, the count still 0.
+        huge = torch.full((6,), torch.finfo(dtype).max, dtype=dtype)
+        got = batch.nonfinite_counts([huge, x, huge[:1], x[:3], -huge, x])
+        assert got.tolist() == [0.0, 3.0, 0.0, 1.0, 0.0, 3.0], dtype
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         x = torch.tensor([1.0, math.nan, 2.0]).to(dtype)
         assert batch.nonfinite_counts([x, torch.ones(2)]).tolist() == [1.0, 0.0], dtype
+
+
+def test_nonfinite_counts_with_a_hint_count_only_where_it_is_not_finite():
+    """A hint (norms) that is finite means no count; a non-finite one, an exact count; a hint
+    of the wrong shape is refused."""
+    x = torch.tensor([1.0, math.nan, math.inf, 2.0])
+    ones = torch.ones(3)
+    got = host_stats.nonfinite_counts([x, ones], hint=torch.tensor([math.nan, 1.7]))
+    assert got.tolist() == [2.0, 0.0]
+    got = host_stats.nonfinite_counts([ones, ones], hint=torch.tensor([math.inf, 1.0]))
+    assert got.tolist() == [0.0, 0.0]  # an overflowed norm: counted, nothing found
+    with pytest.raises(ValueError, match="hint"):
+        host_stats.nonfinite_counts([x], hint=torch.ones(2))
 
 
 def test_norm_rows_give_exact_norms_and_nonfinite_counts():

@@ -1,0 +1,60 @@
+"""Non-finite counts of CPU tensors: a cheap finiteness test first, exact counts where needed.
+
+Host code for host tensors only (CUDA tensors take the stats kernel): reading a CPU tensor's
+value here is not a device sync, so the common case, where every value is finite, costs one
+summing pass (about a tenth of an exact count) and a look at the sums. A sum is non-finite
+when a NaN or ±Inf is summed, or when finite values overflow; either way the tensor is then
+counted exactly, so the result never depends on the shortcut.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SMALL_TOTAL = 1 << 18  # elements: below this, many tensors of one dtype share one flat pass
+FEW = 4  # tensors: up to this many, summed one by one
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32  # no fp16 overflow
+
+
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(t - t)  # x - x: 0 for finite x, NaN for NaN and ±Inf
+
+
+def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
+    """float64 ``(len(tensors),)`` exact counts of NaN and ±Inf elements of CPU tensors.
+
+    ``hint``: a ``(len(tensors),)`` CPU tensor of reductions already taken (e.g. norms), each
+    finite only if its tensor is finite; it replaces the summing pass.
+
+    Example::
+
+        nonfinite_counts([torch.tensor([1.0, float("nan")]), torch.ones(3)])  # [1., 0.]
+    """
+    tensors = [t.half() if t.element_size() == 1 else t for t in tensors]  # fp8: no sub/sum
+    first = tensors[0]
+    sizes = [t.numel() for t in tensors]
+    if hint is not None:
+        if tuple(hint.shape) != (len(tensors),):
+            raise ValueError(f"hint: expected shape ({len(tensors)},), got {tuple(hint.shape)}")
+        sums = hint.detach().to(torch.float64).numpy()
+    elif (
+        len(tensors) > FEW
+        and sum(sizes) <= SMALL_TOTAL
+        and all(t.dtype == first.dtype for t in tensors)
+    ):
+        flat = torch._C._nn.flatten_dense_tensors(tensors)
+        if np.isfinite(flat.sum(dtype=_acc(flat.dtype)).numpy()):
+            return torch.zeros(len(tensors), dtype=torch.float64)
+        ones = torch.nan_to_num(flat - flat, nan=1.0).float()  # 1 per non-finite element
+        counts = torch.segment_reduce(ones, "sum", lengths=torch.tensor(sizes), unsafe=True)
+        return counts.double()  # exact: at most SMALL_TOTAL < 2**24 per count
+    else:
+        sums = torch.stack([t.sum(dtype=_acc(t.dtype)).double() for t in tensors]).numpy()
+    out = np.zeros(len(tensors))
+    for i in np.flatnonzero(~np.isfinite(sums)):
+        out[i] = float(_exact(tensors[i]))
+    return torch.from_numpy(out)
