@@ -148,8 +148,9 @@ def tensor_stats(tensors) -> torch.Tensor:
     """float64 ``(len(tensors), len(STAT_NAMES))`` statistics on the tensors' device.
 
     Moments over finite elements; NaN/±Inf counted apart. On CUDA the whole list takes one
-    Triton launch per dtype; elsewhere a few torch ops per dtype group (``reference_many``);
-    no host sync either way.
+    Triton launch per dtype, with no host sync; on the CPU large finite float tensors take a
+    short path (``host_stats``) and the rest a few torch ops per dtype group
+    (``reference_many``), as on any other device.
 
     Example::
 
@@ -160,6 +161,10 @@ def tensor_stats(tensors) -> torch.Tensor:
         from tbprobe.kernels import triton_stats
 
         return triton_stats.tensor_stats(tensors)
+    if tensors and isinstance(tensors[0], torch.Tensor) and tensors[0].device.type == "cpu":
+        from tbprobe.kernels import host_stats
+
+        return host_stats.tensor_stats(tensors)
     return reference_many.tensor_stats(tensors)
 
 

@@ -1,0 +1,76 @@
+"""CPU statistics with a finite short path: ``host_stats.tensor_stats`` against the float64
+oracle, and the non-finite counts' shortcut."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tbprobe import kernels
+from tbprobe.kernels import host_stats
+from tbprobe.kernels.reference import stats_row
+
+EXACT = [0, 3, 4, 5, 6, 7, 8, 9]  # count, min, max, abs_max, nan, +inf, -inf, zeros
+
+
+def _big(dtype, seed, n=host_stats.BIG + 1234):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * 3 + 0.5).to(dtype)
+    x[::5] = 0.0
+    return x
+
+
+def _check(got: torch.Tensor, tensors) -> None:
+    for i, t in enumerate(tensors):
+        want = stats_row(t)
+        assert torch.equal(got[i, EXACT], want[EXACT]), (i, got[i], want)
+        for col in (1, 2):  # sum, sum_sq: within 1e-6 of float64 (the kernels' contract)
+            assert float(got[i, col]) == pytest.approx(float(want[col]), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_float_tensors_match_the_float64_oracle(dtype, monkeypatch):
+    """Finite large tensors (short path), a NaN/Inf-laden one and small, integer and fp64
+    tensors (batched exact path) in one list, rows in input order."""
+    from tbprobe.kernels import reference_many
+
+    batched = []
+    orig = reference_many.tensor_stats
+    monkeypatch.setattr(
+        reference_many, "tensor_stats", lambda ts: batched.append(len(ts)) or orig(ts)
+    )
+    laden = _big(dtype, 1)
+    laden[7], laden[11], laden[13] = math.nan, math.inf, -math.inf
+    strided = _big(dtype, 2, 3 * host_stats.BIG)[::3]  # non-contiguous
+    tensors = [
+        _big(dtype, 0).view(-1, 2),
+        torch.arange(7),
+        laden,
+        strided,
+        torch.randn(5, dtype=torch.float64),
+        torch.zeros(host_stats.BIG, dtype=dtype),
+        torch.ones(0, dtype=dtype),
+    ]
+    got = host_stats.tensor_stats(tensors)
+    assert got.dtype == torch.float64 and got.shape == (len(tensors), 10)
+    _check(got, tensors)
+    assert batched == [4]  # arange, the laden one, fp64, the empty one: 3 took the short path
+    assert torch.equal(kernels.tensor_stats(tensors), got)  # the CPU dispatch takes it
+
+
+def test_finite_values_whose_fp32_sum_overflows_take_the_exact_path():
+    x = torch.full((host_stats.BIG,), 3e38)  # finite, but the fp32 sum is inf
+    x[1] = -3e38
+    got = host_stats.tensor_stats([x])
+    _check(got, [x])
+    assert got[0, 6:9].sum() == 0 and np.isfinite(float(got[0, 1]))
+
+
+def test_large_sum_with_cancellation_stays_within_the_contract():
+    """1e7 zero-mean values: the fp64 sum of the short path is within 1e-6 of float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10_000_000, generator=g)
+    _check(host_stats.tensor_stats([x]), [x])
