@@ -69,7 +69,7 @@ def tensor_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     Large fp32/fp16/bf16 tensors whose fp32 sum is finite (so every element is) take a short
     path: their sum (fp64) and sum of squares (within 4.8e-7 relative, see ``host_sums``)
-    from numpy, min/max from one ``aminmax``, zeros from one ``count_nonzero``: about a
+    from numpy, min/max from one ``aminmax``, zeros from numpy's ``count_nonzero``: about a
     quarter of the batched path's time. The rest (small, integer, fp64 tensors, and any
     with a NaN or ±Inf) take ``reference_many``'s batched exact path.
     """
@@ -94,9 +94,9 @@ def tensor_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
     for k in fast:
         x = flat[k]
         lo, hi = (float(v) for v in torch.aminmax(x))
-        zeros = x.numel() - int(torch.count_nonzero(x))
-        st = host_sums.Stats()
         f = x.numpy()
+        zeros = len(f) - int(np.count_nonzero(f))  # ~4x faster than torch's on ReLU outputs
+        st = host_sums.Stats()
         st.add_finite(f, lo, hi, np.empty(len(f) // 8 + 1, np.float32))
         st.n, st.zeros = x.numel(), zeros
         out[big[k]] = torch.from_numpy(host_sums.combine([st]))
