@@ -37,6 +37,17 @@ _pool_lock = threading.Lock()
 _local = threading.local()
 
 
+def _after_fork_in_child() -> None:
+    """A fork taken while another thread held the lock would leave it held in the child."""
+    global _pool, _pool_pid, _pool_lock
+    _pool_lock = threading.Lock()
+    _pool, _pool_pid = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

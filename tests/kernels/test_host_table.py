@@ -197,3 +197,36 @@ def test_int32_keys_when_bounds_exceed_int16():
     x[:4000] = edges[1000:5000].astype(np.float32)
     h = kernels.histogram(x, edges)
     np.testing.assert_array_equal(h.counts.numpy(), _oracle(x, edges))
+
+
+def test_a_forked_child_histograms_even_if_the_pool_lock_was_held_at_the_fork():
+    """The child of a fork taken while another thread held the pool's lock gets a fresh lock
+    and pool: its first large histogram completes (it would deadlock otherwise)."""
+    import os
+    import select
+
+    import torch
+
+    from tbprobe import kernels
+    from tbprobe.kernels import host
+
+    x = torch.randn(host.SPLIT_MIN + 5, generator=torch.Generator().manual_seed(0))
+    want = kernels.histogram(x).counts.sum().item()
+    read_end, write_end = os.pipe()
+    with host._pool_lock:  # as if another thread were creating the pool right now
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                got = kernels.histogram(x).counts.sum().item()
+                os.write(write_end, str(got).encode())
+            finally:
+                os._exit(0)
+    os.close(write_end)
+    ready, _, _ = select.select([read_end], [], [], 60)
+    if not ready:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung on the histogram pool's lock")
+    got = int(os.read(read_end, 64).decode() or -1)
+    os.waitpid(pid, 0)
+    assert got == want == x.numel()
