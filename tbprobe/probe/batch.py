@@ -45,8 +45,6 @@ def _const(device: torch.device):
     return c
 
 
-
-
 def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
     """float64 ``(len(tensors),)`` counts of NaN and ±Inf elements, on the tensors' device:
     the stats kernel on CUDA (one launch per dtype, no sync), host code on the CPU (where
