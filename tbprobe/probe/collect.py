@@ -70,8 +70,8 @@ class StepState:
         self.snap = snap  # module names to thumbnail, or None
         self.eager = eager if eager is not None else set()  # names reduced at once
         self.learn = learn  # reduce at once and find the outputs changed in place
-        # Activation histograms binned over all ranks: the tensors are kept to the step
-        # boundary, where the edges are agreed (tbprobe.probe.dist_pack).
+        # Activation histograms merged over all ranks: the tensors are kept to the step
+        # boundary, where tbprobe.probe.dist_pack bins them on fixed (TensorBoard) edges.
         self.keep_hists = keep_hists
         self.act_keep: dict[str, torch.Tensor] = {}
         self.rows = Rows(full, self.eager.add, self)
