@@ -8,6 +8,7 @@ import math
 import torch
 
 from tbprobe import kernels
+from tbprobe.kernels import host_stats
 from tbprobe.probe.batch import nonfinite_counts
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.emit import StepMeta
@@ -89,18 +90,21 @@ def norm_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     ``_foreach_norm`` per dtype and exact non-finite counts (cheaper than ``tensor_stats``
     on the CPU): ``sum_sq`` (0 where there are non-finite elements), and the non-finite count in
     ``nan`` when the norm is NaN, else in ``pos_inf``; so ``emit.norm_of`` gives the norm.
+    CPU tensors take ``host_stats.norm_rows`` (the same rows, assembled in numpy).
 
     Example::
 
         norm_rows([torch.ones(4)])[0, 2]  # sum of squares: 4.0
     """
-    # The CPU's float64 norm is ~15x slower than its float32 one, whose relative error (~1e-4)
-    # does not matter here: these norms feed the spike baselines, and logged norms come from
-    # tensor_stats. Half-precision inputs are accumulated in float32 (no fp16 overflow).
-    wide = tensors[0].is_cuda or any(t.dtype == torch.float64 for t in tensors)
-    acc = torch.float64 if wide else torch.float32
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).double()  # (n,)
-    nf = nonfinite_counts(tensors, hint=norms)  # (n,)
+    if tensors[0].device.type == "cpu":
+        return host_stats.norm_rows(tensors)
+    return device_norm_rows(tensors)
+
+
+def device_norm_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`norm_rows` with torch ops on the tensors' device (no host sync)."""
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))  # (n,)
+    nf = nonfinite_counts(tensors)  # (n,)
     zero = torch.zeros((), dtype=torch.float64, device=norms.device)
     nan = torch.isnan(norms)
     out = torch.zeros(len(tensors), 10, dtype=torch.float64, device=norms.device)

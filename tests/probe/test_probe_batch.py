@@ -246,6 +246,25 @@ def test_norm_rows_give_exact_norms_and_nonfinite_counts():
     assert norm_of(rows[2]) == math.inf and rows[2, 6:9].sum() == 2.0
 
 
+def test_device_norm_rows_match_the_host_rows():
+    """The torch-op rows (the CUDA path, run here on CPU tensors) equal the host rows in
+    every column but the squared norm, which is float64 there (float32 on the host)."""
+    from tbprobe.probe.pack import device_norm_rows, norm_rows
+
+    torch.manual_seed(1)
+    a = torch.randn(40)
+    b = torch.randn(9)
+    b[1], b[5] = math.nan, math.inf
+    c = torch.full((6,), -math.inf)
+    dev, host = device_norm_rows([a, b, c]), norm_rows([a, b, c])
+    others = [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert dev.dtype == host.dtype == torch.float64
+    assert torch.equal(dev[:, others], host[:, others])
+    assert dev[0, 2].item() == pytest.approx(float(a.double().square().sum()), rel=1e-12)
+    assert host[0, 2].item() == pytest.approx(dev[0, 2].item(), rel=1e-4)
+    assert dev[1:, 2].tolist() == host[1:, 2].tolist() == [0.0, 0.0]
+
+
 def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
     """A tensor_stats failure inside a flush disables the one hook that flushed, warns
     once, and later steps are still recorded; parameters keep training."""
