@@ -8,10 +8,12 @@ time and the overhead over the same model with no probe (``step time / no-probe 
   12 heads, vocab 50257, tied head; 12 × 1024 tokens a step), parameters and gradients in bf16,
   eager. Plain torch modules with random init: nothing is downloaded.
 - Configurations: no probe; ``tbprobe.Probe(every=1)`` (norms and stats every step, no
-  histograms); the same with ``histogram_every=1``; ``wandb.watch(log="all", log_freq=1)`` in
-  offline mode (stats sampling and console capture off, so only watch is measured; "not
-  available" if wandb cannot be imported); a hand-written loop calling tensorboardX's
-  ``add_histogram`` on every parameter and its gradient after every optimizer step.
+  histograms); the same with ``track=("grads", "params")`` (gradient and parameter norms
+  only: what the statistics of every activation cost); the same with ``histogram_every=1``;
+  ``wandb.watch(log="all", log_freq=1)`` in offline mode (stats sampling and console capture
+  off, so only watch is measured; "not available" if wandb cannot be imported); a
+  hand-written loop calling tensorboardX's ``add_histogram`` on every parameter and its
+  gradient after every optimizer step.
 - Timing. A step is forward, loss, backward, ``opt.step()``, the configuration's per-step call,
   ``zero_grad``. Each window attaches the configuration, runs warm-up steps, times a whole
   window of steps with ``time.perf_counter`` (CUDA synchronized before and after), and
@@ -54,11 +56,13 @@ import torch.nn.functional as F
 from torch import nn
 
 NONE, NORMS, HISTS, WANDB, TBX = "none", "tbprobe", "tbprobe+hist", "wandb.watch", "tensorboardX"
-CONFIGS = (NONE, NORMS, HISTS, WANDB, TBX)
+GRADS = "tbprobe-grads"  # gradient and parameter norms only: no activation statistics
+CONFIGS = (NONE, NORMS, GRADS, HISTS, WANDB, TBX)
 OVERHEAD_FLOOR = 1e-4  # below what a window resolves: the divisor of the "× less" ratio
 LABEL = {
     NONE: "no probe",
     NORMS: "tbprobe: norms + stats every step",
+    GRADS: 'tbprobe: grad + param norms only, every step (track=("grads", "params"))',
     HISTS: "tbprobe: + histograms every step",
     WANDB: 'wandb.watch(log="all", log_freq=1), offline',
     TBX: "tensorboardX add_histogram, every param + grad",
@@ -208,13 +212,14 @@ def _read_counts(logdir: str) -> Counter:
     return counts
 
 
-def attach_tbprobe(model: Model, logdir: str, histograms: bool) -> Attached:
+def attach_tbprobe(model: Model, logdir: str, histograms: bool, track=None) -> Attached:
     from tbprobe import Probe, SummaryWriter
 
     writer = SummaryWriter(logdir)
+    extra = {} if track is None else {"track": track}
     try:
         probe = Probe(model.module, writer, optimizer=model.opt, every=1,
-                      histogram_every=1 if histograms else None)  # fmt: skip
+                      histogram_every=1 if histograms else None, **extra)  # fmt: skip
     except BaseException:
         writer.close()
         raise
@@ -328,7 +333,7 @@ def availability() -> dict[str, str]:
         except (ImportError, AttributeError) as e:
             missing[cfg] = f"not available ({type(e).__name__}: {e})"
     if NORMS in missing:
-        missing[HISTS] = missing[NORMS]
+        missing[HISTS] = missing[GRADS] = missing[NORMS]
     return missing
 
 
@@ -363,6 +368,8 @@ class Bench:
     def attach(self, model: Model, cfg: str, logdir: str) -> Attached:
         if cfg in (NORMS, HISTS):
             return attach_tbprobe(model, logdir, histograms=cfg == HISTS)
+        if cfg == GRADS:
+            return attach_tbprobe(model, logdir, histograms=False, track=("grads", "params"))
         if cfg == TBX:
             return attach_tbx(model, logdir)
         if cfg == WANDB:

@@ -52,11 +52,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = {(r["model"], r["config"]): r for r in doc["rows"]}
-    configs = ("none", "tbprobe", "tbprobe+hist", "wandb.watch", "tensorboardX")
+    configs = ("none", "tbprobe", "tbprobe-grads", "tbprobe+hist", "wandb.watch", "tensorboardX")
     assert set(rows) == {(m, c) for m in ("transformer LM", "CNN") for c in configs}
     measured = {"none", "wandb.watch", "tensorboardX"}  # wandb is a dev dependency
     if _probe_importable():
-        measured |= {"tbprobe", "tbprobe+hist"}
+        measured |= {"tbprobe", "tbprobe-grads", "tbprobe+hist"}
     for (model, cfg), r in rows.items():
         if cfg not in measured:
             assert r["status"].startswith("not available"), (model, cfg, r["status"])

@@ -43,7 +43,9 @@ class Probe:
     are written as tags (DESIGN.md's table). ``histogram_every``: histograms of grads, params
     and activations (default None: only on snapshots). ``modules``/``exclude``: globs or
     ``nn.Module`` types (default: parameterised leaves plus blocks). ``track``: families among
-    ``("grads", "params", "acts", "outgrads", "hists")``. ``scaler``: a ``GradScaler``;
+    ``("grads", "params", "acts", "outgrads", "hists")``; without ``acts`` and ``outgrads``
+    module outputs get only their non-finite check (no statistics, so no dead-activation
+    warnings), which makes scheduled steps much cheaper. ``scaler``: a ``GradScaler``;
     gradient norms are unscaled and a step whose optimizer step it skipped still counts.
     ``check_every``: non-finite counts and gradient norms for the diagnosis (0: only on
     scheduled steps). ``on_anomaly``: ``"warn"``, ``"raise"`` (:class:`AnomalyError` from the
@@ -284,11 +286,14 @@ class Probe:
         cfg = self.cfg
         scheduled, checked = cfg.scheduled(step), cfg.checked(step)
         snap = self.snapshots.take(step)
+        # Module statistics on a scheduled step only where their tags are written (or the
+        # ranks' packed layout expects them); otherwise non-finite counts do.
+        module_stats = bool({"acts", "outgrads"} & set(cfg.track)) or self._dist is not None
         return StepState(
             step,
             scheduled=scheduled,
             checked=checked,
-            full=scheduled or snap is not None or self._rows_always,
+            full=(scheduled and module_stats) or snap is not None or self._rows_always,
             backward=checked or (scheduled and "outgrads" in cfg.track),
             hist=cfg.histogram_step(step),
             snap=snap,

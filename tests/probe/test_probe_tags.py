@@ -152,6 +152,41 @@ def test_nonfinite_counts_reach_the_record():
         assert math.isfinite(rec.grad_norms["_total"])
 
 
+def test_without_acts_and_outgrads_scheduled_steps_only_check_module_outputs(tmp_path):
+    """track=("grads", "params"): scheduled steps write grad and param norms, compute no
+    module statistics (events carry no stats) and still count a planted NaN at its module."""
+    model = models.make("mlp")
+    seen = []
+
+    class Collect:
+        def feed(self, record):
+            seen.append(record)
+            return []
+
+    model[2].register_forward_hook(lambda m, a, out: out.index_fill(1, torch.tensor([0]), math.nan))
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(
+        model, writer, every=1, track=("grads", "params"), diagnosis=Collect(),
+        watch_requests=False,
+    )  # fmt: skip
+    x = torch.randn(3, 8)
+    for _ in range(2):
+        model(x).sum().backward()
+        probe.step()
+    probe.detach()
+    writer.close()
+    assert [r.scheduled for r in seen] == [True, True]
+    for rec in seen:
+        modules = [e for e in rec.events if e.pass_ != "grad"]
+        assert modules and all(e.stats is None for e in modules)
+        by = {(e.module, e.pass_, e.tensor): e for e in modules}
+        assert by[("2", "forward", "output")].nonfinite == 3
+        assert by[("0", "forward", "output")].nonfinite == 0
+        assert all(e.stats is not None for e in rec.events if e.pass_ == "grad")
+    tags = set(read_run(str(tmp_path))["scalars"])
+    assert {t.split("/")[0] for t in tags} == {"grad_norm", "param_norm", "update_ratio"}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "word"),
     [
