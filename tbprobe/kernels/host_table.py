@@ -153,7 +153,7 @@ class TablePlan:
         t = torch.from_numpy(keys)
         for j in range(0, m, COUNT_SLICE):  # torch's count releases the GIL; numpy's does not
             h = torch.bincount(t[j : j + COUNT_SLICE], minlength=self.n_keys)
-            np.add(hist, h.numpy(), out=hist)
+            np.add(hist, h.numpy(), out=hist)  # sync-ok: a CPU tensor
 
     def add_stats(self, c: np.ndarray, st: Stats) -> None:
         """Fold fp32 ``c`` ``(m,)`` into ``st``: counts, NaN/±Inf, min/max, sums (zeros too

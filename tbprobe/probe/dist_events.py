@@ -198,7 +198,7 @@ def landed(meta, data: dict) -> None:
     """Once a step has landed (host data): drop from ``meta`` the events that fired on no
     rank, and forget the inputs that no rank knew. Called by ``emit.build_record`` through
     ``meta.on_landed``; idempotent."""
-    meta.__dict__.pop("on_landed", None)
+    meta.on_landed = None
     on = data.get("evon")
     if on is None or not meta.events:
         return

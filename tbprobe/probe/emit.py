@@ -38,6 +38,7 @@ class StepMeta:
     ghists: list = field(default_factory=list)  # tags binned over all ranks, fixed edges
     thumbs: list = field(default_factory=list)  # (module, shape, kind)
     snap_modules: frozenset = frozenset()
+    on_landed: object = None  # distributed: called with the landed data (dist_events.landed)
 
 
 def norm_of(row: np.ndarray) -> float:
@@ -125,7 +126,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
             stacklevel=2,
         )
         return StepRecord(step=meta.step, scheduled=meta.scheduled)
-    if hasattr(meta, "on_landed"):  # dist_events.landed: drop the events no rank fired
+    if meta.on_landed is not None:  # dist_events.landed: drop the events no rank fired
         meta.on_landed(data)
     stats_on = meta.scheduled
     events = []
@@ -151,7 +152,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
     if meta.grads:
         rows = data["grad"]
         names = [name for _, name in meta.grads]
-        grad_norms = dict(zip(names, norms_of(rows).tolist(), strict=True))
+        grad_norms = dict(zip(names, norms_of(rows).tolist(), strict=True))  # sync-ok: numpy
         grad_norms["_total"] = norm_of(rows.sum(0))
         if not clean:
             nf = rows[:, NAN] + rows[:, POS_INF] + rows[:, NEG_INF]
@@ -167,10 +168,11 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
                     )
                 )
     if meta.params:
-        param_norms = dict(zip(meta.params, norms_of(data["param"]).tolist(), strict=True))
+        norms = norms_of(data["param"]).tolist()  # sync-ok: numpy
+        param_norms = dict(zip(meta.params, norms, strict=True))
     if meta.updates:
         upd = norms_of(data["upd"])
-        for name, u in zip(meta.updates, upd.tolist(), strict=True):
+        for name, u in zip(meta.updates, upd.tolist(), strict=True):  # sync-ok: numpy
             w = param_norms.get(name, math.nan)
             ratios[name] = u / w if w > 0 else math.nan
     events.sort(key=lambda e: e.seq)
@@ -246,6 +248,12 @@ def _module_scalars(tags: list, values: list, meta: StepMeta, rows, track) -> No
 
 def _write_hist(writer, tag: str, counts, edges, stats, gs) -> None:
     """``counts`` ``(n,)``, ``edges`` ``(n + 1,)`` and the stats row ``(10,)``."""
+    _add_raw(writer, tag, stats, edges[1:], counts, gs)
+
+
+def _add_raw(writer, tag: str, stats, limits, counts, gs) -> None:
+    """``add_histogram_raw`` of bucket ``limits``/``counts`` (host arrays) with min, max,
+    num, sum and sum of squares from the stats row; nothing when no value is finite."""
     if stats[COUNT] <= 0:  # nothing finite to draw
         return
     writer.add_histogram_raw(
@@ -255,8 +263,8 @@ def _write_hist(writer, tag: str, counts, edges, stats, gs) -> None:
         num=int(stats[COUNT]),
         sum=float(stats[1]),
         sum_squares=float(stats[SUM_SQ]),
-        bucket_limits=edges[1:].tolist(),  # sync-ok: the landed host (numpy) copy
-        bucket_counts=counts.tolist(),  # sync-ok: the landed host (numpy) copy
+        bucket_limits=limits.tolist(),  # sync-ok: host (numpy) arrays
+        bucket_counts=counts.tolist(),  # sync-ok: host (numpy) arrays
         global_step=gs,
     )
 
@@ -265,20 +273,10 @@ def _write_global_hist(writer, tag: str, counts, stats, gs) -> None:
     """A histogram summed over the ranks on the fixed :data:`~tbprobe.probe.dist_slots.
     GLOBAL_BINS` edges, trimmed as the writer trims ``add_histogram``'s (the occupied bins and
     one empty bin before them); min, max, num, sum and sum of squares from the merged stats."""
-    if stats[COUNT] <= 0:
-        return
     from tbprobe.probe.dist_slots import global_edges
     from tbprobe.writer.histogram import trim
 
+    if stats[COUNT] <= 0:
+        return
     limits, kept = trim(np.asarray(counts, np.int64), global_edges())
-    writer.add_histogram_raw(
-        tag,
-        min=float(stats[MIN]),
-        max=float(stats[MAX]),
-        num=int(stats[COUNT]),
-        sum=float(stats[1]),
-        sum_squares=float(stats[SUM_SQ]),
-        bucket_limits=limits.tolist(),  # sync-ok: host (numpy) arrays
-        bucket_counts=kept.tolist(),  # sync-ok: host (numpy) arrays
-        global_step=gs,
-    )
+    _add_raw(writer, tag, stats, limits, kept, gs)
