@@ -1,4 +1,5 @@
-"""Non-finite counts of CPU tensors: a cheap finiteness test first, exact counts where needed.
+"""Statistics and non-finite counts of CPU tensors: a cheap finiteness test, then exact work
+where it is needed.
 
 Host code for host tensors only (CUDA tensors take the stats kernel): reading a CPU tensor's
 value here is not a device sync, so the common case, where every value is finite, costs one
