@@ -24,6 +24,7 @@ import torch
 
 from tbprobe import kernels
 from tbprobe.kernels import host_stats
+from tbprobe.kernels.dispatch import use_triton
 
 MAX_TENSORS = 128  # queued tensors before a flush
 MAX_BYTES = 256 << 20  # queued bytes before a flush
@@ -62,6 +63,25 @@ def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
     return torch.stack(counts).to(torch.float64)  # exactly where x is not finite
 
 
+def probe_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tensor:
+    """float64 ``(len(tensors), 10)`` stats rows of the probe's tensors, without a sync.
+
+    Every column where the stats kernel runs (CUDA: the whole row costs one read). On the
+    CPU, where each column is a pass of its own, only what the probe reads
+    (``host_stats.lean_stats``): ``count``, ``sum_sq``, the non-finite counts and, with
+    ``extremes`` (forward outputs: ``act_absmax``), ``min``/``max``/``abs_max``; the other
+    columns are NaN.
+
+    Example::
+
+        probe_stats([torch.ones(4)], extremes=False)[0, 2]  # sum of squares: 4.0
+    """
+    dev = tensors[0].device
+    if dev.type == "cpu" and not use_triton(dev):
+        return host_stats.lean_stats(tensors, extremes)
+    return kernels.tensor_stats(tensors)
+
+
 def index_on(values: list[int], device: torch.device) -> torch.Tensor:
     """An int64 index tensor on ``device`` from a host list, copied without a sync."""
     idx = torch.tensor(values, dtype=torch.int64)
@@ -76,6 +96,7 @@ class Rows:
 
     __slots__ = (
         "_bytes",
+        "_ext",
         "_keys",
         "_nf",
         "_nf_rids",
@@ -105,13 +126,14 @@ class Rows:
         self._rids: list[int] = []
         self._versions: list[int] = []
         self._keys: list = []
+        self._ext: list[bool] = []  # forward outputs: also min/max/abs_max (see probe_stats)
         self._bytes = 0
         self._nf: list[torch.Tensor] = []  # queued for their non-finite count only
         self._nf_rids: list[int] = []
 
-    def reduce(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def reduce(self, tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tensor:
         if self.full:
-            return kernels.tensor_stats(tensors)
+            return probe_stats(tensors, extremes)
         return nonfinite_counts(tensors)
 
     def add_nf(self, t: torch.Tensor) -> int:
@@ -128,14 +150,22 @@ class Rows:
             self.flush()
         return rid
 
-    def add(self, t: torch.Tensor, key=None, eager: bool = False, watch: bool = False) -> int:
+    def add(
+        self,
+        t: torch.Tensor,
+        key=None,
+        eager: bool = False,
+        watch: bool = False,
+        extremes: bool = True,
+    ) -> int:
         """Queue ``t`` for reduction (``eager``: reduce it now); returns its row id.
-        ``watch``: also check at the next flush that ``t`` was not changed in place."""
+        ``watch``: also check at the next flush that ``t`` was not changed in place.
+        ``extremes``: its min/max/abs_max are read (see :func:`probe_stats`)."""
         t = t.detach()
         rid = self.n
         self.n += 1
         if eager:
-            self.blocks.append(self.reduce([t]))
+            self.blocks.append(self.reduce([t], extremes))
             self.order.append(rid)
             if watch:
                 self.watch.append((t, t._version, key))
@@ -144,6 +174,7 @@ class Rows:
         self._rids.append(rid)
         self._versions.append(t._version)
         self._keys.append(key)
+        self._ext.append(extremes)
         self._bytes += t.numel() * t.element_size()
         if len(self._queue) + len(self._nf) >= MAX_TENSORS or self._bytes >= MAX_BYTES:
             self.flush()
@@ -163,16 +194,24 @@ class Rows:
         (its rows are missing and read as zeros)."""
         nf, nf_rids = self._nf, self._nf_rids
         q, rids, versions, keys = self._queue, self._rids, self._versions, self._keys
+        ext = self._ext
         self._nf, self._nf_rids, self._bytes = [], [], 0
-        self._queue, self._rids, self._versions, self._keys = [], [], [], []
+        self._queue, self._rids, self._versions, self._keys, self._ext = [], [], [], [], []
         if nf:
             counts = nonfinite_counts(nf)
             self.blocks.append(_count_rows(counts, counts.device))
             self.order.extend(nf_rids)
         if not q:
             return
-        self.blocks.append(self.reduce(q))
-        self.order.extend(rids)
+        if not self.full or all(ext) or q[0].is_cuda:  # one call (CUDA: every column anyway)
+            self.blocks.append(self.reduce(q))
+            self.order.extend(rids)
+        else:
+            for want in (True, False):
+                idx = [i for i, e in enumerate(ext) if e is want]
+                if idx:
+                    self.blocks.append(self.reduce([q[i] for i in idx], want))
+                    self.order.extend(rids[i] for i in idx)
         if self.on_changed is not None:
             for t, v, k in zip(q, versions, keys, strict=True):
                 if k is not None and t._version != v:

@@ -102,9 +102,10 @@ class StepState:
     # ---------------------------------------------------------------- reductions
     def add(self, t: torch.Tensor, key: str | None = None) -> int:
         """Queue ``t`` for reduction; its row id. ``key`` (a module name): the tensor is
-        a forward output, reduced at once if that module's outputs get changed in place."""
+        a forward output, reduced at once if that module's outputs get changed in place;
+        without one it is a gradient, whose min/max are not read."""
         if key is None:
-            return self.rows.add(t)
+            return self.rows.add(t, extremes=False)
         learn = self.learn
         return self.rows.add(t, key, eager=learn or key in self.eager, watch=learn)
 

@@ -30,7 +30,7 @@ __all__ = ["Diagnosis", "owner_module"]
 
 # Columns of a stats row, in kernels.STAT_NAMES order (checked by the tests); not imported from
 # tbprobe.kernels so that the diagnosis and `tbprobe report` never import torch.
-_COUNT, _ZEROS = 0, 9
+_COUNT, _ABS_MAX = 0, 5
 _NO_SERIES: tuple[list[str], np.ndarray] = ([], np.zeros(0))
 
 
@@ -319,7 +319,9 @@ class Diagnosis:
 
 
 def _all_zero(e: TensorEvent) -> bool:
-    return bool(e.stats[_COUNT] > 0 and e.stats[_ZEROS] == e.stats[_COUNT])
+    """Every finite element is 0 (``abs_max`` is over finite elements; on the CPU the probe
+    does not count zeros, see ``batch.probe_stats``)."""
+    return bool(e.stats[_COUNT] > 0 and e.stats[_ABS_MAX] == 0)
 
 
 def _items(mapping) -> tuple[list[str], np.ndarray]:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tbprobe import kernels
-from tbprobe.probe.batch import index_on
+from tbprobe.probe.batch import index_on, probe_stats
 from tbprobe.probe.dist_events import EventLayout, declare, event_layout, local_events, write_events
 from tbprobe.probe.dist_slots import GLOBAL_BINS, Gather, Part, global_bins, local_rows, part_of
 from tbprobe.probe.distributed import collective_device, identity_rows, is_dtensor
@@ -80,7 +80,6 @@ class _Plan:
     named: list = field(default_factory=list)  # [(name, param)], the probe's parameters
     gmerged: list = field(default_factory=list)  # per param: its gradient merged over ranks
     grad_rows: bool = False  # gradient rows this step
-    grad_full: bool = False  # full stats rows, else norm rows
     trainable: list = field(default_factory=list)  # [(name, param)]
     pmerged: list = field(default_factory=list)  # per trainable param: merged over ranks
     params: bool = False  # param rows this step
@@ -132,7 +131,6 @@ def _plan(probe, st) -> _Plan:
     plan.pmerged = [is_dtensor(p) for _, p in plan.trainable]
     if plan.named and (st.checked or st.scheduled or st.hist):
         plan.grad_rows = True
-        plan.grad_full = st.scheduled or probe._rows_always
         g.rows("grad", sum(plan.gmerged))
     if st.scheduled and "params" in cfg.track and plan.trainable:
         plan.params = True
@@ -188,17 +186,16 @@ def _local(probe, st, plan: _Plan) -> _Local:
         loc.slots.update(loc.events.slots)
     gparts, pparts = plan.gparts, plan.pparts
     if plan.grad_rows:
-        reduce = kernels.tensor_stats if plan.grad_full else _norm_rows
-        loc.grows = probe.amp.unscale(local_rows(gparts, reduce))
+        loc.grows = probe.amp.unscale(local_rows(gparts, _norm_rows))
         loc.slots["grad"] = _select(loc.grows, _idx(plan.gmerged))
     if plan.params:
-        loc.prow = local_rows(pparts, kernels.tensor_stats)
+        loc.prow = local_rows(pparts, _norm_rows)
         loc.slots["param"] = _select(loc.prow, _idx(plan.pmerged))
     if plan.updates:
         prev = probe._prev[1]
         torch._foreach_sub_(prev, [p.local for p in pparts])  # -Δw, in place
         uparts = [Part(d, p.merged, p.contributes) for d, p in zip(prev, pparts, strict=True)]
-        loc.urow = local_rows(uparts, kernels.tensor_stats)
+        loc.urow = local_rows(uparts, _norm_rows)
         loc.slots["upd"] = _select(loc.urow, _idx(plan.pmerged))
     if plan.items:
         loc.hists, hstats, hcounts = _hist_partials(probe, plan)
@@ -208,9 +205,7 @@ def _local(probe, st, plan: _Plan) -> _Local:
 
 
 def _norm_rows(tensors):
-    from tbprobe.probe.pack import norm_rows
-
-    return norm_rows(tensors)
+    return probe_stats(tensors, extremes=False)
 
 
 def _select(rows: torch.Tensor, idx: list[int]) -> torch.Tensor:

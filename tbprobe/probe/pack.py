@@ -3,12 +3,10 @@ boundary, histograms and thumbnails, all into one device buffer (:mod:`.stream`)
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tbprobe import kernels
-from tbprobe.probe.batch import nonfinite_counts
+from tbprobe.probe.batch import probe_stats
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.emit import StepMeta
 from tbprobe.probe.stream import Packer
@@ -53,8 +51,7 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
         order = st.grad_seq
         grads.sort(key=lambda ng: order.get(ng[0], 1 << 60))
         gs = [g.detach() for _, g in grads]
-        full = st.scheduled or probe._rows_always  # else only norms and non-finite counts
-        rows = probe.amp.unscale(kernels.tensor_stats(gs) if full else norm_rows(gs))
+        rows = probe.amp.unscale(probe_stats(gs, extremes=False))  # norms, non-finite counts
         pk.add("grad", rows)
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
     if st.scheduled and "params" in cfg.track:
@@ -84,50 +81,16 @@ def _pack_hists(pk: Packer, hists: list) -> None:
         pk.add("hstats", torch.stack([h.stats.to(dev) for h in hists]))
 
 
-def norm_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stats rows ``(n, 10)`` holding only what a checked step needs, from one fused
-    ``_foreach_norm`` per dtype and exact non-finite counts (cheaper than ``tensor_stats``
-    on the CPU): ``sum_sq`` (0 where there are non-finite elements), and the non-finite count in
-    ``nan`` when the norm is NaN, else in ``pos_inf``; so ``emit.norm_of`` gives the norm.
-
-    On the CPU the norms are accumulated in float32 unless a tensor is float64: its float64
-    norm is ~15x slower, and these norms only feed the spike baselines (relative error ~1e-4;
-    logged norms come from ``tensor_stats``). Half-precision squares are summed in float32, so
-    they do not overflow; float32 norms above ~1.8e19 read as inf.
-
-    Example::
-
-        norm_rows([torch.ones(4)])[0, 2]  # sum of squares: 4.0
-    """
-    wide = tensors[0].device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors)
-    return device_norm_rows(tensors, torch.float64 if wide else torch.float32)
-
-
-def device_norm_rows(tensors: list[torch.Tensor], acc=torch.float64) -> torch.Tensor:
-    """:func:`norm_rows` with norms accumulated in ``acc``, by torch ops on the tensors'
-    device (no host sync)."""
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).double()  # (n,)
-    nf = nonfinite_counts(tensors, hint=norms)  # (n,)
-    zero = torch.zeros((), dtype=torch.float64, device=norms.device)
-    nan = torch.isnan(norms)
-    out = torch.zeros(len(tensors), 10, dtype=torch.float64, device=norms.device)
-    out[:, 2] = torch.where(nf > 0, zero, norms * norms)  # inf only if the norm overflowed
-    out[:, 3], out[:, 4] = math.inf, -math.inf  # no min/max: their identities
-    out[:, 6] = torch.where(nan, nf, zero)
-    out[:, 7] = torch.where(nan, zero, nf)
-    return out
-
-
 def _pack_params(probe, pk: Packer, meta: StepMeta) -> None:
     named = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
     if not named:
         return
-    pk.add("param", kernels.tensor_stats([p for _, p in named]))
+    pk.add("param", probe_stats([p for _, p in named], extremes=False))
     meta.params = [n for n, _ in named]
     prev = probe._prev
     if prev is not None and prev[0] == meta.params:
         torch._foreach_sub_(prev[1], [p for _, p in named])  # -Δw, in place
-        pk.add("upd", kernels.tensor_stats(prev[1]))
+        pk.add("upd", probe_stats(prev[1], extremes=False))
         meta.updates = list(prev[0])
 
 

@@ -28,8 +28,10 @@ class TensorEvent:
     computation consumed (forward: the module's tensor inputs; backward ``grad_input``: the
     module's ``grad_output``), or is None where unknown: ``nonfinite > 0`` with
     ``inputs_nonfinite == 0`` marks the producer of a non-finite value, not a propagator.
-    ``stats`` is the full float64 row in ``kernels.STAT_NAMES`` order on scheduled steps,
-    else None.
+    ``stats`` is the float64 row in ``kernels.STAT_NAMES`` order on scheduled steps, else
+    None. On CUDA every column is filled; on the CPU the columns the probe does not read are
+    NaN (``sum`` and ``zeros``; also ``min``/``max``/``abs_max`` of gradients), see
+    ``tbprobe.probe.batch.probe_stats``.
     """
 
     seq: int

@@ -53,7 +53,7 @@ def test_stat_columns_match_the_kernels():
     from tbprobe.probe import diagnosis
 
     assert STAT_NAMES[diagnosis._COUNT] == "count"
-    assert STAT_NAMES[diagnosis._ZEROS] == "zeros"
+    assert STAT_NAMES[diagnosis._ABS_MAX] == "abs_max"
 
 
 def test_first_nonfinite_event_is_reported_as_producer():
@@ -264,9 +264,9 @@ def test_vanishing_after_patience_once():
 def test_dead_activation_after_warmup():
     """An all-zero forward output warns once, after the module's warm-up observations."""
     zero = np.zeros(10)
-    zero[0] = zero[9] = 64.0
+    zero[0] = zero[9] = 64.0  # count, zeros; abs_max 0
     live = zero.copy()
-    live[9] = 10.0
+    live[5], live[9] = 2.5, 10.0
     stats = [zero] * 3 + [live] * 10 + [zero] * 5
     recs = [rec(i, [ev(0, "relu_block", stats=s)]) for i, s in enumerate(stats)]
     found = feed_all(Diagnosis(warmup=5), recs)

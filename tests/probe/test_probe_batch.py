@@ -27,7 +27,8 @@ class Collect:
         return []
 
 
-_TENSOR_STATS = kernels.tensor_stats
+_LEAN_STATS = host_stats.lean_stats
+READ = [0, 2, 3, 4, 5, 6, 7, 8]  # the columns probe_stats fills on the CPU (forward outputs)
 
 
 def _deep(n: int) -> nn.Module:
@@ -37,8 +38,12 @@ def _deep(n: int) -> nn.Module:
 
 def _stats_calls(monkeypatch, model, steps=2, **kw):
     calls = []
-    orig = _TENSOR_STATS
-    monkeypatch.setattr(kernels, "tensor_stats", lambda ts: calls.append(len(list(ts))) or orig(ts))
+
+    def counted(ts, extremes=True):
+        calls.append(len(list(ts)))
+        return _LEAN_STATS(ts, extremes)
+
+    monkeypatch.setattr(host_stats, "lean_stats", counted)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = tbprobe.SummaryWriter(write_to_disk=False)
     probe = tbprobe.Probe(model, writer, opt, every=1, watch_requests=False, **kw)
@@ -54,8 +59,8 @@ def _stats_calls(monkeypatch, model, steps=2, **kw):
 
 
 def test_a_scheduled_step_makes_the_same_few_stats_calls_for_4_or_24_blocks(monkeypatch):
-    """After the first step, a scheduled step reduces everything in 5 tensor_stats calls
-    (forward, backward, grads, params, updates), however many modules are hooked."""
+    """After the first step, a scheduled step reduces everything in 5 stats calls (forward,
+    backward, grads, params, updates), however many modules are hooked."""
     small = _stats_calls(monkeypatch, _deep(4))
     large = _stats_calls(monkeypatch, _deep(24))
     assert len(small) == len(large) == 5
@@ -148,7 +153,7 @@ def test_outputs_changed_in_place_are_reduced_before_the_change():
         (ev,) = [e for e in rec.events if e.module == "features.0" and e.pass_ == "forward"]
         want = kernels.tensor_stats([act])[0].numpy()
         assert ev.stats[3] < 0
-        np.testing.assert_allclose(ev.stats, want, rtol=1e-12)
+        np.testing.assert_allclose(ev.stats[READ], want[READ], rtol=1e-6)
 
 
 def test_in_place_change_after_the_first_step_is_found_at_the_flush():
@@ -221,11 +226,11 @@ def test_nonfinite_counts_with_a_hint_count_only_where_it_is_not_finite():
         host_stats.nonfinite_counts([x], hint=torch.ones(2))
 
 
-def test_norm_rows_give_exact_norms_and_nonfinite_counts():
-    """norm_rows: norm_of of each row is the float64 norm (NaN with a NaN, inf with only
-    infinities) and its non-finite columns sum to the exact count."""
+def test_probe_stats_give_exact_norms_and_nonfinite_counts():
+    """probe_stats without extremes (gradients, parameters): norm_of of each row is the
+    float64 norm (NaN with a NaN, inf with only infinities), the non-finite columns sum to
+    the exact count; half-precision squares do not overflow (300² > fp16's 65504)."""
     from tbprobe.probe.emit import norm_of
-    from tbprobe.probe.pack import norm_rows
 
     torch.manual_seed(0)
     a = torch.randn(7, 5)
@@ -233,40 +238,37 @@ def test_norm_rows_give_exact_norms_and_nonfinite_counts():
     b[[2, 4]] = math.inf
     c = torch.randn(3, 3, dtype=torch.float64)
     c[0, 0], c[1, 1] = math.nan, -math.inf
-    rows = norm_rows([a, b, c]).numpy()
+    h = torch.full((100,), 300.0, dtype=torch.float16)
+    big = torch.randn(300_000)
+    rows = batch.probe_stats([a, b, c, h, big], extremes=False).numpy()
     assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-12)
     assert norm_of(rows[1]) == math.inf and math.isnan(norm_of(rows[2]))
-    assert rows[:, 6:9].sum(1).tolist() == [0.0, 2.0, 2.0]
-    # Without a float64 tensor the CPU accumulates in float32: close enough for the spike
-    # baselines, and half-precision squares do not overflow (300² > fp16's 65504).
-    h = torch.full((100,), 300.0, dtype=torch.float16)
-    rows = norm_rows([a, h, b]).numpy()
-    assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-4)
-    assert norm_of(rows[1]) == pytest.approx(3000.0, rel=1e-4)
-    assert norm_of(rows[2]) == math.inf and rows[2, 6:9].sum() == 2.0
+    assert norm_of(rows[3]) == pytest.approx(3000.0, rel=1e-12)
+    assert norm_of(rows[4]) == pytest.approx(float(big.double().norm()), rel=1e-6)
+    assert rows[:, 6:9].sum(1).tolist() == [0.0, 2.0, 2.0, 0.0, 0.0]
+    assert rows[:, 0].tolist() == [35, 9, 7, 100, 300_000]  # finite elements
 
 
-def test_device_norm_rows_match_the_host_rows():
-    """The torch-op rows (the CUDA path, run here on CPU tensors) equal the host rows in
-    every column but the squared norm, which is float64 there (float32 on the host)."""
-    from tbprobe.probe.pack import device_norm_rows, norm_rows
-
+def test_probe_stats_on_the_cpu_match_the_full_stats_in_the_columns_read():
+    """With extremes (forward outputs) the CPU rows equal kernels.tensor_stats in count,
+    sum_sq (1e-6), min, max, abs_max and the non-finite counts; sum and zeros are NaN (not
+    computed); a tensor with non-finite values gets its full exact row."""
     torch.manual_seed(1)
-    a = torch.randn(40)
-    b = torch.randn(9)
-    b[1], b[5] = math.nan, math.inf
-    c = torch.full((6,), -math.inf)
-    dev, host = device_norm_rows([a, b, c]), norm_rows([a, b, c])
-    others = [0, 1, 3, 4, 5, 6, 7, 8, 9]
-    assert dev.dtype == host.dtype == torch.float64
-    assert torch.equal(dev[:, others], host[:, others])
-    assert dev[0, 2].item() == pytest.approx(float(a.double().square().sum()), rel=1e-12)
-    assert host[0, 2].item() == pytest.approx(dev[0, 2].item(), rel=1e-4)
-    assert dev[1:, 2].tolist() == host[1:, 2].tolist() == [0.0, 0.0]
+    ts = [torch.randn(40), torch.relu(torch.randn(70_000)), torch.randn(9), torch.arange(6)]
+    ts[2][1], ts[2][5] = math.nan, math.inf
+    got = batch.probe_stats(ts).numpy()
+    want = kernels.tensor_stats(ts).numpy()
+    for i in (0, 1):
+        np.testing.assert_allclose(got[i, READ], want[i, READ], rtol=1e-6)
+        assert np.isnan(got[i, [1, 9]]).all()
+    np.testing.assert_array_equal(got[2:], want[2:])  # non-finite and integer: full rows
+    bare = batch.probe_stats(ts[:2], extremes=False).numpy()
+    assert np.isnan(bare[:, [1, 3, 4, 5, 9]]).all()
+    np.testing.assert_array_equal(bare[:, [0, 2, 6, 7, 8]], got[:2, [0, 2, 6, 7, 8]])
 
 
 def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
-    """A tensor_stats failure inside a flush disables the one hook that flushed, warns
+    """A stats failure inside a flush disables the one hook that flushed, warns
     once, and later steps are still recorded; parameters keep training."""
     model = models.make("mlp")
     diag = Collect()
@@ -276,13 +278,13 @@ def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monk
     train(model, "mlp", 1, probe_step=probe.step)
     fail = {"left": 1}
 
-    def flaky(ts):
+    def flaky(ts, extremes=True):
         if fail["left"]:
             fail["left"] -= 1
             raise RuntimeError("kernel bug")
-        return _TENSOR_STATS(ts)
+        return _LEAN_STATS(ts, extremes)
 
-    monkeypatch.setattr(kernels, "tensor_stats", flaky)
+    monkeypatch.setattr(host_stats, "lean_stats", flaky)
     with pytest.warns(RuntimeWarning, match="kernel bug"):
         train(model, "mlp", 3, probe_step=probe.step)
     probe.detach()

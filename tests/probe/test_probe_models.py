@@ -104,12 +104,23 @@ def test_structured_outputs_reduce_every_floating_tensor():
 
 def test_cnn_with_inplace_relu_trains_and_sees_pre_relu_output_gradients():
     """In-place ReLU after a hooked conv works; the conv's grad-output event is the
-    gradient of the conv's own output (where ReLU zeroed it: zeros)."""
+    gradient of the conv's own output (where ReLU zeroed it: zeros), and the forward event
+    is the conv's output before the ReLU (a negative minimum)."""
+    ref = models.make("cnn")  # the same weights, with out-of-place ReLUs
+    ref.features[1].inplace = ref.features[3].inplace = False
+    x = models.batch_for("cnn", torch.Generator().manual_seed(0))  # train()'s first batch
+    out0 = ref.features[0](x)
+    lowest = float(out0.detach().min())
+    y = ref.features[3](ref.features[2](ref.features[1](out0)))
+    (want,) = torch.autograd.grad(ref.head(y.mean((2, 3))).pow(2).mean(), out0)
+    assert (want == 0).any() and (out0 < 0).any()  # the ReLU cut some of it
     _, _, records = _run("cnn", every=1)
     by = {(e.module, e.tensor): e for e in records[0].events}
     gout = by[("features.0", "grad_output")].stats
     fwd = by[("features.0", "output")].stats
-    assert gout[9] > 0 and gout[0] == fwd[0]  # zeros where ReLU cut, same element count
+    assert gout[0] == fwd[0] == want.numel()
+    assert fwd[3] == pytest.approx(lowest) and lowest < 0  # before the ReLU
+    assert gout[2] == pytest.approx(float(want.double().square().sum()), rel=1e-6)
 
 
 def test_gpt2_blocks_and_tied_weights():
