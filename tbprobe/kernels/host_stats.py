@@ -10,6 +10,8 @@ counted exactly, so the result never depends on the shortcut.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -177,3 +179,54 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
     if rest:
         out[rest] = reference_many.tensor_stats([tensors[i] for i in rest])
     return out
+
+
+_NAN = float("nan")
+_WIDE = (torch.float32, torch.float64)
+
+
+def lean_row(t: torch.Tensor, extremes: bool = True) -> list[float]:
+    """:func:`lean_stats` of one CPU tensor, as a list of 10 floats, computed at once: the
+    probe reduces a CPU tensor in its hook, so the tensor is not kept alive for a batch (on
+    the CPU a batch saves no launch, and memory held longer costs fresh pages every step).
+
+    Example::
+
+        lean_row(torch.tensor([3.0, -4.0]))  # [2.0, nan, 25.0, -4.0, 3.0, 4.0, 0.0, 0.0, 0.0, nan]
+    """
+    x = t.detach()
+    n = x.numel()
+    if x.dtype not in _WIDE:
+        if x.dtype not in _LEAN or not n:
+            return _full_row(x)
+        x = x.float()
+    elif not n:
+        return _full_row(x)
+    x = x.reshape(-1)
+    sq = float(_sum_sq(x))  # sync-ok: CPU tensor, host code
+    if sq != sq or sq == math.inf:  # a NaN or ±Inf (or an overflow): the exact row
+        return _full_row(t.detach())
+    if not extremes:
+        return [float(n), _NAN, sq, _NAN, _NAN, _NAN, 0.0, 0.0, 0.0, _NAN]
+    lo, hi = (float(v) for v in torch.aminmax(x))  # sync-ok: CPU tensor, host code
+    return [float(n), _NAN, sq, lo, hi, max(-lo, hi), 0.0, 0.0, 0.0, _NAN]
+
+
+def _full_row(x: torch.Tensor) -> list[float]:
+    from tbprobe.kernels import reference_many
+
+    return reference_many.tensor_stats([x])[0].tolist()  # sync-ok: CPU tensor, host code
+
+
+def nonfinite_count(t: torch.Tensor) -> float:
+    """The number of NaN and ±Inf elements of one CPU tensor, computed at once: a summing pass
+    (finite sum: none), counted exactly only where the sum is not finite."""
+    x = t.detach()
+    if not x.is_floating_point():
+        return 0.0
+    if x.element_size() == 1:
+        x = x.half()  # fp8: no sum
+    s = float(x.sum(dtype=_acc(x.dtype)))  # sync-ok: CPU tensor, host code
+    if s == s and s not in (math.inf, -math.inf):
+        return 0.0
+    return float(_exact(x))  # sync-ok: CPU tensor

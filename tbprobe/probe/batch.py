@@ -76,10 +76,15 @@ def probe_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Ten
 
         probe_stats([torch.ones(4)], extremes=False)[0, 2]  # sum of squares: 4.0
     """
-    dev = tensors[0].device
-    if dev.type == "cpu" and not use_triton(dev):
+    if on_host(tensors[0]):
         return host_stats.lean_stats(tensors, extremes)
     return kernels.tensor_stats(tensors)
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """True for a tensor the probe reduces with host code, at once (a CPU tensor, unless
+    ``TBPROBE_KERNELS=triton`` forces the kernels)."""
+    return t.device.type == "cpu" and not use_triton(t.device)
 
 
 def index_on(values: list[int], device: torch.device) -> torch.Tensor:
@@ -97,6 +102,9 @@ class Rows:
     __slots__ = (
         "_bytes",
         "_ext",
+        "_host",
+        "_host_rids",
+        "bad",
         "_keys",
         "_nf",
         "_nf_rids",
@@ -127,6 +135,9 @@ class Rows:
         self._versions: list[int] = []
         self._keys: list = []
         self._ext: list[bool] = []  # forward outputs: also min/max/abs_max (see probe_stats)
+        self._host: list = []  # rows (or counts) of host tensors, reduced when added
+        self._host_rids: list[int] = []
+        self.bad: set[int] = set()  # row ids of host tensors found non-finite when added
         self._bytes = 0
         self._nf: list[torch.Tensor] = []  # queued for their non-finite count only
         self._nf_rids: list[int] = []
@@ -139,6 +150,13 @@ class Rows:
     def add_nf(self, t: torch.Tensor) -> int:
         """Queue ``t`` for its non-finite count only (a row holding just that count, in the
         ``nan`` column, when ``full``); returns its row id."""
+        if on_host(t):
+            rid = self.n
+            self.n += 1
+            count = host_stats.nonfinite_count(t)
+            self._host.append(_count_row(count) if self.full else count)
+            self._host_rids.append(rid)
+            return rid
         if not self.full or t.is_cuda:  # on CUDA one stats launch per dtype is cheaper
             return self.add(t)
         rid = self.n
@@ -164,6 +182,20 @@ class Rows:
         t = t.detach()
         rid = self.n
         self.n += 1
+        if on_host(t):  # reduced now: the tensor is not kept alive (see host_stats.lean_row)
+            if self.full:
+                row = host_stats.lean_row(t, extremes)
+                bad = row[6] + row[7] + row[8] > 0
+            else:
+                row = host_stats.nonfinite_count(t)
+                bad = row > 0
+            if bad:
+                self.bad.add(rid)
+            self._host.append(row)
+            self._host_rids.append(rid)
+            if watch:
+                self.watch.append((t, t._version, key))
+            return rid
         if eager:
             self.blocks.append(self.reduce([t], extremes))
             self.order.append(rid)
@@ -195,6 +227,10 @@ class Rows:
         nf, nf_rids = self._nf, self._nf_rids
         q, rids, versions, keys = self._queue, self._rids, self._versions, self._keys
         ext = self._ext
+        if self._host:
+            self.blocks.append(torch.tensor(self._host, dtype=torch.float64))
+            self.order.extend(self._host_rids)
+            self._host, self._host_rids = [], []
         self._nf, self._nf_rids, self._bytes = [], [], 0
         self._queue, self._rids, self._versions, self._keys, self._ext = [], [], [], [], []
         if nf:
@@ -219,7 +255,8 @@ class Rows:
 
     def maybe_compact(self) -> None:
         """Compact when there are too many rows; only where no row id is held in flight."""
-        if len(self.order) + len(self._queue) + len(self._nf) > MAX_ROWS and self.owner is not None:
+        queued = len(self._queue) + len(self._nf) + len(self._host)
+        if len(self.order) + queued > MAX_ROWS and self.owner is not None:
             self.compact()
 
     def rows(self) -> tuple[torch.Tensor | None, list[int]]:
@@ -228,6 +265,9 @@ class Rows:
         if not self.blocks:
             return None, []
         if len(self.blocks) > 1:
+            dev = next((b.device for b in self.blocks if b.device.type != "cpu"), None)
+            if dev is not None:  # host rows of CPU modules beside device ones
+                self.blocks = [b if b.device == dev else _to_device(b, dev) for b in self.blocks]
             self.blocks = [torch.cat(self.blocks)]
         return self.blocks[0], self.order
 
@@ -251,6 +291,7 @@ class Rows:
             grp = [i for i, g in enumerate(nf) for _ in g]
             out.append(self._nf_rows(rows, src, grp, len(nf), dev))
         self.blocks = [torch.cat(out)] if out else []
+        self.bad = set()
         self.n = len(merge) + len(nf)
         self.order = list(range(self.n))
         for i, g in enumerate(merge):
@@ -278,6 +319,17 @@ class Rows:
         nf = sel[:, NF].sum(1) if self.full else sel
         counts = torch.zeros(n, dtype=rows.dtype, device=dev).index_add_(0, index_on(grp, dev), nf)
         return _count_rows(counts, dev) if self.full else counts
+
+
+def _count_row(count: float) -> list[float]:
+    """:func:`_count_rows` of one host count, as a list."""
+    return [0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, count, 0.0, 0.0, 0.0]
+
+
+def _to_device(b: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    if dev.type == "cuda":
+        return b.pin_memory().to(dev, non_blocking=True)
+    return b.to(dev)
 
 
 def _count_rows(counts: torch.Tensor, dev: torch.device) -> torch.Tensor:

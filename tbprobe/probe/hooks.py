@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from tbprobe.probe.batch import on_host
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.selection import floating_tensors
 
@@ -137,7 +138,9 @@ class HookSet:
         ev = st.event(name, "forward", "output")
         rids = [st.add(t, name) for t in outs]
         ev.rows.extend(rids)
-        if ins:
+        # Inputs matter only for an output with NaN/Inf (producer or propagator?); host
+        # tensors are reduced at once, so finite outputs skip them (inputs_nonfinite: None).
+        if ins and (not on_host(outs[0]) or not st.rows.bad.isdisjoint(rids)):
             inputs = []
             for t in ins:
                 s = st.slot(t, create=False)

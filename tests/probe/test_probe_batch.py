@@ -27,7 +27,8 @@ class Collect:
         return []
 
 
-_LEAN_STATS = host_stats.lean_stats
+_TENSOR_STATS = kernels.tensor_stats
+_LEAN_ROW = host_stats.lean_row
 READ = [0, 2, 3, 4, 5, 6, 7, 8]  # the columns probe_stats fills on the CPU (forward outputs)
 
 
@@ -37,13 +38,12 @@ def _deep(n: int) -> nn.Module:
 
 
 def _stats_calls(monkeypatch, model, steps=2, **kw):
+    """tensor_stats calls per step with the batched (CUDA) path: CPU tensors queued as
+    device ones are, not reduced in their hooks."""
     calls = []
-
-    def counted(ts, extremes=True):
-        calls.append(len(list(ts)))
-        return _LEAN_STATS(ts, extremes)
-
-    monkeypatch.setattr(host_stats, "lean_stats", counted)
+    orig = _TENSOR_STATS
+    monkeypatch.setattr(batch, "on_host", lambda t: False)
+    monkeypatch.setattr(kernels, "tensor_stats", lambda ts: calls.append(len(list(ts))) or orig(ts))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = tbprobe.SummaryWriter(write_to_disk=False)
     probe = tbprobe.Probe(model, writer, opt, every=1, watch_requests=False, **kw)
@@ -59,8 +59,9 @@ def _stats_calls(monkeypatch, model, steps=2, **kw):
 
 
 def test_a_scheduled_step_makes_the_same_few_stats_calls_for_4_or_24_blocks(monkeypatch):
-    """After the first step, a scheduled step reduces everything in 5 stats calls (forward,
-    backward, grads, params, updates), however many modules are hooked."""
+    """With the batched path, after the first step a scheduled step reduces everything in 5
+    tensor_stats calls (forward, backward, grads, params, updates), however many modules are
+    hooked."""
     small = _stats_calls(monkeypatch, _deep(4))
     large = _stats_calls(monkeypatch, _deep(24))
     assert len(small) == len(large) == 5
@@ -156,9 +157,13 @@ def test_outputs_changed_in_place_are_reduced_before_the_change():
         np.testing.assert_allclose(ev.stats[READ], want[READ], rtol=1e-6)
 
 
-def test_in_place_change_after_the_first_step_is_found_at_the_flush():
-    """A module whose output starts being changed in place only at step 2 is found by its
-    version counter at that step's flush and reduced at once from step 3 on."""
+@pytest.mark.parametrize("host", [False, True])
+def test_in_place_change_after_the_first_step_is_found_at_the_flush(host, monkeypatch):
+    """Batched path: a module whose output starts being changed in place only at step 2 is
+    found by its version counter at that step's flush and reduced at once from step 3 on.
+    Host path (CPU): every output is reduced in its hook, before any change."""
+    if not host:
+        monkeypatch.setattr(batch, "on_host", lambda t: False)
     model = models.make("mlp")
     state = {"step": 0}
     acts = []
@@ -183,6 +188,10 @@ def test_in_place_change_after_the_first_step_is_found_at_the_flush():
         next(e.stats[3] for e in r.events if e.module == "0" and e.pass_ == "forward")
         for r in diag.records
     ]
+    if host:
+        assert mins == pytest.approx([float(a.min()) for a in acts], rel=1e-12)
+        assert min(mins) < 0
+        return
     assert "0" in probe._eager
     assert mins[3] == pytest.approx(float(acts[3].min()), rel=1e-12) and mins[3] < 0
     assert mins[2] >= 0  # reduced after the change: the step that finds it
@@ -278,15 +287,45 @@ def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monk
     train(model, "mlp", 1, probe_step=probe.step)
     fail = {"left": 1}
 
-    def flaky(ts, extremes=True):
+    def flaky(ts):
         if fail["left"]:
             fail["left"] -= 1
             raise RuntimeError("kernel bug")
-        return _LEAN_STATS(ts, extremes)
+        return _TENSOR_STATS(ts)
 
-    monkeypatch.setattr(host_stats, "lean_stats", flaky)
+    monkeypatch.setattr(batch, "on_host", lambda t: False)  # the batched (CUDA) path
+    monkeypatch.setattr(kernels, "tensor_stats", flaky)
     with pytest.warns(RuntimeWarning, match="kernel bug"):
         train(model, "mlp", 3, probe_step=probe.step)
     probe.detach()
     assert len(probe.errors) == 1 and [r.step for r in diag.records] == [0, 1, 2, 3]
     assert all(any(e.pass_ == "grad" for e in r.events) for r in diag.records)
+
+
+def test_a_failing_host_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
+    """On the CPU each tensor is reduced in its hook: a failure there disables that one
+    hook, warns once, and the other modules and later steps are still recorded."""
+    model = models.make("mlp")
+    diag = Collect()
+    probe = tbprobe.Probe(
+        model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag, watch_requests=False
+    )
+    train(model, "mlp", 1, probe_step=probe.step)
+    fail = {"left": 1}
+
+    def flaky(t, extremes=True):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("host bug")
+        return _LEAN_ROW(t, extremes)
+
+    monkeypatch.setattr(host_stats, "lean_row", flaky)
+    with pytest.warns(RuntimeWarning, match="host bug"):
+        train(model, "mlp", 3, probe_step=probe.step)
+    probe.detach()
+    assert len(probe.errors) == 1 and [r.step for r in diag.records] == [0, 1, 2, 3]
+    (kind, where, _), last = probe.errors[0], diag.records[-1]
+    assert kind == "forward"
+    fwd = {e.module for e in last.events if e.pass_ == "forward"}
+    before = {e.module for e in diag.records[0].events if e.pass_ == "forward"}
+    assert where in before and fwd == before - {where} and fwd  # the others still reduced

@@ -119,7 +119,8 @@ def test_record_events_follow_execution_order():
     assert all(e.stats is not None and e.nonfinite == 0 for e in seen[0].events)
     assert all(e.stats is None for e in seen[1].events)
     fwd2 = seen[0].events[1]
-    assert fwd2.inputs_nonfinite == 0 and fwd2.stats[0] == 4 * 4
+    assert fwd2.stats[0] == 4 * 4
+    assert fwd2.inputs_nonfinite is None  # CPU: a finite output's inputs are not checked
     assert set(seen[1].grad_norms) == {"0.weight", "0.bias", "2.weight", "2.bias", "_total"}
     assert seen[1].param_norms == {}
 
