@@ -47,15 +47,21 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     seen = st.grads
     grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
     grads = [(n, g) for n, g in grads if g is not None]
+    gs: list = []
     if grads and (st.checked or st.scheduled or st.hist):
         order = st.grad_seq
         grads.sort(key=lambda ng: order.get(ng[0], 1 << 60))
         gs = [g.detach() for _, g in grads]
-        rows = probe.amp.unscale(probe_stats(gs, extremes=False))  # norms, non-finite counts
-        pk.add("grad", rows)
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
-    if st.scheduled and "params" in cfg.track:
-        _pack_params(probe, pk, meta)
+    ps, upd = _params_and_updates(probe, st, meta)
+    if gs or ps:  # one call: norms and non-finite counts (on CUDA one launch per dtype)
+        rows = probe_stats(gs + ps + upd, extremes=False)
+        if gs:
+            pk.add("grad", probe.amp.unscale(rows[: len(gs)]))
+        if ps:
+            pk.add("param", rows[len(gs) : len(gs) + len(ps)])
+        if upd:
+            pk.add("upd", rows[len(gs) + len(ps) :])
     hists: list = []
     if st.hist:
         if grads:
@@ -81,17 +87,22 @@ def _pack_hists(pk: Packer, hists: list) -> None:
         pk.add("hstats", torch.stack([h.stats.to(dev) for h in hists]))
 
 
-def _pack_params(probe, pk: Packer, meta: StepMeta) -> None:
+def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, list]:
+    """The trainable parameters and their updates -Δw (in place in the pre-step copies) on a
+    scheduled step that tracks them; their names go into ``meta``."""
+    if not (st.scheduled and "params" in probe.cfg.track):
+        return [], []
     named = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
     if not named:
-        return
-    pk.add("param", probe_stats([p for _, p in named], extremes=False))
+        return [], []
     meta.params = [n for n, _ in named]
+    ps = [p for _, p in named]
     prev = probe._prev
-    if prev is not None and prev[0] == meta.params:
-        torch._foreach_sub_(prev[1], [p for _, p in named])  # -Δw, in place
-        pk.add("upd", probe_stats(prev[1], extremes=False))
-        meta.updates = list(prev[0])
+    if prev is None or prev[0] != meta.params:
+        return ps, []
+    torch._foreach_sub_(prev[1], ps)  # -Δw, in place
+    meta.updates = list(prev[0])
+    return ps, list(prev[1])
 
 
 def _hists(probe, meta, out, family, names, tensors, unscale=False) -> None:

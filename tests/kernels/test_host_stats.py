@@ -74,3 +74,59 @@ def test_large_sum_with_cancellation_stays_within_the_contract():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(10_000_000, generator=g)
     _check(host_stats.tensor_stats([x]), [x])
+
+
+LEAN = [0, 3, 4, 5, 6, 7, 8]  # count, min, max, abs_max, nan, +inf, -inf: exact in lean rows
+
+
+@pytest.mark.parametrize("kind", ["gauss", "near_equal", "relu"])
+@pytest.mark.parametrize("n", [3, host_stats.BIG + 7, host_stats.DOT_CHUNK, 10_000_019])
+def test_lean_rows_match_the_float64_oracle_in_the_columns_they_fill(kind, n):
+    """lean_row / lean_stats (the probe's CPU rows): count and extremes exact, sum_sq within
+    1e-6 of float64 up to 1e7 elements (near-equal values are the worst case for one long
+    dot), sum and zeros NaN; without extremes the extremes are NaN too."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g)
+    if kind == "near_equal":
+        x = 1.0 + 1e-3 * x
+    elif kind == "relu":
+        x = x.relu()
+    want = stats_row(x).numpy()
+    rows = [np.array(host_stats.lean_row(x)), host_stats.lean_stats([x]).numpy()[0]]
+    for got in rows:
+        assert got[LEAN].tolist() == want[LEAN].tolist()
+        assert got[2] == pytest.approx(want[2], rel=1e-6)
+        assert math.isnan(got[1]) and math.isnan(got[9])
+    bare = host_stats.lean_stats([x], extremes=False).numpy()[0]
+    assert bare[[0, 6, 7, 8]].tolist() == want[[0, 6, 7, 8]].tolist()
+    assert bare[2] == pytest.approx(want[2], rel=1e-6)
+    assert np.isnan(bare[[1, 3, 4, 5, 9]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_lean_rows_of_other_float_dtypes_and_non_finite_tensors(dtype):
+    """Half precision is widened (no overflow of squares: 300² > fp16's max), float64 kept;
+    a tensor with NaN/±Inf, an integer and an empty tensor get their full exact rows."""
+    x = torch.full((BIG_PLUS := host_stats.BIG + 3,), 300.0, dtype=dtype)
+    row = host_stats.lean_row(x)
+    assert row[0] == BIG_PLUS and row[2] == pytest.approx(BIG_PLUS * 9e4, rel=1e-6)
+    assert row[3:6] == [300.0, 300.0, 300.0]
+    bad = _big(dtype, 1)
+    bad[[3, 9]] = math.nan
+    bad[4] = -math.inf
+    for t in (bad, torch.arange(7), torch.zeros(0, dtype=dtype)):
+        want = stats_row(t).numpy()
+        for got in (host_stats.lean_row(t), host_stats.lean_stats([t], extremes=False)[0]):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+
+
+def test_nonfinite_count_of_one_tensor_is_exact():
+    """nonfinite_count: 0 for finite and integer tensors, the exact count otherwise (fp8
+    too), also where a finite fp16 sum overflows."""
+    x = torch.tensor([1.0, math.nan, math.inf, -math.inf, 2.0])
+    assert host_stats.nonfinite_count(x) == 3.0
+    assert host_stats.nonfinite_count(torch.full((10,), 6e4, dtype=torch.float16)) == 0.0
+    assert host_stats.nonfinite_count(torch.arange(5)) == 0.0
+    f8 = torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn)
+    assert host_stats.nonfinite_count(f8) == 0.0
+    assert host_stats.nonfinite_count(x.half()) == 3.0

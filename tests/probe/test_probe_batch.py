@@ -59,12 +59,12 @@ def _stats_calls(monkeypatch, model, steps=2, **kw):
 
 
 def test_a_scheduled_step_makes_the_same_few_stats_calls_for_4_or_24_blocks(monkeypatch):
-    """With the batched path, after the first step a scheduled step reduces everything in 5
-    tensor_stats calls (forward, backward, grads, params, updates), however many modules are
-    hooked."""
+    """With the batched path, after the first step a scheduled step reduces everything in 3
+    tensor_stats calls (forward, backward, and grads + params + updates), however many
+    modules are hooked."""
     small = _stats_calls(monkeypatch, _deep(4))
     large = _stats_calls(monkeypatch, _deep(24))
-    assert len(small) == len(large) == 5
+    assert len(small) == len(large) == 3
     assert sum(large) > sum(small)  # the same calls hold more tensors
 
 
@@ -237,8 +237,8 @@ def test_nonfinite_counts_with_a_hint_count_only_where_it_is_not_finite():
 
 def test_probe_stats_give_exact_norms_and_nonfinite_counts():
     """probe_stats without extremes (gradients, parameters): norm_of of each row is the
-    float64 norm (NaN with a NaN, inf with only infinities), the non-finite columns sum to
-    the exact count; half-precision squares do not overflow (300² > fp16's 65504)."""
+    float64 norm within 1e-6 (NaN with a NaN, inf with only infinities), the non-finite
+    columns sum to the exact count; half-precision squares do not overflow (300² > 65504)."""
     from tbprobe.probe.emit import norm_of
 
     torch.manual_seed(0)
@@ -250,9 +250,9 @@ def test_probe_stats_give_exact_norms_and_nonfinite_counts():
     h = torch.full((100,), 300.0, dtype=torch.float16)
     big = torch.randn(300_000)
     rows = batch.probe_stats([a, b, c, h, big], extremes=False).numpy()
-    assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-12)
+    assert norm_of(rows[0]) == pytest.approx(float(a.double().norm()), rel=1e-6)
     assert norm_of(rows[1]) == math.inf and math.isnan(norm_of(rows[2]))
-    assert norm_of(rows[3]) == pytest.approx(3000.0, rel=1e-12)
+    assert norm_of(rows[3]) == pytest.approx(3000.0, rel=1e-6)
     assert norm_of(rows[4]) == pytest.approx(float(big.double().norm()), rel=1e-6)
     assert rows[:, 6:9].sum(1).tolist() == [0.0, 2.0, 2.0, 0.0, 0.0]
     assert rows[:, 0].tolist() == [35, 9, 7, 100, 300_000]  # finite elements
@@ -273,7 +273,7 @@ def test_probe_stats_on_the_cpu_match_the_full_stats_in_the_columns_read():
     np.testing.assert_array_equal(got[2:], want[2:])  # non-finite and integer: full rows
     bare = batch.probe_stats(ts[:2], extremes=False).numpy()
     assert np.isnan(bare[:, [1, 3, 4, 5, 9]]).all()
-    np.testing.assert_array_equal(bare[:, [0, 2, 6, 7, 8]], got[:2, [0, 2, 6, 7, 8]])
+    np.testing.assert_allclose(bare[:, [0, 2, 6, 7, 8]], got[:2, [0, 2, 6, 7, 8]], rtol=1e-6)
 
 
 def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):

@@ -45,7 +45,7 @@ def test_grad_accumulation_reduces_the_accumulated_grad_once():
     probe.detach()
     (rec,) = diag.records
     for n, v in acc.items():
-        assert rec.grad_norms[n] == pytest.approx(v, rel=1e-9)
+        assert rec.grad_norms[n] == pytest.approx(v, rel=1e-6)  # CPU: fp32 accumulation
     fwd = {e.module: e for e in rec.events if e.pass_ == "forward"}
     assert fwd["0"].stats[0] == 3 * 4 * 16
     assert sum(e.pass_ == "grad" for e in rec.events) == 4
