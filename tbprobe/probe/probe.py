@@ -150,6 +150,7 @@ class Probe:
         self._own_errors: list = []
         self._pending: collections.deque = collections.deque()
         self._prev = None  # (names, copies) of trainable params before the update
+        self._spare = None  # the last copies, reused by the next step when it is scheduled
         self._step = self.cfg.start_step
         self._hooks = HookSet(self)
         self.snapshots = Snapshots(self.cfg, [n for n, _ in self.modules])
@@ -269,10 +270,13 @@ class Probe:
         finally:
             self._learned = self._learned or (st.learn and bool(st.events))
             st.close()
-            self._prev = None
+            prev, self._prev = self._prev, None
         self._step += 1
         self._take_requests()
         self.state = self._new_state(self._step)
+        # Consecutive scheduled steps (every=1) copy into the same buffers: a fresh copy of
+        # every parameter each step costs new pages (on the CPU, most of the copy's time).
+        self._spare = prev if self.state.scheduled else None
         if self.optimizer is None and self.state.scheduled and "params" in self.cfg.track:
             self._prev = self._copy_params()
 
@@ -346,7 +350,19 @@ class Probe:
         ts = [p.detach() for _, p in named]
         if self._dist is not None:  # DTensors: the local shards
             ts = [local_part(t)[0] for t in ts]
-        return [n for n, _ in named], torch._foreach_mul(ts, 1.0)
+        names = [n for n, _ in named]
+        spare, self._spare = self._spare, None
+        if (
+            spare is not None
+            and spare[0] == names
+            and all(
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                for a, b in zip(spare[1], ts, strict=True)
+            )
+        ):
+            torch._foreach_copy_(spare[1], ts)
+            return names, spare[1]
+        return names, torch._foreach_mul(ts, 1.0)
 
     # ---------------------------------------------------------------- landing, anomalies
     def _poll(self, wait: bool) -> list:
@@ -416,6 +432,7 @@ class Probe:
             self.amp.unwrap_update()
             self.state.close()
             self.state = StepState(self._step)
+            self._prev = self._spare = None
         finally:
             w, self._watcher = getattr(self, "_watcher", None), None
             if w is not None:
