@@ -14,6 +14,12 @@ A tensor modified in place between its hook and the flush (``nn.ReLU(inplace=Tru
 a hooked conv) would be reduced after the modification: its version counter says so, and
 the key it was queued under is reported to ``on_changed`` so that later steps reduce it at
 once (``eager``).
+
+Host (CPU) tensors are not queued: each is reduced in its hook by host code
+(:func:`on_host`, ``host_stats.lean_row``/``nonfinite_count``), so it is never kept alive
+for a batch (there are no launches to save on the CPU, while memory held to the phase
+boundary costs fresh pages every step), and an in-place change after the hook cannot reach
+it. Their rows join the device rows at the next flush.
 """
 
 from __future__ import annotations
