@@ -36,6 +36,7 @@ MAX_TENSORS = 128  # queued tensors before a flush
 MAX_BYTES = 256 << 20  # queued bytes before a flush
 MAX_ROWS = 8192  # rows of one step before they are compacted to one per group
 NF = slice(6, 9)  # nan, pos_inf, neg_inf in kernels.STAT_NAMES
+_CPU = torch.empty(0)  # asks on_host about the CPU without an op in the step
 _consts: dict = {}
 
 
@@ -111,6 +112,7 @@ class Rows:
         "_host",
         "_host_rids",
         "bad",
+        "cpu_host",
         "_keys",
         "_nf",
         "_nf_rids",
@@ -144,9 +146,14 @@ class Rows:
         self._host: list = []  # rows (or counts) of host tensors, reduced when added
         self._host_rids: list[int] = []
         self.bad: set[int] = set()  # row ids of host tensors found non-finite when added
+        self.cpu_host = on_host(_CPU)  # once per step: whether CPU tensors take host code
         self._bytes = 0
         self._nf: list[torch.Tensor] = []  # queued for their non-finite count only
         self._nf_rids: list[int] = []
+
+    def host(self, t: torch.Tensor) -> bool:
+        """:func:`on_host` of ``t``, with the backend choice made once for the step."""
+        return self.cpu_host and t.device.type == "cpu"
 
     def reduce(self, tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tensor:
         if self.full:
@@ -156,7 +163,7 @@ class Rows:
     def add_nf(self, t: torch.Tensor) -> int:
         """Queue ``t`` for its non-finite count only (a row holding just that count, in the
         ``nan`` column, when ``full``); returns its row id."""
-        if on_host(t):
+        if self.host(t):
             rid = self.n
             self.n += 1
             count = host_stats.nonfinite_count(t)
@@ -188,7 +195,7 @@ class Rows:
         t = t.detach()
         rid = self.n
         self.n += 1
-        if on_host(t):  # reduced now: the tensor is not kept alive (see host_stats.lean_row)
+        if self.host(t):  # reduced now: the tensor is not kept alive (see host_stats.lean_row)
             if self.full:
                 row = host_stats.lean_row(t, extremes)
                 bad = row[6] + row[7] + row[8] > 0

@@ -15,7 +15,7 @@ import weakref
 import torch
 
 from tbprobe import kernels
-from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows, on_host
+from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows
 
 _COMPACT_AT = 4096  # slots kept before dead ones are dropped
 
@@ -116,7 +116,7 @@ class StepState:
             self.act_keep[name] = t.detach().clone() if eager else t.detach()
             self.act_hists[name] = None  # taken: a second call of the module does not count
             return
-        if self.learn or name in self.eager or on_host(t):  # host tensors: not kept alive
+        if self.learn or name in self.eager or self.rows.host(t):  # host: not kept alive
             self.act_hists[name] = kernels.histogram(t.detach(), bins=bins)
             return
         self.act_hists[name] = None

@@ -23,7 +23,6 @@ import warnings
 
 import torch
 
-from tbprobe.probe.batch import on_host
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.selection import floating_tensors
 
@@ -136,11 +135,14 @@ class HookSet:
 
     def _forward_stats(self, st: StepState, name, outs, ins) -> None:
         ev = st.event(name, "forward", "output")
-        rids = [st.add(t, name) for t in outs]
+        rids = []
+        for t in outs:  # a hooked child's output returned as is (containers): its row
+            s = st.slot(t, create=False)
+            rids.append(s.row if s is not None and s.row is not None else st.add(t, name))
         ev.rows.extend(rids)
         # Inputs matter only for an output with NaN/Inf (producer or propagator?); host
         # tensors are reduced at once, so finite outputs skip them (inputs_nonfinite: None).
-        if ins and (not on_host(outs[0]) or not st.rows.bad.isdisjoint(rids)):
+        if ins and (not st.rows.host(outs[0]) or not st.rows.bad.isdisjoint(rids)):
             inputs = []
             for t in ins:
                 s = st.slot(t, create=False)

@@ -279,6 +279,7 @@ def test_probe_stats_on_the_cpu_match_the_full_stats_in_the_columns_read():
 def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
     """A stats failure inside a flush disables the one hook that flushed, warns
     once, and later steps are still recorded; parameters keep training."""
+    monkeypatch.setattr(batch, "on_host", lambda t: False)  # the batched (CUDA) path
     model = models.make("mlp")
     diag = Collect()
     probe = tbprobe.Probe(
@@ -293,7 +294,6 @@ def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monk
             raise RuntimeError("kernel bug")
         return _TENSOR_STATS(ts)
 
-    monkeypatch.setattr(batch, "on_host", lambda t: False)  # the batched (CUDA) path
     monkeypatch.setattr(kernels, "tensor_stats", flaky)
     with pytest.warns(RuntimeWarning, match="kernel bug"):
         train(model, "mlp", 3, probe_step=probe.step)
