@@ -194,7 +194,7 @@ class Diagnosis:
         names, values, med, peak = self._observe(family, items)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(med > 0, values / med, np.nan)
-        hit = np.nan_to_num(ratio, nan=0.0) >= self.spike_factor
+        hit = ratio >= self.spike_factor  # NaN (no baseline): False
         total = names.index("_total") if "_total" in names else None
         if total is not None and med[total] > 0:
             # A parameter's spike that stays below min_share of the usual total is noise in
@@ -209,7 +209,7 @@ class Diagnosis:
         need = np.full(len(names), self._param_factor)
         if total is not None:
             need[total] = self.spike_factor
-        sudden = hit & (values >= need * np.nan_to_num(peak, nan=np.inf))
+        sudden = hit & (values >= need * peak)  # NaN peak (none stored yet): False
         was = self._state["spiking"][family]
         if np.isfinite(ratio).any():  # some baseline exists: the step tells calm from not
             self._state["spiking"][family] = bool(hit.any()) if was else bool(sudden.any())
@@ -257,7 +257,13 @@ class Diagnosis:
         rows = base.rows(names)
         med = base.median(rows)  # already holds this step's value: a collapse must persist
         low, vanished, found = self._state["low"], self._state["vanished"], []
-        for name, v, m in zip(names, values, med, strict=True):
+        with np.errstate(invalid="ignore"):
+            cand = (med > 0) & (values <= self.vanishing * med)  # NaN: False
+        at = np.flatnonzero(cand).tolist()  # sync-ok: numpy
+        if low or vanished:  # series with a run or a report going on are looked at too
+            at = sorted({*at, *(i for i, n in enumerate(names) if n in low or n in vanished)})
+        for i in at:
+            name, v, m = names[i], values[i], med[i]
             if name in vanished:
                 if v > self.vanishing * vanished[name]:
                     del vanished[name]
