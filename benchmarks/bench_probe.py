@@ -19,10 +19,12 @@ time and the overhead over the same model with no probe (``step time / no-probe 
   window of steps with ``time.perf_counter`` (CUDA synchronized before and after), and
   detaches; writers are closed after the window, untimed. A configuration's window length is
   calibrated once, from the faster of two steps, to about ``--window-s`` seconds (or is
-  ``--steps``). ``--repeats`` rounds run every configuration once, in a rotated order, to
-  spread drift; a configuration other than "no probe" gets no new window once it has used its
-  time budget (30 s, quick 3 s). Step time: median over the windows. Overhead: median over
-  rounds of (window step time / the same round's no-probe step time) - 1.
+  ``--steps``). ``--repeats`` rounds run every other configuration once, in a rotated order,
+  each window between two no-probe windows (a round: none, A, none, B, none, ...); a
+  configuration gets no new window once it has used its time budget (30 s, quick 3 s). Step
+  time: median over the windows. Overhead: median over rounds of (window step time / the mean
+  step time of the two no-probe windows around it) - 1, so that drift on a shared machine
+  hits both sides of each ratio alike.
 - Checks (untimed): every event file written is read back; the probe's windows must hold
   ``grad_norm/_total`` for every timed step (and ``grad_hist/`` tags with histograms, none
   without), the tensorboardX loop 2 histograms per parameter per step, and wandb's run a
@@ -413,45 +415,61 @@ class Bench:
 
     def run_model(self, model: Model) -> None:
         cfgs = [c for c in CONFIGS if c not in self.unavailable]
+        others = [c for c in cfgs if c != NONE]
         times = {c: [] for c in cfgs}
+        ratios = {c: [] for c in others}
         spent = dict.fromkeys(cfgs, 0.0)
         n_steps, checks, errors = dict.fromkeys(cfgs, self.steps), {}, {}
+
+        def timed(cfg: str, r: int) -> float | None:
+            t0 = time.perf_counter()
+            try:
+                step_s, n_steps[cfg], check = self.window(model, cfg, r, n_steps[cfg])
+            except Exception as e:  # one configuration failing must not stop the others
+                errors[cfg] = f"error: {type(e).__name__}: {e}"
+                return None
+            spent[cfg] += time.perf_counter() - t0
+            times[cfg].append(step_s)
+            if check != "ok":
+                checks.setdefault(cfg, check)
+            print(
+                f"# {model.name}: round {r + 1}/{self.repeats} {cfg:13s} "
+                f"{step_s * 1e3:9.2f} ms/step × {n_steps[cfg]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return step_s
+
         for r in range(self.repeats):
-            for cfg in cfgs[r % len(cfgs) :] + cfgs[: r % len(cfgs)]:
-                if cfg in errors or (cfg != NONE and times[cfg] and spent[cfg] > self.budget_s):
-                    times[cfg].append(None)  # keeps rounds aligned
+            # Every window is bracketed by no-probe windows: its ratio is to their mean, so
+            # drift on a shared machine (seconds long) hits both sides of each ratio alike.
+            before = timed(NONE, r)
+            if before is None:
+                break
+            for cfg in others[r % len(others) :] + others[: r % len(others)]:
+                if cfg in errors or (times[cfg] and spent[cfg] > self.budget_s):
                     continue
-                t0 = time.perf_counter()
-                try:
-                    step_s, n_steps[cfg], check = self.window(model, cfg, r, n_steps[cfg])
-                except Exception as e:  # one configuration failing must not stop the others
-                    errors[cfg] = f"error: {type(e).__name__}: {e}"
-                    times[cfg].append(None)
+                step_s = timed(cfg, r)
+                if step_s is None:
                     continue
-                spent[cfg] += time.perf_counter() - t0
-                times[cfg].append(step_s)
-                if check != "ok":
-                    checks.setdefault(cfg, check)
-                print(
-                    f"# {model.name}: round {r + 1}/{self.repeats} {cfg:13s} "
-                    f"{step_s * 1e3:9.2f} ms/step × {n_steps[cfg]}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        base = times.get(NONE, [])
+                after = timed(NONE, r)
+                if after is None:
+                    break
+                ratios[cfg].append(step_s / ((before + after) / 2))
+                before = after
         for cfg in CONFIGS:
             row = dict(model=model.name, desc=model.desc, config=cfg, label=LABEL[cfg])
-            got = [t for t in times.get(cfg, []) if t is not None]
+            got = times.get(cfg, [])
             if cfg in self.unavailable or cfg in errors or not got:
                 row |= dict(status=self.unavailable.get(cfg) or errors.get(cfg, "error: no window"))
                 self.rows.append(row)
                 continue
-            ratios = [t / b for t, b in zip(times[cfg], base, strict=True) if t and b]
+            rs = [1.0] if cfg == NONE else ratios[cfg]
             row |= dict(status="ok", check=checks.get(cfg, "ok"), windows=len(got),
                         steps_per_window=n_steps[cfg], step_s=statistics.median(got),
-                        step_s_all=got, overhead=statistics.median(ratios) - 1 if ratios else None,
-                        overhead_min=min(ratios) - 1 if ratios else None,
-                        overhead_max=max(ratios) - 1 if ratios else None)  # fmt: skip
+                        step_s_all=got, overhead=statistics.median(rs) - 1 if rs else None,
+                        overhead_min=min(rs) - 1 if rs else None,
+                        overhead_max=max(rs) - 1 if rs else None)  # fmt: skip
             self.rows.append(row)
 
 

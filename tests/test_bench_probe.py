@@ -62,7 +62,9 @@ def test_quick_run_end_to_end(tmp_path):
             assert r["status"].startswith("not available"), (model, cfg, r["status"])
             continue
         assert r["status"] == "ok" and r["check"] == "ok", (model, cfg, r)
-        assert r["step_s"] > 0 and r["windows"] == 1 and r["steps_per_window"] == 1
+        # One round: every other configuration once, each between two no-probe windows.
+        windows = 1 + len(measured) - 1 if cfg == "none" else 1
+        assert r["step_s"] > 0 and r["windows"] == windows and r["steps_per_window"] == 1
         assert r["overhead"] == 0.0 if cfg == "none" else isinstance(r["overhead"], float)
     verdicts = [t["verdict"] for t in doc["targets"]]
     assert verdicts[2:] == ["n/a on cpu", "n/a on cpu"]
@@ -109,6 +111,32 @@ def test_targets_verdicts(bench, tmp_path):
     assert got[:2] == [("PASS", 0.05), ("PASS", pytest.approx(6.0))]  # LM 6×, CNN 5000×
     b.rows[0]["check"] = "WRONG: nothing written"
     assert [t["verdict"] for t in bench.targets(b)][:2] == ["FAIL (wrong result)"] * 2
+
+
+def test_each_window_is_compared_with_the_no_probe_windows_around_it(bench, tmp_path, monkeypatch):
+    """Rounds run none, A, none, B, none, ...; each overhead is the ratio to the mean of the
+    two neighbouring no-probe windows, so a machine slowing down steadily (here 10% per
+    window) does not show up as overhead: a configuration 20% slower reads +20%, a free one
+    0%, whatever its place in the rotated order."""
+    clock = {"w": 0}
+    cost = {"none": 1.0, "tbprobe": 1.2, "wandb.watch": 1.0}
+
+    def window(model, cfg, r, n):
+        clock["w"] += 1
+        return 0.01 * cost[cfg] * 1.1 ** clock["w"], 1, "ok"
+
+    b = _bench(bench, tmp_path, steps=1)
+    b.repeats = 3
+    b.unavailable = {c: "not here" for c in bench.CONFIGS if c not in cost}
+    monkeypatch.setattr(b, "window", window)
+    b.run_model(_tiny_model(bench))
+    rows = {r["config"]: r for r in b.rows if r["status"] == "ok"}
+    assert rows["none"]["windows"] == 3 * 3 and rows["tbprobe"]["windows"] == 3
+    # the neighbours' mean is (1 + 1.1²) / 2 = 1.105 of the window before: ratio = 1.1 / 1.105
+    drift = 1.1 / 1.105
+    assert rows["tbprobe"]["overhead"] == pytest.approx(1.2 * drift - 1)
+    assert rows["wandb.watch"]["overhead"] == pytest.approx(drift - 1)
+    assert abs(rows["wandb.watch"]["overhead"]) < 0.005
 
 
 class _SilentProbe:
