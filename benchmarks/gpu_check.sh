@@ -159,7 +159,8 @@ step_bench_kernels() {
     if ((DRY_RUN)); then
         args+=(--device cpu --quick)
     else
-        args+=(--device cuda)
+        # 3 rounds: each window sits between two no-probe windows, ~the time 5 rounds took
+        args+=(--device cuda --repeats 3)
         if ((QUICK)); then args+=(--quick); fi
     fi
     "$PY" benchmarks/bench_kernels.py "${args[@]}"
@@ -174,7 +175,8 @@ step_bench_probe() {
     if ((DRY_RUN)); then
         args+=(--device cpu --quick)
     else
-        args+=(--device cuda)
+        # 3 rounds: each window sits between two no-probe windows, ~the time 5 rounds took
+        args+=(--device cuda --repeats 3)
         if ((QUICK)); then args+=(--quick); fi
     fi
     "$PY" benchmarks/bench_probe.py "${args[@]}"
