@@ -122,8 +122,22 @@ def _sum_sq(x: torch.Tensor) -> float:
     tried; 2.2e-7 on Gaussian data), where one dot over 1e7 elements drifts to 5e-4. Splitting
     a 2**20-element dot in two costs ~60% more time."""
     if x.numel() <= DOT_CHUNK:
-        return float(torch.dot(x, x))  # sync-ok: CPU tensor, host code
-    return sum(float(torch.dot(c, c)) for c in x.split(DOT_CHUNK))  # sync-ok: CPU tensors
+        sq = float(torch.dot(x, x))  # sync-ok: CPU tensor, host code
+    else:
+        sq = sum(float(torch.dot(c, c)) for c in x.split(DOT_CHUNK))  # sync-ok: CPU tensors
+    if x.dtype == torch.float32 and sq < x.numel() * _TINY_MEAN_SQUARE:
+        return _sum_sq64(x)  # fp32 squares of values below ~1e-19 underflow
+    return sq
+
+
+# Mean square below which fp32 squares may have lost a measurable share to underflow (each
+# lost square is < 1.2e-38, so above it the loss is < 1.2e-8 of the sum).
+_TINY_MEAN_SQUARE = 1e-30
+
+
+def _sum_sq64(x: torch.Tensor) -> float:
+    """Sum of squares accumulated in float64 (tiny values: no underflow)."""
+    return float(torch.linalg.vector_norm(x, 2, dtype=torch.float64)) ** 2  # sync-ok: CPU
 
 
 def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tensor:
@@ -167,6 +181,9 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
             out[rows, 6:9] = 0.0
             for k in np.flatnonzero(~np.isfinite(sq)):  # a NaN, ±Inf or an fp32 overflow
                 out[rows[k]] = _full_row(group[k])
+            if acc is torch.float32:  # tiny values: their fp32 squares may underflow
+                for k in np.flatnonzero(sq < out[rows, 0] * _TINY_MEAN_SQUARE):
+                    out[rows[k], 2] = _sum_sq64(group[k])
     return torch.from_numpy(out)
 
 

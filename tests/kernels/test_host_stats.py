@@ -130,3 +130,21 @@ def test_nonfinite_count_of_one_tensor_is_exact():
     f8 = torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn)
     assert host_stats.nonfinite_count(f8) == 0.0
     assert host_stats.nonfinite_count(x.half()) == 3.0
+
+
+@pytest.mark.parametrize("n", [100, host_stats.BIG + 5, host_stats.DOT_CHUNK + 9])
+def test_lean_rows_of_tiny_values_do_not_underflow(n):
+    """Gradients of 1e-25 (fp32 squares underflow to 0) still get their sum of squares within
+    1e-6 (a vanishing gradient is not reported as exactly 0); an all-zero tensor reads 0."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-25
+    want = float(x.double().square().sum())
+    assert want > 0
+    for got in (
+        host_stats.lean_row(x)[2],
+        host_stats.lean_row(x, extremes=False)[2],
+        float(host_stats.lean_stats([x], extremes=False)[0, 2]),
+    ):
+        assert got == pytest.approx(want, rel=1e-6)
+    zero = torch.zeros(n)
+    assert host_stats.lean_row(zero)[2] == 0.0
+    assert float(host_stats.lean_stats([zero], extremes=False)[0, 2]) == 0.0
