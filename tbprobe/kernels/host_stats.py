@@ -112,7 +112,7 @@ def tensor_stats(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 DOT_CHUNK = 1 << 20  # elements per BLAS dot (one multithreaded call; its error grows ~n)
-_LEAN = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LEAN = (*_FAST, torch.float64)  # float dtypes the lean rows take (others: full rows)
 
 
 def _sum_sq(x: torch.Tensor) -> float:

@@ -53,10 +53,9 @@ def _const(device: torch.device):
     return c
 
 
-def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
+def nonfinite_counts(tensors: list[torch.Tensor]) -> torch.Tensor:
     """float64 ``(len(tensors),)`` counts of NaN and ±Inf elements, on the tensors' device:
-    the stats kernel on CUDA (one launch per dtype, no sync), host code on the CPU (where
-    ``hint``, per-tensor reductions that are finite only for finite tensors, saves a pass).
+    the stats kernel on CUDA (one launch per dtype, no sync), host code on the CPU.
 
     Example::
 
@@ -65,7 +64,7 @@ def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
     if tensors[0].is_cuda:
         return kernels.tensor_stats(tensors)[:, NF].sum(1)
     if tensors[0].device.type == "cpu":
-        return host_stats.nonfinite_counts(tensors, hint)
+        return host_stats.nonfinite_counts(tensors)
     counts = [torch.count_nonzero(t - t) for t in tensors]  # other devices: x - x is NaN
     return torch.stack(counts).to(torch.float64)  # exactly where x is not finite
 

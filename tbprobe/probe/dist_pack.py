@@ -45,6 +45,7 @@ from tbprobe.probe.batch import index_on, probe_stats
 from tbprobe.probe.dist_events import EventLayout, declare, event_layout, local_events, write_events
 from tbprobe.probe.dist_slots import GLOBAL_BINS, Gather, Part, global_bins, local_rows, part_of
 from tbprobe.probe.distributed import collective_device, identity_rows, is_dtensor
+from tbprobe.probe.pack import pack_events
 
 __all__ = [
     "GLOBAL_BINS",
@@ -351,12 +352,4 @@ def _write_back(probe, st, plan: _Plan, loc: _Local, merged: dict, pk, meta) -> 
 def _local_events(st, pk, meta) -> None:
     """A step whose events are not gathered (neither checked nor scheduled: histograms or a
     snapshot only): this rank's own rows, as on one device."""
-    rows, order = st.rows.rows()
-    if rows is None:
-        return
-    evs = sorted(st.events.values(), key=lambda e: e.seq)
-    pk.add("rows", rows)
-    meta.order, meta.n_rows = order, st.rows.n
-    meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
-    meta.event_rows = [e.rows for e in evs]
-    meta.event_inputs = [e.inputs for e in evs]
+    pack_events(st, pk, meta)

@@ -36,14 +36,7 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     """The step's rows, gradient/parameter statistics and histograms, as on one device."""
     cfg = probe.cfg
     st.flush(cfg.hist_bins)
-    rows, order = st.rows.rows()
-    if rows is not None:
-        evs = sorted(st.events.values(), key=lambda e: e.seq)
-        pk.add("rows", rows)
-        meta.order, meta.n_rows = order, st.rows.n
-        meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
-        meta.event_rows = [e.rows for e in evs]
-        meta.event_inputs = [e.inputs for e in evs]
+    pack_events(st, pk, meta)
     seen = st.grads
     grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
     grads = [(n, g) for n, g in grads if g is not None]
@@ -76,6 +69,19 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
             meta.hists.append(f"act_hist/{name}")
             hists.append(h)
     _pack_hists(pk, hists)
+
+
+def pack_events(st: StepState, pk: Packer, meta: StepMeta) -> None:
+    """This rank's own rows of the step and its events (in ``seq`` order), as on one device."""
+    rows, order = st.rows.rows()
+    if rows is None:
+        return
+    evs = sorted(st.events.values(), key=lambda e: e.seq)
+    pk.add("rows", rows)
+    meta.order, meta.n_rows = order, st.rows.n
+    meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
+    meta.event_rows = [e.rows for e in evs]
+    meta.event_inputs = [e.inputs for e in evs]
 
 
 def _pack_hists(pk: Packer, hists: list) -> None:

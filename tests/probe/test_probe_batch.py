@@ -276,6 +276,19 @@ def test_probe_stats_on_the_cpu_match_the_full_stats_in_the_columns_read():
     np.testing.assert_allclose(bare[:, [0, 2, 6, 7, 8]], got[:2, [0, 2, 6, 7, 8]], rtol=1e-6)
 
 
+def _fail_once(fn, message: str):
+    """``fn`` that raises ``RuntimeError(message)`` on its first call only."""
+    fail = {"left": 1}
+
+    def flaky(*args, **kwargs):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError(message)
+        return fn(*args, **kwargs)
+
+    return flaky
+
+
 def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monkeypatch):
     """A stats failure inside a flush disables the one hook that flushed, warns
     once, and later steps are still recorded; parameters keep training."""
@@ -286,15 +299,7 @@ def test_a_failing_batched_reduction_disables_one_hook_and_training_goes_on(monk
         model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag, watch_requests=False
     )
     train(model, "mlp", 1, probe_step=probe.step)
-    fail = {"left": 1}
-
-    def flaky(ts):
-        if fail["left"]:
-            fail["left"] -= 1
-            raise RuntimeError("kernel bug")
-        return _TENSOR_STATS(ts)
-
-    monkeypatch.setattr(kernels, "tensor_stats", flaky)
+    monkeypatch.setattr(kernels, "tensor_stats", _fail_once(_TENSOR_STATS, "kernel bug"))
     with pytest.warns(RuntimeWarning, match="kernel bug"):
         train(model, "mlp", 3, probe_step=probe.step)
     probe.detach()
@@ -311,15 +316,7 @@ def test_a_failing_host_reduction_disables_one_hook_and_training_goes_on(monkeyp
         model, tbprobe.SummaryWriter(write_to_disk=False), diagnosis=diag, watch_requests=False
     )
     train(model, "mlp", 1, probe_step=probe.step)
-    fail = {"left": 1}
-
-    def flaky(t, extremes=True):
-        if fail["left"]:
-            fail["left"] -= 1
-            raise RuntimeError("host bug")
-        return _LEAN_ROW(t, extremes)
-
-    monkeypatch.setattr(host_stats, "lean_row", flaky)
+    monkeypatch.setattr(host_stats, "lean_row", _fail_once(_LEAN_ROW, "host bug"))
     with pytest.warns(RuntimeWarning, match="host bug"):
         train(model, "mlp", 3, probe_step=probe.step)
     probe.detach()

@@ -20,6 +20,22 @@ def _rel(a, b, tol=1e-5):
     return a == pytest.approx(b, rel=tol, abs=1e-12)
 
 
+class _Collect:
+    """A diagnosis that keeps every record in ``seen``."""
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def feed(self, record):
+        self.seen.append(record)
+        return []
+
+
+def _plant_nan(module: nn.Module) -> None:
+    """NaN in column 0 of ``module``'s output (3 elements for a batch of 3)."""
+    module.register_forward_hook(lambda m, a, out: out.index_fill(1, torch.tensor([0]), math.nan))
+
+
 def test_mlp_scalars_match_float64_norms(tmp_path):
     """grad_norm, param_norm, update_ratio, act_rms, act_absmax and outgrad_rms equal
     norms computed directly in float64 at every step."""
@@ -100,14 +116,8 @@ def test_record_events_follow_execution_order():
     full stats rows on scheduled steps and grad-input events tied to their grad-output."""
     model = models.make("mlp")
     seen = []
-
-    class Collect:
-        def feed(self, record):
-            seen.append(record)
-            return []
-
     writer = tbprobe.SummaryWriter(write_to_disk=False)
-    probe = tbprobe.Probe(model, writer, every=2, diagnosis=Collect(), watch_requests=False)
+    probe = tbprobe.Probe(model, writer, every=2, diagnosis=_Collect(seen), watch_requests=False)
     train(model, "mlp", 2, probe_step=probe.step)
     probe.detach()
     assert [r.step for r in seen] == [0, 1] and [r.scheduled for r in seen] == [True, False]
@@ -130,15 +140,9 @@ def test_nonfinite_counts_reach_the_record():
     producer), on a scheduled step and on a counts-only step alike."""
     model = models.make("mlp")
     seen = []
-
-    class Collect:
-        def feed(self, record):
-            seen.append(record)
-            return []
-
-    model[2].register_forward_hook(lambda m, a, out: out.index_fill(1, torch.tensor([0]), math.nan))
+    _plant_nan(model[2])
     writer = tbprobe.SummaryWriter(write_to_disk=False)
-    probe = tbprobe.Probe(model, writer, every=5, diagnosis=Collect(), watch_requests=False)
+    probe = tbprobe.Probe(model, writer, every=5, diagnosis=_Collect(seen), watch_requests=False)
     x = torch.randn(3, 8)
     for _ in range(2):
         model(x).sum().backward()
@@ -158,16 +162,10 @@ def test_without_acts_and_outgrads_scheduled_steps_only_check_module_outputs(tmp
     module statistics (events carry no stats) and still count a planted NaN at its module."""
     model = models.make("mlp")
     seen = []
-
-    class Collect:
-        def feed(self, record):
-            seen.append(record)
-            return []
-
-    model[2].register_forward_hook(lambda m, a, out: out.index_fill(1, torch.tensor([0]), math.nan))
+    _plant_nan(model[2])
     writer = tbprobe.SummaryWriter(str(tmp_path))
     probe = tbprobe.Probe(
-        model, writer, every=1, track=("grads", "params"), diagnosis=Collect(),
+        model, writer, every=1, track=("grads", "params"), diagnosis=_Collect(seen),
         watch_requests=False,
     )  # fmt: skip
     x = torch.randn(3, 8)
