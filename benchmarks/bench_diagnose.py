@@ -15,6 +15,15 @@ cost dominates their overheads. A second table times the same three setups on th
 architectures at a training scale (``--no-scaled`` skips it): an MLP 1024-2048-2048-10 on
 batches of 256, a CNN of 32/64/128 channels on 32 RGB 64x64 images, and, where transformers
 is installed, a 4-layer 256-wide GPT-2 on 8x128 tokens (no fault is planted there).
+
+That table has a fourth setup, the floor: no probe, only the bare reductions of tbprobe's
+default per-step check (non-finite checks and gradient norms), in plain hooks on the modules
+tbprobe hooks by default: one sum of squares of every floating module output and of every
+output and input gradient (tensor hooks), each read to the host (on CUDA: kept on the device,
+no sync), and after each optimizer step ``torch._foreach_norm`` of the parameter gradients,
+read to the host. Any exact per-step check reads every one of those tensors once at least,
+so "DA/floor" (detect_anomaly's overhead over the floor's) is the highest ratio such a check
+could reach on that model.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -178,24 +188,95 @@ def _scaled_step(arch, model, opt, batch, loss):
     opt.step()
 
 
+def _sumsq(x):
+    """One reduction that is finite iff ``x`` is (barring overflow) and gives its norm."""
+    if x.dtype in (torch.float32, torch.float64):
+        v = x.reshape(-1)
+        return torch.dot(v, v)
+    return torch.linalg.vector_norm(x, dtype=torch.float32)
+
+
+def _attach_floor(model, opt, device):
+    """The bare reductions of tbprobe's default per-step check on ``model``: see the module
+    docstring. Returns ``(detach, counts)``; ``counts``: outputs, gradients and steps reduced."""
+    from tbprobe.probe.selection import floating_tensors, select_modules
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    counts = {"outputs": 0, "grads": 0, "steps": 0}
+    seen = {}  # id(tensor) -> (weakref, handle): the tensors with a gradient hook this step
+    pending = []  # CUDA: this step's results, stacked at the step's end (no sync)
+    keep = pending.append if device == "cuda" else float
+
+    def on_grad(g):
+        counts["grads"] += 1
+        keep(_sumsq(g))
+
+    def watch(t):
+        hit = seen.get(id(t))
+        if hit is None or hit[0]() is not t:
+            seen[id(t)] = (weakref.ref(t), t.register_hook(on_grad))
+
+    def forward(mod, args, kwargs, output):
+        outs = floating_tensors(output)
+        if not outs:
+            return
+        for t in outs:
+            keep(_sumsq(t.detach()))
+        counts["outputs"] += len(outs)
+        if torch.is_grad_enabled():
+            for t in outs:
+                if t.requires_grad:
+                    watch(t)
+            for t in floating_tensors(args) or floating_tensors(kwargs):
+                if t.requires_grad:
+                    watch(t)
+
+    def after_step(optimizer, args, kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        if device == "cuda":
+            pending.extend(norms)
+            if pending:
+                torch.stack(pending)
+            pending.clear()
+        elif norms:
+            torch.stack(norms).tolist()
+        counts["steps"] += 1
+        seen.clear()  # the step's backward is over: its tensors' hooks are spent
+
+    hooked = select_modules(model)  # tbprobe's default selection
+    handles = [m.register_forward_hook(forward, with_kwargs=True) for _, m in hooked]
+    handles.append(opt.register_step_post_hook(after_step))
+
+    def detach():
+        for h in handles:
+            h.remove()
+        for _, h in seen.values():
+            h.remove()
+        seen.clear()
+
+    return detach, counts
+
+
 def bench_scaled(arch, device, steps, every):
-    """Median seconds per step (plain, detect_anomaly, tbprobe) at a training scale, the
-    three interleaved step by step; None if the architecture is not available."""
+    """Median seconds per step (plain, detect_anomaly, tbprobe, floor) at a training scale,
+    the four interleaved step by step; None if the architecture is not available."""
     import copy
 
     made = _scaled_model(arch)
     if made is None:
         return None
     model, make_batch, loss = made
-    models = [copy.deepcopy(model).to(device) for _ in range(3)]
+    models = [copy.deepcopy(model).to(device) for _ in range(4)]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in models]
     batches = [_to(make_batch(), device) for _ in range(4)]
-    times = [[], [], []]
+    times = [[], [], [], []]
     with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as w:
         probe = Probe(models[2], w, opts[2], every=every, on_anomaly=lambda a: None)
+        detach_floor, counts = _attach_floor(models[3], opts[3], device)
         try:
             for i in range(steps):
-                for k in range(3):
+                for k in range(4):
                     _sync(device)
                     t = time.perf_counter()
                     if k == 1:
@@ -207,13 +288,18 @@ def bench_scaled(arch, device, steps, every):
                     times[k].append(time.perf_counter() - t)
         finally:
             probe.detach()
-    plain, da, tb = (statistics.median(t[2:]) for t in times)
+            detach_floor()
+    if counts["steps"] != steps or not counts["outputs"] or not counts["grads"]:
+        raise RuntimeError(f"bench_scaled({arch!r}): the floor's hooks did not run: {counts}")
+    plain, da, tb, floor = (statistics.median(t[2:]) for t in times)
     return {
         "arch": arch,
         "plain_ms": 1e3 * plain,
         "da_overhead": da / plain - 1,
         "tb_overhead": tb / plain - 1,
         "ratio": (da / plain - 1) / max(tb / plain - 1, 1e-3),
+        "floor_overhead": floor / plain - 1,
+        "ratio_floor": (da / plain - 1) / max(floor / plain - 1, 1e-3),
     }
 
 
@@ -285,14 +371,18 @@ def main(argv=None) -> int:
     )
     scaled = []
     if not args.no_scaled:
-        n = 12 if args.quick else 30
+        n = 20 if args.quick else 60
         scaled = [r for a in archs if (r := bench_scaled(a, args.device, n, args.every))]
         print(f"\noverhead at a training scale (healthy steps, median of {n}):")
-        print(f"{'model':5} {'plain ms':>9} {'DA ovh':>8} {'tb ovh':>8} {'ratio':>6}")
+        print(
+            f"{'model':5} {'plain ms':>9} {'DA ovh':>8} {'tb ovh':>8} {'ratio':>6} "
+            f"{'floor ovh':>9} {'DA/floor':>8}"
+        )
         for r in scaled:
             print(
                 f"{r['arch']:5} {r['plain_ms']:9.2f} {r['da_overhead']:8.1%} "
-                f"{r['tb_overhead']:8.1%} {r['ratio']:6.1f}"
+                f"{r['tb_overhead']:8.1%} {r['ratio']:6.1f} {r['floor_overhead']:9.1%} "
+                f"{r['ratio_floor']:8.1f}"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -9,11 +9,20 @@ time and the overhead over the same model with no probe (``step time / no-probe 
   eager. Plain torch modules with random init: nothing is downloaded.
 - Configurations: no probe; ``tbprobe.Probe(every=1)`` (norms and stats every step, no
   histograms); the same with ``track=("grads", "params")`` (gradient and parameter norms
-  only: what the statistics of every activation cost); the same with ``histogram_every=1``;
-  ``wandb.watch(log="all", log_freq=1)`` in offline mode (stats sampling and console capture
-  off, so only watch is measured; "not available" if wandb cannot be imported); a
-  hand-written loop calling tensorboardX's ``add_histogram`` on every parameter and its
-  gradient after every optimizer step.
+  only: what the statistics of every activation cost); the floor (below); the same probe
+  with ``histogram_every=1``; ``wandb.watch(log="all", log_freq=1)`` in offline mode (stats
+  sampling and console capture off, so only watch is measured; "not available" if wandb
+  cannot be imported); a hand-written loop calling tensorboardX's ``add_histogram`` on every
+  parameter and its gradient after every optimizer step.
+- The floor: no probe, only the reductions its norms-and-stats tags need, in plain hooks on
+  the modules and parameters ``Probe`` hooks by default: a sum of squares and ``aminmax`` of
+  every floating module output, a sum of squares of every output and input gradient (tensor
+  hooks), and after each optimizer step ``torch._foreach_norm`` of the gradients, the
+  parameters and the updates; on the CPU each result is read to the host, on CUDA they stay
+  on the device (no sync). Every hooked tensor is read once at least, so no exact every-step
+  check can cost less: its overhead is the least a target on that model can ask for (it is
+  reported next to the targets, not judged). Its check: the hooks and the after-step
+  reductions ran on every timed step.
 - Timing. A step is forward, loss, backward, ``opt.step()``, the configuration's per-step call,
   ``zero_grad``. Each window attaches the configuration, runs warm-up steps, times a whole
   window of steps with ``time.perf_counter`` (CUDA synchronized before and after), and
@@ -50,6 +59,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -59,12 +69,14 @@ from torch import nn
 
 NONE, NORMS, HISTS, WANDB, TBX = "none", "tbprobe", "tbprobe+hist", "wandb.watch", "tensorboardX"
 GRADS = "tbprobe-grads"  # gradient and parameter norms only: no activation statistics
-CONFIGS = (NONE, NORMS, GRADS, HISTS, WANDB, TBX)
+FLOOR = "floor"  # the bare reductions the probe's tags need, in plain hooks: no probe at all
+CONFIGS = (NONE, NORMS, GRADS, FLOOR, HISTS, WANDB, TBX)
 OVERHEAD_FLOOR = 1e-4  # below what a window resolves: the divisor of the "× less" ratio
 LABEL = {
     NONE: "no probe",
     NORMS: "tbprobe: norms + stats every step",
     GRADS: 'tbprobe: grad + param norms only, every step (track=("grads", "params"))',
+    FLOOR: "floor: bare reductions the tags need (plain hooks, no logging)",
     HISTS: "tbprobe: + histograms every step",
     WANDB: 'wandb.watch(log="all", log_freq=1), offline',
     TBX: "tensorboardX add_histogram, every param + grad",
@@ -323,6 +335,119 @@ def attach_wandb(model: Model, root: str) -> Attached:
     return Attached(after_step=after_step, teardown=teardown, check=check)
 
 
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    """One reduction that gives a tensor's norm (and, being finite, that it has no NaN/Inf)."""
+    if x.dtype in (torch.float32, torch.float64):
+        v = x.reshape(-1)
+        return torch.dot(v, v)
+    return torch.linalg.vector_norm(x, dtype=torch.float32)  # no fp32 copy of x
+
+
+def attach_floor(model: Model, cuda: bool) -> Attached:
+    """The least work any exact every-step probe does: the reductions behind its tags, in
+    plain hooks on the modules and parameters tbprobe's Probe hooks by default, and nothing
+    else (no records, no packing, no writer).
+
+    Every floating output of a hooked module: sum of squares and ``aminmax``; the gradient of
+    every such output, and of every floating input, that requires grad: sum of squares (one
+    tensor hook per tensor per step). After each optimizer step: ``_foreach_norm`` of the
+    gradients, the parameters and the updates (the parameters minus their copy taken by an
+    optimizer pre-step hook into persistent buffers). On the CPU every result is read to the
+    host at once (``float`` / ``tolist``); on CUDA they stay on the device, stacked into one
+    tensor at the step's end, without a sync."""
+    from tbprobe.probe.selection import floating_tensors, select_modules
+
+    module, opt = model.module, model.opt
+    modules = select_modules(module)  # what Probe(model) hooks: see selection.default_modules
+    params = [p for _, p in module.named_parameters() if p.requires_grad]
+    values = [p.detach() for p in params]  # share storage: see the optimizer's updates
+    before = [v.clone() for v in values]  # persistent buffers: the params before the step
+    pending: list[torch.Tensor] = []  # CUDA: this step's results, stacked at the step's end
+    last: list = [None]  # CUDA: the stacked results of the last step (kept, never synced)
+    seen: dict = {}  # id(tensor) -> (weakref, handle): tensors with a gradient hook this step
+    produced: set = set()  # ids of modules whose forward output had a floating tensor
+    count = {"fwd": 0, "grad": 0}  # tensors reduced, this step
+    steps: list[tuple[int, int, int]] = []  # per step: (outputs, gradients, grads normed)
+
+    if cuda:
+        keep = pending.append
+    else:
+
+        def keep(r):
+            float(r)  # read to the host: what a CPU probe must do before it can log it
+
+    def on_grad(g):
+        count["grad"] += 1
+        keep(_sumsq(g))
+
+    def watch(t):
+        hit = seen.get(id(t))
+        if hit is None or hit[0]() is not t:
+            seen[id(t)] = (weakref.ref(t), t.register_hook(on_grad))
+
+    def forward(mod, args, kwargs, output):
+        outs = floating_tensors(output)
+        if not outs:
+            return
+        produced.add(id(mod))
+        for t in outs:
+            x = t.detach()
+            lo, hi = torch.aminmax(x)
+            keep(_sumsq(x))
+            keep(lo)
+            keep(hi)
+        count["fwd"] += len(outs)
+        if torch.is_grad_enabled():  # gradients w.r.t. the outputs and the inputs
+            for t in outs:
+                if t.requires_grad:
+                    watch(t)
+            for t in floating_tensors(args) or floating_tensors(kwargs):
+                if t.requires_grad:
+                    watch(t)
+
+    def pre_step(optimizer, args, kwargs):
+        torch._foreach_copy_(before, values)
+
+    def after_step():
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_sub_(before, values)  # minus the update
+        norms = torch._foreach_norm(grads) if grads else []
+        norms = [*norms, *torch._foreach_norm(values), *torch._foreach_norm(before)]
+        if cuda:
+            pending.extend(norms)
+            last[0] = torch.stack(pending)
+            pending.clear()
+        else:
+            torch.stack(norms).tolist()
+        steps.append((count["fwd"], count["grad"], len(grads)))
+        count["fwd"] = count["grad"] = 0
+        seen.clear()  # the step's backward is over: its tensors' hooks are spent
+
+    handles = [m.register_forward_hook(forward, with_kwargs=True) for _, m in modules]
+    handles.append(opt.register_step_pre_hook(pre_step))
+
+    def teardown():
+        for h in handles:
+            h.remove()
+        for _, h in seen.values():
+            h.remove()
+        seen.clear()
+
+    def check(n: int) -> str:
+        if len(steps) < n:
+            return f"WRONG: after-step reductions ran {len(steps)}× in {n} steps"
+        if not produced:
+            return "WRONG: no forward hook reduced an output"
+        for i, (fwd, grad, normed) in enumerate(steps[-n:]):
+            if fwd < len(produced):
+                return f"WRONG: step {i} reduced {fwd} outputs of {len(produced)} modules"
+            if not grad or not normed:
+                return f"WRONG: step {i} reduced {grad} activation gradients, {normed} grads"
+        return "ok"
+
+    return Attached(after_step=after_step, teardown=teardown, check=check)
+
+
 def availability() -> dict[str, str]:
     """Why a configuration cannot run here (missing import), by configuration."""
     missing = {}
@@ -336,6 +461,10 @@ def availability() -> dict[str, str]:
             missing[cfg] = f"not available ({type(e).__name__}: {e})"
     if NORMS in missing:
         missing[HISTS] = missing[GRADS] = missing[NORMS]
+    try:  # the floor needs only the probe's module selection
+        from tbprobe.probe.selection import floating_tensors, select_modules  # noqa: F401
+    except ImportError as e:
+        missing[FLOOR] = f"not available ({type(e).__name__}: {e})"
     return missing
 
 
@@ -372,6 +501,8 @@ class Bench:
             return attach_tbprobe(model, logdir, histograms=cfg == HISTS)
         if cfg == GRADS:
             return attach_tbprobe(model, logdir, histograms=False, track=("grads", "params"))
+        if cfg == FLOOR:
+            return attach_floor(model, cuda=self.device.type == "cuda")
         if cfg == TBX:
             return attach_tbx(model, logdir)
         if cfg == WANDB:
@@ -553,6 +684,12 @@ def targets(bench: Bench) -> list[dict]:
         else:
             verdict = "PASS" if passes(value) else "FAIL"
         out.append(dict(target=name, measure=measure, value=value, verdict=verdict))
+    # Not a target: what the bare reductions behind the tags cost, next to the 10% above.
+    floor, why = overheads(FLOOR)
+    value = max(floor) if floor and dev == "cpu" else None
+    verdict = f"n/a on {dev}" if dev != "cpu" else "info" if value is not None else f"n/a ({why})"
+    out.append(dict(target="cpu: floor (bare reductions) overhead",
+                    measure="max overhead, no target", value=value, verdict=verdict))  # fmt: skip
     return out
 
 

@@ -34,6 +34,14 @@ def _probe_importable() -> bool:
     return True
 
 
+def _selection_importable() -> bool:
+    try:
+        from tbprobe.probe.selection import floating_tensors, select_modules  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _bench(mod, tmp_path, **kw):
     return mod.Bench(
         device=torch.device("cpu"), repeats=1, window_s=0.05, budget_s=5.0, root=str(tmp_path),
@@ -52,11 +60,14 @@ def test_quick_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = {(r["model"], r["config"]): r for r in doc["rows"]}
-    configs = ("none", "tbprobe", "tbprobe-grads", "tbprobe+hist", "wandb.watch", "tensorboardX")
+    configs = ("none", "tbprobe", "tbprobe-grads", "floor", "tbprobe+hist", "wandb.watch")
+    configs += ("tensorboardX",)
     assert set(rows) == {(m, c) for m in ("transformer LM", "CNN") for c in configs}
     measured = {"none", "wandb.watch", "tensorboardX"}  # wandb is a dev dependency
     if _probe_importable():
         measured |= {"tbprobe", "tbprobe-grads", "tbprobe+hist"}
+    if _selection_importable():
+        measured |= {"floor"}
     for (model, cfg), r in rows.items():
         if cfg not in measured:
             assert r["status"].startswith("not available"), (model, cfg, r["status"])
@@ -67,12 +78,17 @@ def test_quick_run_end_to_end(tmp_path):
         assert r["step_s"] > 0 and r["windows"] == windows and r["steps_per_window"] == 1
         assert r["overhead"] == 0.0 if cfg == "none" else isinstance(r["overhead"], float)
     verdicts = [t["verdict"] for t in doc["targets"]]
-    assert verdicts[2:] == ["n/a on cpu", "n/a on cpu"]
+    assert verdicts[2:4] == ["n/a on cpu", "n/a on cpu"]
+    floor = doc["targets"][4]  # informational: no PASS/FAIL
+    assert floor["target"] == "cpu: floor (bare reductions) overhead"
+    if "floor" in measured:
+        assert floor["verdict"] == "info" and isinstance(floor["value"], float)
     cpu_ok = ("PASS", "FAIL") if _probe_importable() else ("n/a",)
     assert all(v.split()[0] in cpu_ok for v in verdicts[:2]), verdicts
     for heading in ("### transformer LM (", "### CNN ("):
         assert heading in proc.stdout
     assert proc.stdout.count("| no probe | ") == 2
+    assert "- info: cpu: floor (bare reductions) overhead" in proc.stdout
 
 
 BAD_ARGS = [["--repeats", "0"], ["--window-s", "0"], ["--steps", "0"], ["--device", "tpu"]]
@@ -197,3 +213,40 @@ def test_wandb_without_histograms_fails_the_check(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(wandb_torch.TorchHistory, "log_tensor_stats", lambda *a, **k: None)
     check = b.window(_tiny_model(bench), bench.WANDB, 1, 2)[2]
     assert check.startswith("WRONG: no histogram for ['gradients/0.weight'")
+
+
+def test_floor_check_needs_its_hooks_to_have_run(bench, tmp_path):
+    """The floor's check is WRONG when its hooks and after-step reductions never ran, "ok"
+    after a window of training steps, and its teardown leaves no hook on the model."""
+    if not _selection_importable():
+        pytest.skip("tbprobe.probe.selection is not importable")
+    model = _tiny_model(bench)
+    att = bench.attach_floor(model, cuda=False)
+    try:
+        assert att.check(1) == "WRONG: after-step reductions ran 0× in 1 steps"
+    finally:
+        att.teardown()
+    assert not any(m._forward_hooks for m in model.module.modules())
+    assert not model.opt._optimizer_step_pre_hooks
+    b = _bench(bench, tmp_path)
+    step_s, n, check = b.window(model, bench.FLOOR, 0, 2)
+    assert step_s > 0 and n == 2 and check == "ok"
+    assert not any(m._forward_hooks for m in model.module.modules())
+
+
+def test_floor_check_catches_a_step_without_forward_reductions(bench):
+    """A timed step whose hooks did not run (here: a step boundary with no forward or
+    backward before it) makes the floor's check WRONG."""
+    if not _selection_importable():
+        pytest.skip("tbprobe.probe.selection is not importable")
+    model = _tiny_model(bench)
+    att = bench.attach_floor(model, cuda=False)
+    try:
+        b = bench.Bench(device=torch.device("cpu"), repeats=1, window_s=0.05, budget_s=1.0,
+                        root="", unavailable={})  # fmt: skip
+        b.train(model, 2, att.after_step)
+        assert att.check(2) == "ok"
+        att.after_step()  # a step boundary with no forward or backward before it
+        assert att.check(1).startswith("WRONG: step 0 reduced 0 outputs of ")
+    finally:
+        att.teardown()
