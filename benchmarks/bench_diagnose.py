@@ -16,7 +16,7 @@ architectures at a training scale (``--no-scaled`` skips it): an MLP 1024-2048-2
 batches of 256, a CNN of 32/64/128 channels on 32 RGB 64x64 images, and, where transformers
 is installed, a 4-layer 256-wide GPT-2 on 8x128 tokens (no fault is planted there).
 
-That table has a fourth setup, the floor: no probe, only the bare reductions of tbprobe's
+Both tables have a fourth setup, the floor: no probe, only the bare reductions of tbprobe's
 default per-step check (non-finite checks and gradient norms), in plain hooks on the modules
 tbprobe hooks by default: one sum of squares of every floating module output and of every
 output and input gradient (tensor hooks), each read to the host (on CUDA: kept on the device,
@@ -88,16 +88,17 @@ def _sync(device):
 
 
 def _overheads(arch, kind, device, steps, every):
-    """Median seconds per healthy step: plain, under detect_anomaly, with a Probe attached.
+    """Median seconds per healthy step: plain, under detect_anomaly, with a Probe attached,
+    and with the floor's bare reductions (see the module docstring).
 
-    The three run interleaved, step by step, each on its own copy of the model (the fault
-    never fires), so load changes on a shared machine hit all three alike.
+    The four run interleaved, step by step, each on its own copy of the model (the fault
+    never fires), so load changes on a shared machine hit all four alike.
     """
-    runs = [_setup(arch, kind, device, 10**9, steps) for _ in range(3)]
-    times = [[], [], []]
+    runs = [_setup(arch, kind, device, 10**9, steps) for _ in range(4)]
+    times = [[], [], [], []]
     with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as w:
-        fault, model, opt, lr, batches = runs[2]
-        probe = Probe(model, w, opt, every=every, on_anomaly=lambda a: None)
+        probe = Probe(runs[2][1], w, runs[2][2], every=every, on_anomaly=lambda a: None)
+        detach_floor, counts = _attach_floor(runs[3][1], runs[3][2], device)
         try:
             for i in range(steps):
                 for k, (fault, model, opt, lr, batches) in enumerate(runs):
@@ -112,6 +113,8 @@ def _overheads(arch, kind, device, steps, every):
                     times[k].append(time.perf_counter() - t)
         finally:
             probe.detach()
+            detach_floor()
+    _check_floor_ran(f"{arch} {kind}", counts, steps)
     return [statistics.median(t[3:]) for t in times]
 
 
@@ -258,6 +261,11 @@ def _attach_floor(model, opt, device):
     return detach, counts
 
 
+def _check_floor_ran(what, counts, steps):
+    if counts["steps"] != steps or not counts["outputs"] or not counts["grads"]:
+        raise RuntimeError(f"{what}: the floor's hooks did not run every step: {counts}")
+
+
 def bench_scaled(arch, device, steps, every):
     """Median seconds per step (plain, detect_anomaly, tbprobe, floor) at a training scale,
     the four interleaved step by step; None if the architecture is not available."""
@@ -289,8 +297,7 @@ def bench_scaled(arch, device, steps, every):
         finally:
             probe.detach()
             detach_floor()
-    if counts["steps"] != steps or not counts["outputs"] or not counts["grads"]:
-        raise RuntimeError(f"bench_scaled({arch!r}): the floor's hooks did not run: {counts}")
+    _check_floor_ran(arch, counts, steps)
     plain, da, tb, floor = (statistics.median(t[2:]) for t in times)
     return {
         "arch": arch,
@@ -308,7 +315,7 @@ def bench_one(arch, kind, device, steps, every):
     row = {"arch": arch, "fault": kind}
     fault = Fault(arch, kind, step=step)
     row["expected"] = "{} {} step {}".format(*fault.expected)
-    t_plain, t_da, t_tb = _overheads(arch, kind, device, steps, every)
+    t_plain, t_da, t_tb, t_floor = _overheads(arch, kind, device, steps, every)
     fault, model, opt, lr, batches = _setup(arch, kind, device, step)
     for i in range(step):  # healthy steps before the fault
         _train_step(arch, fault, model, opt, lr, batches[i], i)
@@ -327,6 +334,8 @@ def bench_one(arch, kind, device, steps, every):
     row["da_overhead"] = t_da / t_plain - 1
     row["tb_overhead"] = t_tb / t_plain - 1
     row["ratio"] = row["da_overhead"] / max(row["tb_overhead"], 1e-3)
+    row["floor_overhead"] = t_floor / t_plain - 1
+    row["ratio_floor"] = row["da_overhead"] / max(row["floor_overhead"], 1e-3)
     return row
 
 
@@ -350,7 +359,8 @@ def main(argv=None) -> int:
     rows = [bench_one(a, k, args.device, steps, args.every) for a in archs for k in FAULTS]
     head = (
         f"{'model':5} {'fault':12} {'expected':38} {'detect_anomaly says':36} "
-        f"{'tbprobe says':44} {'plain ms':>8} {'DA ovh':>7} {'tb ovh':>7} {'ratio':>6}"
+        f"{'tbprobe says':44} {'plain ms':>8} {'DA ovh':>7} {'tb ovh':>7} {'ratio':>6} "
+        f"{'floor':>7} {'DA/fl':>6}"
     )
     print(f"device: {args.device}, torch {torch.__version__}, probe every={args.every}")
     print(head)
@@ -361,7 +371,7 @@ def main(argv=None) -> int:
         print(
             f"{r['arch']:5} {r['fault']:12} {r['expected'][:38]:38} {da[:36]:36} {tb[:44]:44} "
             f"{r['plain_ms']:8.2f} {r['da_overhead']:7.1%} {r['tb_overhead']:7.1%} "
-            f"{r['ratio']:6.1f}"
+            f"{r['ratio']:6.1f} {r['floor_overhead']:7.1%} {r['ratio_floor']:6.1f}"
         )
     found = sum(r["tbprobe_ok"] for r in rows)
     both = [r for r in rows if r["detect_anomaly_ok"]]
