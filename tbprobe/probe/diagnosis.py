@@ -144,11 +144,12 @@ class Diagnosis:
             raise TypeError(f"record: expected a StepRecord, got {type(record).__name__}")
         skipped = getattr(record, "skipped", False) is True  # an AMP-skipped optimizer step
         found: list[Anomaly] = []
+        broken = has_nonfinite(record.events, record.grad_norms)
         if self.check_nonfinite:
-            found += self._check_nonfinite(record, skipped)
+            found += self._check_nonfinite(record, skipped, broken)
         if self.check_warnings:
             found += self._check_dead(record)
-        if has_nonfinite(record.events, record.grad_norms):
+        if broken:
             return found  # its norms are those of a broken step: no baseline, no spike
         grads = _items(record.grad_norms)
         # A skipped optimizer step made no update: its zero ‖Δw‖ is no observation.
@@ -163,11 +164,13 @@ class Diagnosis:
         return found
 
     # ------------------------------------------------------------------ non-finite values
-    def _check_nonfinite(self, record: StepRecord, skipped: bool) -> list[Anomaly]:
+    def _check_nonfinite(self, record: StepRecord, skipped: bool, broken: bool) -> list[Anomaly]:
+        """``broken``: :func:`has_nonfinite` of the whole record."""
         events, grad_norms = record.events, record.grad_norms
-        if skipped:  # an AMP overflow in the gradients is normal; the forward is not
+        if skipped and broken:  # an AMP overflow in the gradients is normal; the forward is not
             events, grad_norms = tuple(e for e in events if e.pass_ == "forward"), {}
-        if not has_nonfinite(events, grad_norms):
+            broken = has_nonfinite(events, grad_norms)
+        if not broken:
             if events or grad_norms:  # a step that was checked and is clean ends an episode
                 self._state["in_nonfinite"] = False
             return []
@@ -332,7 +335,7 @@ def _all_zero(e: TensorEvent) -> bool:
 
 def _items(mapping) -> tuple[list[str], np.ndarray]:
     names = list(mapping)
-    return names, np.fromiter((float(mapping[k]) for k in names), np.float64, len(names))
+    return names, np.fromiter(mapping.values(), np.float64, len(names))
 
 
 def _update_sizes(record: StepRecord) -> tuple[list[str], np.ndarray]:

@@ -34,9 +34,13 @@ class Baselines:
         self.seen = np.zeros(8, np.int64)
         self.pos = np.zeros(8, np.int64)
         self.stored = np.zeros(8, np.int64)
+        self._last: tuple[list, np.ndarray] = ([], np.zeros(0, np.int64))
 
     def rows(self, names) -> np.ndarray:
         """The ``(len(names),)`` row indices of ``names``, adding rows for new series."""
+        last_names, last_rows = self._last
+        if names == last_names:  # the same series as last time (every step, usually)
+            return last_rows
         for name in names:
             if name not in self.index:
                 self.index[name] = len(self.index)
@@ -47,7 +51,9 @@ class Baselines:
             for attr in ("seen", "pos", "stored"):
                 old = getattr(self, attr)
                 setattr(self, attr, np.concatenate([old, np.zeros(cap - len(old), np.int64)]))
-        return np.fromiter((self.index[k] for k in names), np.int64, len(names))
+        rows = np.fromiter((self.index[k] for k in names), np.int64, len(names))
+        self._last = (list(names), rows)
+        return rows
 
     def median(self, rows: np.ndarray) -> np.ndarray:
         """The ``(len(rows),)`` medians of the stored values (NaN below ``min_history``)."""

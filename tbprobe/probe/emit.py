@@ -134,9 +134,11 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
     if meta.events and not clean:
         merge_events(meta, data)
         ev, evin = data["ev"], data["evin"]
-        nonfinite = ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev
-        for i, (seq, module, pass_, tensor) in enumerate(meta.events):
-            nf_in = None if math.isnan(evin[i]) else evin[i]
+        nonfinite = (ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev).tolist()
+        keep = stats_on and meta.full  # rows of a fresh array: views, not copies
+        for i, ((seq, module, pass_, tensor), nf_in) in enumerate(
+            zip(meta.events, evin.tolist(), strict=True)  # sync-ok: numpy
+        ):
             events.append(
                 TensorEvent(
                     seq=seq,
@@ -144,8 +146,8 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
                     pass_=pass_,
                     tensor=tensor,
                     nonfinite=int(nonfinite[i]),
-                    inputs_nonfinite=None if nf_in is None else int(nf_in),
-                    stats=ev[i].copy() if stats_on and meta.full else None,
+                    inputs_nonfinite=None if nf_in != nf_in else int(nf_in),
+                    stats=ev[i] if keep else None,
                 )
             )
     grad_norms, param_norms, ratios = {}, {}, {}
@@ -155,7 +157,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         grad_norms = dict(zip(names, norms_of(rows).tolist(), strict=True))  # sync-ok: numpy
         grad_norms["_total"] = norm_of(rows.sum(0))
         if not clean:
-            nf = rows[:, NAN] + rows[:, POS_INF] + rows[:, NEG_INF]
+            nf = (rows[:, NAN] + rows[:, POS_INF] + rows[:, NEG_INF]).tolist()  # sync-ok: numpy
             for i, (seq, name) in enumerate(meta.grads):
                 events.append(
                     TensorEvent(
@@ -164,7 +166,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
                         pass_="grad",
                         tensor="grad",
                         nonfinite=int(nf[i]),
-                        stats=rows[i].copy() if stats_on else None,
+                        stats=rows[i] if stats_on else None,
                     )
                 )
     if meta.params:
