@@ -27,11 +27,8 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(t - t)  # x - x: 0 for finite x, NaN for NaN and ±Inf
 
 
-def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
+def nonfinite_counts(tensors: list[torch.Tensor]) -> torch.Tensor:
     """float64 ``(len(tensors),)`` exact counts of NaN and ±Inf elements of CPU tensors.
-
-    ``hint``: a ``(len(tensors),)`` CPU tensor of reductions already taken (e.g. norms), each
-    finite only if its tensor is finite; it replaces the summing pass.
 
     Example::
 
@@ -40,11 +37,7 @@ def nonfinite_counts(tensors: list[torch.Tensor], hint=None) -> torch.Tensor:
     tensors = [t.half() if t.element_size() == 1 else t for t in tensors]  # fp8: no sub/sum
     first = tensors[0]
     sizes = [t.numel() for t in tensors]
-    if hint is not None:
-        if tuple(hint.shape) != (len(tensors),):
-            raise ValueError(f"hint: expected shape ({len(tensors)},), got {tuple(hint.shape)}")
-        sums = hint.detach().to(torch.float64).numpy()  # sync-ok: CPU tensor, host code
-    elif (
+    if (
         len(tensors) > FEW
         and sum(sizes) <= SMALL_TOTAL
         and all(t.dtype == first.dtype for t in tensors)

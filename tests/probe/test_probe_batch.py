@@ -222,19 +222,6 @@ def test_nonfinite_counts_count_nan_and_inf_exactly(few, monkeypatch):
         assert batch.nonfinite_counts([x, torch.ones(2)]).tolist() == [1.0, 0.0], dtype
 
 
-def test_nonfinite_counts_with_a_hint_count_only_where_it_is_not_finite():
-    """A hint (norms) that is finite means no count; a non-finite one, an exact count; a hint
-    of the wrong shape is refused."""
-    x = torch.tensor([1.0, math.nan, math.inf, 2.0])
-    ones = torch.ones(3)
-    got = host_stats.nonfinite_counts([x, ones], hint=torch.tensor([math.nan, 1.7]))
-    assert got.tolist() == [2.0, 0.0]
-    got = host_stats.nonfinite_counts([ones, ones], hint=torch.tensor([math.inf, 1.0]))
-    assert got.tolist() == [0.0, 0.0]  # an overflowed norm: counted, nothing found
-    with pytest.raises(ValueError, match="hint"):
-        host_stats.nonfinite_counts([x], hint=torch.ones(2))
-
-
 def test_probe_stats_give_exact_norms_and_nonfinite_counts():
     """probe_stats without extremes (gradients, parameters): norm_of of each row is the
     float64 norm within 1e-6 (NaN with a NaN, inf with only infinities), the non-finite
