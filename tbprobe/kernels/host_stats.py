@@ -150,34 +150,45 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
 
         lean_stats([torch.tensor([3.0, -4.0])])[0]  # count 2, sum_sq 25, min -4, max 3, abs_max 4
     """
+    if extremes:  # forward outputs: a dot and an aminmax each (see lean_row)
+        return torch.tensor([lean_row(t) for t in tensors], dtype=torch.float64).view(-1, 10)
     out = np.full((len(tensors), 10), np.nan)
-    small_at, small = [], []
-    for i, t in enumerate(tensors):
-        x = t.detach()
-        if not extremes and x.dtype in _LEAN and 0 < x.numel() < BIG:
-            small_at.append(i)
-            small.append(x)
-        else:
-            out[i] = lean_row(x, extremes)
-    if small:
-        wide = [x.dtype == torch.float64 for x in small]  # fp64 tensors keep their precision
-        for acc in (torch.float32, torch.float64):
-            at = [k for k, w in enumerate(wide) if w == (acc is torch.float64)]
-            if not at:
-                continue
-            group = [small[k] for k in at]
-            norms = torch.stack(torch._foreach_norm(group, 2, dtype=acc)).double()
-            sq = norms.numpy() ** 2  # sync-ok: CPU tensor, host code
-            rows = [small_at[k] for k in at]
-            out[rows, 0] = [x.numel() for x in group]
-            out[rows, 2] = sq
-            out[rows, 6:9] = 0.0
-            for k in np.flatnonzero(~np.isfinite(sq)):  # a NaN, ±Inf or an fp32 overflow
-                out[rows[k]] = _full_row(group[k])
-            if acc is torch.float32:  # tiny values: their fp32 squares may underflow
-                for k in np.flatnonzero(sq < out[rows, 0] * _TINY_MEAN_SQUARE):
-                    out[rows[k], 2] = _sum_sq64(group[k])
+    narrow_at, narrow, wide_at, wide = [], [], [], []  # small float tensors, by accumulator
+    with torch.no_grad():  # one context rather than a detach per tensor
+        for i, x in enumerate(tensors):
+            dt = x.dtype
+            if 0 < x.numel() < BIG:
+                if dt is torch.float32 or dt is torch.float16 or dt is torch.bfloat16:
+                    narrow_at.append(i)
+                    narrow.append(x)
+                    continue
+                if dt is torch.float64:
+                    wide_at.append(i)
+                    wide.append(x)
+                    continue
+            out[i] = lean_row(x, False)
+        for acc, at, group in ((torch.float32, narrow_at, narrow), (torch.float64, wide_at, wide)):
+            if group:
+                out[at] = _small_rows(group, acc)
     return torch.from_numpy(out)
+
+
+def _small_rows(group: list[torch.Tensor], acc: torch.dtype) -> np.ndarray:
+    """:func:`lean_stats` rows (no extremes) of small float tensors: one ``_foreach_norm`` in
+    ``acc``; the fp32 sums of squares too small to trust (underflowed squares, all-zero
+    tensors) are redone together in float64."""
+    sq = torch.stack(torch._foreach_norm(group, 2, dtype=acc)).double().numpy() ** 2  # sync-ok
+    count = np.fromiter((x.numel() for x in group), np.float64, len(group))
+    rows = np.full((len(group), 10), np.nan)
+    rows[:, 0], rows[:, 2], rows[:, 6:9] = count, sq, 0.0
+    for k in np.flatnonzero(~np.isfinite(sq)):  # a NaN, ±Inf or an fp32 overflow
+        rows[k] = _full_row(group[k].detach())
+    if acc is torch.float32:  # tiny values: their fp32 squares may underflow
+        tiny = np.flatnonzero(sq < count * _TINY_MEAN_SQUARE).tolist()  # sync-ok: numpy
+        if tiny:
+            wide = torch._foreach_norm([group[k] for k in tiny], 2, dtype=torch.float64)
+            rows[tiny, 2] = torch.stack(wide).numpy() ** 2  # sync-ok: CPU tensor, host code
+    return rows
 
 
 _NAN = float("nan")
