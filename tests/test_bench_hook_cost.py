@@ -1,0 +1,53 @@
+"""``benchmarks/bench_hook_cost.py``: a tiny run prints one line per schedule, and bad
+arguments exit 2 naming the argument."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_hook_cost.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_hook_cost_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_tiny_run_prints_every_schedule(bench, capsys):
+    assert bench.main(["--layers", "2", "--steps", "5", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in bench.SCHEDULES:
+        row = next(line for line in lines if line.startswith(name))
+        assert row.rstrip().endswith("µs"), row
+
+
+def test_probe_failures_are_not_timed_as_free(bench, monkeypatch):
+    """A probe whose hooks failed would look cheap: measure refuses it."""
+
+    class Broken:
+        errors = [("forward", "0", RuntimeError("boom"))]
+
+        def __init__(self, *a, **k):
+            pass
+
+        def detach(self):
+            pass
+
+    monkeypatch.setattr(bench, "Probe", Broken)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        bench.measure(1, 5, dict(every=1))
+
+
+@pytest.mark.parametrize("arg", ["--layers", "--steps", "--rounds"])
+def test_bad_arguments_exit_2(bench, arg, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([arg, "0"])
+    assert e.value.code == 2
+    assert arg in capsys.readouterr().err
