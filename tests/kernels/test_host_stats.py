@@ -121,8 +121,9 @@ def test_lean_rows_of_other_float_dtypes_and_non_finite_tensors(dtype):
 
 
 def test_nonfinite_count_of_one_tensor_is_exact():
-    """nonfinite_count: 0 for finite and integer tensors, the exact count otherwise (fp8
-    too), also where a finite fp16 sum overflows."""
+    """nonfinite_count: 0 for finite and integer tensors, the exact count otherwise (fp8,
+    fp64, non-contiguous tensors too), also where a finite fp16 sum or fp32 sum of squares
+    overflows."""
     x = torch.tensor([1.0, math.nan, math.inf, -math.inf, 2.0])
     assert host_stats.nonfinite_count(x) == 3.0
     assert host_stats.nonfinite_count(torch.full((10,), 6e4, dtype=torch.float16)) == 0.0
@@ -130,6 +131,12 @@ def test_nonfinite_count_of_one_tensor_is_exact():
     f8 = torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn)
     assert host_stats.nonfinite_count(f8) == 0.0
     assert host_stats.nonfinite_count(x.half()) == 3.0
+    big = torch.full((8,), 1e30)  # finite, but its fp32 sum of squares overflows
+    assert host_stats.nonfinite_count(big) == 0.0
+    assert host_stats.nonfinite_count(big.double()) == 0.0
+    strided = torch.tensor([[1.0, math.nan], [2.0, 3.0]]).t()  # not contiguous: the sum path
+    assert host_stats.nonfinite_count(strided) == 1.0
+    assert host_stats.nonfinite_count(x.double()) == 3.0
 
 
 @pytest.mark.parametrize("n", [100, host_stats.BIG + 5, host_stats.DOT_CHUNK + 9])
