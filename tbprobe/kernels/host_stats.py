@@ -219,7 +219,8 @@ def lean_row(t: torch.Tensor, extremes: bool = True) -> list[float]:
         return _full_row(t.detach())
     if not extremes:
         return [float(n), _NAN, sq, _NAN, _NAN, _NAN, 0.0, 0.0, 0.0, _NAN]
-    lo, hi = (float(v) for v in torch.aminmax(x))  # sync-ok: CPU tensor, host code
+    lo, hi = torch.aminmax(x)
+    lo, hi = float(lo), float(hi)  # sync-ok: CPU tensors, host code
     return [float(n), _NAN, sq, lo, hi, max(-lo, hi), 0.0, 0.0, 0.0, _NAN]
 
 
