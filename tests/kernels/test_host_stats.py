@@ -80,7 +80,7 @@ LEAN = [0, 3, 4, 5, 6, 7, 8]  # count, min, max, abs_max, nan, +inf, -inf: exact
 
 
 @pytest.mark.parametrize("kind", ["gauss", "near_equal", "relu"])
-@pytest.mark.parametrize("n", [3, host_stats.BIG + 7, host_stats.DOT_CHUNK, 10_000_019])
+@pytest.mark.parametrize("n", [3, host_stats.BIG + 7, 1 << 20, 10_000_019])
 def test_lean_rows_match_the_float64_oracle_in_the_columns_they_fill(kind, n):
     """lean_row / lean_stats (the probe's CPU rows): count and extremes exact, sum_sq within
     1e-6 of float64 up to 1e7 elements (near-equal values are the worst case for one long
@@ -139,7 +139,7 @@ def test_nonfinite_count_of_one_tensor_is_exact():
     assert host_stats.nonfinite_count(x.double()) == 3.0
 
 
-@pytest.mark.parametrize("n", [100, host_stats.BIG + 5, host_stats.DOT_CHUNK + 9])
+@pytest.mark.parametrize("n", [100, host_stats.BIG + 5, host_stats.ONE_DOT + 9])
 def test_lean_rows_of_tiny_values_do_not_underflow(n):
     """Gradients of 1e-25 (fp32 squares underflow to 0) still get their sum of squares within
     1e-6 (a vanishing gradient is not reported as exactly 0); an all-zero tensor reads 0."""
