@@ -25,6 +25,7 @@ it. Their rows join the device rows at the next flush.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -124,14 +125,17 @@ class Rows:
         "n",
         "on_changed",
         "order",
-        "owner",
+        "_owner",
         "watch",
     )
 
     def __init__(self, full: bool, on_changed=None, owner=None):
         self.full = full
         self.on_changed = on_changed  # called with the key of a tensor changed in place
-        self.owner = owner  # object with .groups() -> (merge groups, nf groups), for compaction
+        # The object with .groups() -> (merge groups, nf groups), for compaction. Held weakly:
+        # the StepState owns its Rows, and a reference cycle would leave every step's state
+        # (hundreds of objects) to the cyclic garbage collector instead of freeing it at once.
+        self._owner = None if owner is None else weakref.ref(owner)
         self.blocks: list[torch.Tensor] = []  # reduced rows, in ``order``
         self.order: list[int] = []  # the row id of each reduced row
         self.n = 0  # row ids handed out
@@ -149,6 +153,10 @@ class Rows:
         self._bytes = 0
         self._nf: list[torch.Tensor] = []  # queued for their non-finite count only
         self._nf_rids: list[int] = []
+
+    @property
+    def owner(self):
+        return None if self._owner is None else self._owner()
 
     def host(self, t: torch.Tensor) -> bool:
         """:func:`on_host` of ``t``, with the backend choice made once for the step."""
@@ -287,7 +295,8 @@ class Rows:
     def compact(self) -> None:
         """Replace every row by one row per group of the owner: merged rows of each
         ``merge`` group, a non-finite count of each ``nf`` group (row ids are renumbered)."""
-        merge, nf = self.owner.groups()
+        owner = self.owner
+        merge, nf = owner.groups()
         rows, order = self.rows()
         if rows is None:
             return
@@ -311,7 +320,7 @@ class Rows:
         for i, g in enumerate(nf, start=len(merge)):
             g[:] = [i]
         self.compactions += 1
-        self.owner.compacted()
+        owner.compacted()
 
     def _merge(self, rows, src, grp, n, dev) -> torch.Tensor:
         sel = rows.index_select(0, index_on(src, dev))

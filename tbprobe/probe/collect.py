@@ -18,6 +18,7 @@ from tbprobe import kernels
 from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows
 
 _COMPACT_AT = 4096  # slots kept before dead ones are dropped
+_VERSIONS = 1 << 32  # slot keys: id(t) * _VERSIONS + t._version (ids differ by 16 at least)
 
 
 class Event:
@@ -40,8 +41,9 @@ class Slot:
         self.ref = ref
         self.row: int | None = None  # its row id, when it was a hooked output
         self.handle = None  # its backward tensor hook
-        self.producers: list[str] = []  # modules it is an output of
-        self.consumers: list[str] = []  # modules it is an input of
+        # Tuples of module names, usually one: the hooks share one ``(name,)`` per module.
+        self.producers: tuple[str, ...] = ()  # modules it is an output of
+        self.consumers: tuple[str, ...] = ()  # modules it is an input of
 
 
 class StepState:
@@ -60,6 +62,7 @@ class StepState:
         eager: set | None = None,
         learn: bool = False,
         keep_hists: bool = False,
+        keys: dict | None = None,
     ):
         self.step = step
         self.scheduled = scheduled  # tags are written
@@ -79,7 +82,7 @@ class StepState:
         self.events: dict[tuple[str, str, str], Event] = {}
         self.grad_seq: dict[str, int] = {}
         self.grads: dict[str, torch.Tensor] = {}  # accumulated grads seen by the hooks
-        self.slots: dict[tuple[int, int], Slot] = {}
+        self.slots: dict[int, Slot] = {}
         self.act_hists: dict[str, kernels.Histogram | None] = {}
         self.thumbs: dict[str, tuple[torch.Tensor, tuple, str]] = {}
         self.pending_gout: dict[str, list[int]] = {}
@@ -87,6 +90,9 @@ class StepState:
         self._hist_bytes = 0
         self._seq = 0
         self._compact_at = _COMPACT_AT
+        # Event keys, interned across steps (the probe passes one dict to every step): a key
+        # tuple kept per event per step would be a new tracked object for the garbage collector.
+        self._keys = keys if keys is not None else {}
 
     @property
     def full(self) -> bool:
@@ -146,6 +152,7 @@ class StepState:
         key = (module, pass_, tensor)
         ev = self.events.get(key)
         if ev is None:
+            key = self._keys.setdefault(key, key)
             ev = self.events[key] = Event(self.next_seq(), module, pass_, tensor)
         return ev
 
@@ -165,7 +172,7 @@ class StepState:
 
     # ---------------------------------------------------------------- slots
     def slot(self, t: torch.Tensor, create: bool = True) -> Slot | None:
-        key = (id(t), t._version)
+        key = id(t) * _VERSIONS + t._version  # an int: not tracked by the garbage collector
         s = self.slots.get(key)
         if s is not None and s.ref() is t:
             return s

@@ -50,6 +50,27 @@ class _Guarded:
         return None
 
 
+class _SlotHook:
+    """The backward tensor hook of one :class:`~tbprobe.probe.collect.Slot`: ``_Guarded``
+    without a bound method and argument tuple, and with its key shared by every hook of the
+    module. One is made per hooked tensor per step, and whatever lives through the step is
+    work for the garbage collector."""
+
+    __slots__ = ("key", "owner", "slot")
+
+    def __init__(self, owner, key, slot):
+        self.owner, self.key, self.slot = owner, key, slot
+
+    def __call__(self, grad):
+        if self.key in self.owner.disabled:
+            return None
+        try:
+            self.owner._backward(self.slot, grad)
+        except Exception as exc:  # a probe failure must never stop training
+            self.owner.fail(*self.key, exc)
+        return None
+
+
 class HookSet:
     """Registers and removes every hook of one probe; hooks read ``owner.state``."""
 
@@ -58,6 +79,9 @@ class HookSet:
         self.handles: list = []
         self.disabled: set = set()
         self.errors: list[tuple[str, str, BaseException]] = []
+        self.event_keys: dict = {}  # interned event keys, shared by every step's StepState
+        self._backward_keys: dict[str, tuple[str, str]] = {}
+        self._names: dict[str, tuple[str]] = {}  # name -> (name,): see Slot.producers
 
     # ---------------------------------------------------------------- failure policy
     def fail(self, kind: str, where: str, exc: BaseException) -> None:
@@ -157,18 +181,25 @@ class HookSet:
             st.thumbs[name] = self.owner.snapshots.capture(outs[0], name)
 
     def _watch_grads(self, st: StepState, name, outs, ins) -> None:
+        one = self._names.get(name)
+        if one is None:
+            one = self._names[name] = (name,)
         for t in outs:
             if t.requires_grad:
-                self._watch(st, name, t).producers.append(name)
+                s = self._watch(st, name, t)
+                s.producers = s.producers + one if s.producers else one
         for t in ins:
             if t.requires_grad:
-                self._watch(st, name, t).consumers.append(name)
+                s = self._watch(st, name, t)
+                s.consumers = s.consumers + one if s.consumers else one
 
     def _watch(self, st: StepState, name, t):
         s = st.slot(t)
         if s.handle is None:
-            fn = self._guarded("backward", name, self._backward, s)
-            s.handle = t.register_hook(fn)
+            key = self._backward_keys.get(name)
+            if key is None:
+                key = self._backward_keys[name] = ("backward", name)
+            s.handle = t.register_hook(_SlotHook(self, key, s))
         return s
 
     def _backward(self, slot, grad) -> None:

@@ -306,6 +306,7 @@ class Probe:
             keep_hists=self._dist is not None
             and cfg.reduce_activations
             and cfg.histogram_step(step),
+            keys=self._hooks.event_keys,
         )
 
     def _arm(self, names: frozenset, steps: int) -> None:
