@@ -160,7 +160,7 @@ class Rows:
 
     def host(self, t: torch.Tensor) -> bool:
         """:func:`on_host` of ``t``, with the backend choice made once for the step."""
-        return self.cpu_host and t.device.type == "cpu"
+        return self.cpu_host and t.is_cpu
 
     def reduce(self, tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tensor:
         if self.full:

@@ -156,6 +156,14 @@ class StepState:
             ev = self.events[key] = Event(self.next_seq(), module, pass_, tensor)
         return ev
 
+    def event_at(self, key: tuple[str, str, str]) -> Event:
+        """:meth:`event` of a ``(module, pass_, tensor)`` key the caller keeps (the hooks'
+        own, built once per module): no tuple made per call."""
+        ev = self.events.get(key)
+        if ev is None:
+            ev = self.events[key] = Event(self.next_seq(), *key)
+        return ev
+
     # ---------------------------------------------------------------- compaction
     def groups(self) -> tuple[list[list[int]], list[list[int]]]:
         """The row-id lists to keep: merged (events' rows), and non-finite sums (their

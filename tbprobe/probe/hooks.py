@@ -82,6 +82,9 @@ class HookSet:
         self.event_keys: dict = {}  # interned event keys, shared by every step's StepState
         self._backward_keys: dict[str, tuple[str, str]] = {}
         self._names: dict[str, tuple[str]] = {}  # name -> (name,): see Slot.producers
+        self._event_keys: dict[
+            str, tuple
+        ] = {}  # name -> its (forward, grad_input, grad_output) keys
 
     # ---------------------------------------------------------------- failure policy
     def fail(self, kind: str, where: str, exc: BaseException) -> None:
@@ -157,12 +160,33 @@ class HookSet:
         if watch:
             self._watch_grads(st, name, outs, ins)
 
+    def _keys(self, name: str) -> tuple:
+        """The event keys of module ``name``: (forward output, grad_input, grad_output)."""
+        keys = self._event_keys.get(name)
+        if keys is None:
+            keys = tuple(
+                self.event_keys.setdefault(k, k)
+                for k in (
+                    (name, "forward", "output"),
+                    (name, "backward", "grad_input"),
+                    (name, "backward", "grad_output"),
+                )
+            )
+            self._event_keys[name] = keys
+        return keys
+
     def _forward_stats(self, st: StepState, name, outs, ins) -> None:
-        ev = st.event(name, "forward", "output")
-        rids = []
-        for t in outs:  # a hooked child's output returned as is (containers): its row
-            s = st.slot(t, create=False)
-            rids.append(s.row if s is not None and s.row is not None else st.add(t, name))
+        ev = st.event_at(self._keys(name)[0])
+        if len(outs) == 1:  # one slot: found or made once (its backward hook reuses it)
+            s = st.slot(outs[0])
+            if s.row is None:
+                s.row = st.add(outs[0], name)
+            rids = [s.row]
+        else:
+            rids = []
+            for t in outs:  # a hooked child's output returned as is (containers): its row
+                s = st.slot(t, create=False)
+                rids.append(s.row if s is not None and s.row is not None else st.add(t, name))
         ev.rows.extend(rids)
         # Inputs matter only for an output with NaN/Inf (producer or propagator?); host
         # tensors are reduced at once, so finite outputs skip them (inputs_nonfinite: None).
@@ -172,8 +196,6 @@ class HookSet:
                 s = st.slot(t, create=False)
                 inputs.append(s.row if s is not None and s.row is not None else st.rows.add_nf(t))
             ev.inputs = inputs if ev.inputs is None else ev.inputs + inputs
-        if len(outs) == 1:
-            st.slot(outs[0]).row = rids[0]
         snap = st.snap is not None and name in st.snap
         if (st.hist or snap) and name not in st.act_hists:
             st.add_hist(name, outs[0], self.owner.cfg.hist_bins)
@@ -212,13 +234,13 @@ class HookSet:
         st.rows.maybe_compact()
         rid = st.add(grad)
         for m in slot.consumers:  # the gradient w.r.t. m's input: m produced it
-            ev = st.event(m, "backward", "grad_input")
+            ev = st.event_at(self._keys(m)[1])
             ev.rows.append(rid)
             gout = st.pending_gout.pop(m, None)
             if gout is not None:
                 ev.inputs = gout if ev.inputs is None else ev.inputs + gout
         for m in slot.producers:  # the gradient w.r.t. m's output: m consumes it next
-            st.event(m, "backward", "grad_output").rows.append(rid)
+            st.event_at(self._keys(m)[2]).rows.append(rid)
             gout = st.pending_gout.get(m)
             if gout is None:
                 st.pending_gout[m] = [rid]
