@@ -199,7 +199,8 @@ class StepState:
         """Remove the backward hooks still registered on this step's tensors."""
         for s in self.slots.values():
             if s.handle is not None:
-                s.handle.remove()
+                if s.ref() is not None:  # a dead tensor took its hook with it
+                    s.handle.remove()
                 s.handle = None
         self.slots = {}
         self.grads = {}
