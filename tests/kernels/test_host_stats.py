@@ -159,13 +159,13 @@ def test_lean_rows_of_tiny_values_do_not_underflow(n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_many_small_tensors_share_one_float64_pass(dtype):
-    """lean_stats without extremes of many small tensors of one dtype (one flat float64
+    """lean_stats without extremes of many tiny tensors of one dtype (one flat float64
     pass): sums of squares within 1e-12 of float64 also for tiny values (fp32 squares would
     underflow) and huge ones (fp32 squares would overflow), all-zero and non-contiguous
-    tensors; a tensor with NaN/±Inf gets its full exact row. Mixed dtypes take the
-    _foreach_norm path and agree."""
+    tensors; a tensor with NaN/±Inf gets its full exact row. Mixed dtypes, and larger tensors,
+    take the _foreach_norm path and agree within 1e-6."""
     g = torch.Generator().manual_seed(7)
-    ts = [torch.randn(n, generator=g, dtype=dtype) for n in (1, 17, 256, 3000)]
+    ts = [torch.randn(n, generator=g, dtype=dtype) for n in (1, 17, 256, 300)]
     ts += [torch.randn(64, generator=g, dtype=dtype) * 1e-25, torch.zeros(9, dtype=dtype)]
     ts += [torch.full((5,), 1e30, dtype=dtype), torch.randn(12, 10, dtype=dtype).t()]
     bad = torch.randn(40, generator=g, dtype=dtype)
@@ -181,3 +181,7 @@ def test_many_small_tensors_share_one_float64_pass(dtype):
     np.testing.assert_allclose(got[-1], stats_row(bad).numpy(), rtol=1e-12)
     mixed = host_stats.lean_stats([*ts[:4], ts[0].half(), ts[1].half()], extremes=False).numpy()
     np.testing.assert_allclose(mixed[:4, 2], got[:4, 2], rtol=1e-6)
+    larger = [*ts[:-1], torch.randn(20000, generator=g, dtype=dtype)]  # > FLAT_AVG each
+    np.testing.assert_allclose(
+        host_stats.lean_stats(larger, extremes=False).numpy()[:-1, 2], got[:-1, 2], rtol=1e-6
+    )
