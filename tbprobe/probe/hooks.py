@@ -82,9 +82,8 @@ class HookSet:
         self.event_keys: dict = {}  # interned event keys, shared by every step's StepState
         self._backward_keys: dict[str, tuple[str, str]] = {}
         self._names: dict[str, tuple[str]] = {}  # name -> (name,): see Slot.producers
-        self._event_keys: dict[
-            str, tuple
-        ] = {}  # name -> its (forward, grad_input, grad_output) keys
+        # name -> its event keys (forward output, grad_input, grad_output): see _keys
+        self._event_keys: dict[str, tuple] = {}
 
     # ---------------------------------------------------------------- failure policy
     def fail(self, kind: str, where: str, exc: BaseException) -> None:
