@@ -10,24 +10,28 @@ Failure policy (DESIGN.md): a write error is stored and re-raised in the produce
 call (or warned about once with ``on_error="warn"``); events that could not be written are
 counted in ``dropped``; a producer never blocks forever. After ``os.fork()`` the child gets a
 fresh queue, thread and file of its own on first use and never touches the parent's file.
+
+The files themselves are in ``event_file_disk``; the exit, SIGTERM and fork hooks in
+``process_hooks``.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
-import errno
-import itertools
 import os
-import signal
-import socket
 import threading
 import time
 import warnings
-import weakref
 
-from tbprobe.writer.record import frame, frame_into
+from tbprobe.writer.event_file_disk import EventFile
+from tbprobe.writer.event_file_disk import event_file_name as event_file_name
+from tbprobe.writer.process_hooks import (
+    _install_process_hooks,
+    _register_exit_finalizer,
+    _writers,
+)
+from tbprobe.writer.record import frame_into
 
 TICK = 0.05  # seconds between writer wake-ups: the bound on event-to-OS latency is ~2 ticks
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20  # back-pressure threshold
@@ -35,15 +39,14 @@ STALL_TIMEOUT = 60.0  # a full queue and no write progress for this long: drop, 
 _BATCH_BYTES = 4 << 20  # write out once this much is framed
 _BATCH_CPU_SECONDS = 0.005  # ... or once framing it took this much of the thread's CPU time
 _LAG_BYTES = 16 << 10  # with this much pending, a producer checks that the writer thread runs
-_SIGNAL_FLUSH_TIMEOUT = 5.0
 FILE_VERSION = "brain.Event:2"
 
-_file_counter = itertools.count()
-_writers: weakref.WeakSet[AsyncEventWriter] = weakref.WeakSet()
-_hooks_installed_pid: int | None = None
 _fork_generation = 0  # bumped in a forked child; cheaper to compare than os.getpid()
-_prev_sigterm = None
-_sigterm_installed = False
+
+
+def _forked_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
 
 
 class Deferred:
@@ -64,76 +67,6 @@ class _Barrier:
 
 
 _STOP = object()
-
-
-def event_file_name(suffix: str = "") -> str:
-    """``events.out.tfevents.<time>.<host>.<pid>.<counter><suffix>``: unique per process."""
-    return (
-        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-        f".{os.getpid()}.{next(_file_counter)}{suffix}"
-    )
-
-
-class EventFile:
-    """One event file. Only the writer thread writes to it (the constructor aside)."""
-
-    def __init__(self, directory: str, suffix: str, header: list[bytes]):
-        self.directory = directory
-        self.suffix = suffix
-        self.header = header
-        self.fd = -1
-        self.path = ""
-        self.offset = 0  # bytes of whole records written
-        self.open()
-
-    def open(self) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        self.path = os.path.join(self.directory, event_file_name(self.suffix))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.path, flags, 0o644)
-        self.offset = 0
-        self.write(b"".join(frame(h) for h in self.header))
-
-    def write(self, data: bytes) -> None:
-        """Write whole records; on failure cut the file back to its last whole record."""
-        view = memoryview(data)
-        written = 0
-        try:
-            while written < len(data):
-                n = os.write(self.fd, view[written:])
-                if n == 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-                written += n
-        except OSError:
-            if written:
-                try:
-                    os.ftruncate(self.fd, self.offset)
-                    os.lseek(self.fd, self.offset, os.SEEK_SET)
-                except OSError:
-                    pass
-            raise
-        self.offset += written
-
-    def unlinked(self) -> bool:
-        try:
-            return os.fstat(self.fd).st_nlink == 0
-        except OSError:
-            return True
-
-    def fsync(self) -> None:
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-    def forget(self) -> None:
-        """In a forked child: drop the parent's descriptor without touching the file."""
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
 
 
 class AsyncEventWriter:
@@ -164,7 +97,7 @@ class AsyncEventWriter:
         self._warned = False
         self._closed = False
         self._init_process_state()
-        _install_process_hooks()
+        _install_process_hooks(_forked_child)
         _writers.add(self)
         self._files[None] = EventFile(logdir, filename_suffix, header)  # may raise OSError
         self._start_thread()
@@ -459,72 +392,3 @@ class AsyncEventWriter:
                 item.done.set()
             elif item is not _STOP:
                 self.dropped += 1
-
-
-# ---------------------------------------------------------------------- process-wide hooks
-def _close_all() -> None:
-    for w in list(_writers):
-        if w._pid == os.getpid():
-            try:
-                w.close()
-            except Exception as e:  # at exit: report, never raise
-                warnings.warn(f"tbprobe: closing {w.logdir} at exit failed: {e!r}", stacklevel=1)
-
-
-def _flush_all_from_signal() -> None:
-    deadline = time.monotonic() + _SIGNAL_FLUSH_TIMEOUT
-    for w in list(_writers):
-        if w._pid == os.getpid() and w._thread is not None and not w._closed:
-            w._barrier(False, max(0.0, deadline - time.monotonic()), lock_free=True)
-
-
-def _on_sigterm(signum, frame):
-    _flush_all_from_signal()
-    prev = _prev_sigterm
-    if callable(prev):
-        prev(signum, frame)
-    elif prev == signal.SIG_IGN:
-        return
-    else:  # default action: die by the same signal, as the process would have
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-_finalizer_pid: int | None = None
-
-
-def _register_exit_finalizer() -> None:
-    """multiprocessing children leave through ``os._exit``, which skips atexit; their
-    finalizers run, but the registry is emptied when a child starts, so register per process."""
-    global _finalizer_pid
-    if _finalizer_pid == os.getpid():
-        return
-    _finalizer_pid = os.getpid()
-    try:
-        from multiprocessing import util
-
-        util.Finalize(None, _close_all, exitpriority=100)
-    except Exception:  # pragma: no cover - multiprocessing unavailable
-        pass
-
-
-def _forked_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-def _install_process_hooks() -> None:
-    """atexit close, SIGTERM flush (chaining to any handler already installed)."""
-    global _hooks_installed_pid, _prev_sigterm, _sigterm_installed
-    if _hooks_installed_pid is None:
-        _hooks_installed_pid = os.getpid()
-        os.register_at_fork(after_in_child=_forked_child)
-        atexit.register(_close_all)
-        _register_exit_finalizer()
-    # signal handlers can only be set from the main thread: the first writer made there does it
-    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
-        _sigterm_installed = True
-        prev = signal.getsignal(signal.SIGTERM)
-        if prev is not _on_sigterm:
-            _prev_sigterm = prev
-            signal.signal(signal.SIGTERM, _on_sigterm)
