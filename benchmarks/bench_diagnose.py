@@ -42,6 +42,11 @@ import weakref
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # loaded from its path (the tests): cpu_alloc sits next to it
+    sys.path.insert(0, _HERE)
+
+from cpu_alloc import settle_cpu_allocator  # noqa: E402
 
 from tbprobe import Probe, SummaryWriter  # noqa: E402
 from tests.probe.faults import (  # noqa: E402
@@ -352,6 +357,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_diagnose: --device cuda but no CUDA device", file=sys.stderr)
         return 2
+    settle_cpu_allocator()  # every setup timed in one allocator regime (see cpu_alloc.py)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="For backward hooks to be called")
     archs = ("mlp", "cnn") if args.quick else ARCHS

@@ -70,6 +70,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+from cpu_alloc import settle_cpu_allocator  # noqa: E402
 from probe_bench_configs import (  # noqa: E402
     CONFIGS,
     FLOOR,
@@ -358,6 +359,7 @@ def main(argv=None) -> int:
         p.error(f"--configs: unknown {sorted(set(chosen) - set(CONFIGS))}; expected {CONFIGS}")
     skipped = {c: "not run (--configs)" for c in CONFIGS if c not in chosen and c != NONE}
     dev = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu")
+    settle_cpu_allocator()  # every window in one allocator regime (see cpu_alloc.py)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_probe-") as root:
         bench = Bench(
