@@ -9,7 +9,6 @@ late. ``detach()``/``close()`` wait for everything still in flight.
 from __future__ import annotations
 
 import collections
-import sys
 import warnings
 
 import torch
@@ -18,22 +17,15 @@ from torch import nn
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.config import TRACK, ProbeConfig
 from tbprobe.probe.distributed import local_part
-from tbprobe.probe.emit import at_step, build_record, write_step
 from tbprobe.probe.hooks import HookSet
+from tbprobe.probe.landing import AnomalyError, poll, react
 from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
 from tbprobe.probe.pack import pack_step
 from tbprobe.probe.ranks import agreed_every, dist_context, output_writer, unwrap
 from tbprobe.probe.selection import select_modules
 from tbprobe.probe.snapshot import Snapshots
 
-
-class AnomalyError(RuntimeError):
-    """Raised from the training step when ``on_anomaly="raise"``; ``.anomalies`` lists them."""
-
-    def __init__(self, anomalies):
-        self.anomalies = list(anomalies)
-        msgs = "; ".join(str(getattr(a, "message", a)) for a in self.anomalies)
-        super().__init__(f"tbprobe found {len(self.anomalies)} anomalies: {msgs}")
+__all__ = ["AnomalyError", "Probe", "attach"]  # AnomalyError: from tbprobe.probe.landing
 
 
 class Probe:
@@ -366,58 +358,10 @@ class Probe:
         return names, torch._foreach_mul(ts, 1.0)
 
     # ---------------------------------------------------------------- landing, anomalies
-    def _poll(self, wait: bool) -> list:
-        new = []
-        while self._pending:
-            p = self._pending[0]
-            if not p.ready():
-                if not wait:
-                    break
-                p.wait()
-            self._pending.popleft()
-            try:
-                data = p.decode()
-                record = build_record(p.meta, data)
-                self.last_record = record
-                if self._out is not None:
-                    write_step(self._out, p.meta, data, record, self.cfg)
-                if self._diagnosis is not None:
-                    new.extend(self._diagnosis.feed(record))
-            except Exception as exc:
-                self._hooks.fail("step", "write", exc)
-        return new
-
-    def _react(self, new: list, raising: bool = True) -> None:
-        if not new:
-            return
-        self.anomalies.extend(new)
-        writes = self._out is not None
-        try:
-            from tbprobe.probe.anomaly import format_markdown
-
-            for step in sorted({a.step for a in new}) if writes else ():
-                group = [a for a in new if a.step == step]
-                with at_step(self._out, step) as gs:
-                    self._out.add_text("anomaly", format_markdown(group), gs)
-        except Exception as exc:
-            self._hooks.fail("anomaly", "write", exc)
-        for a in new if writes else ():
-            print(str(a), file=sys.stderr)  # "tbprobe: step N: <kind> at <where> ...: message"
-        react = self.cfg.on_anomaly
-        if callable(react):
-            for a in new:
-                react(a)
-        elif react == "snapshot" and self._attached:
-            where = [getattr(a, "module", None) or a.where for a in new]
-            self._arm(self.snapshots.resolve(where, strict=False), 1)
-        elif react == "raise" and raising:
-            raise AnomalyError(new)
-        else:
-            warnings.warn(
-                f"tbprobe: {len(new)} anomalies at step {new[0].step}: {new[0].message}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    # In tbprobe.probe.landing; bound here as methods, so the step boundary calls them
+    # directly (no extra call) and they stay patchable on Probe.
+    _poll = poll  # (wait) -> the new anomalies of the steps that landed
+    _react = react  # (new, raising=True): write them, then act as on_anomaly says
 
     # ---------------------------------------------------------------- teardown
     def _check_attached(self, what: str) -> None:
