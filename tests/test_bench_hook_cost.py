@@ -1,23 +1,19 @@
 """``benchmarks/bench_hook_cost.py``: a tiny run prints one line per schedule, and bad
 arguments exit 2 naming the argument."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import loaded_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_hook_cost.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_hook_cost_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with loaded_script(SCRIPT, "bench_hook_cost_under_test") as mod:
+        yield mod
 
 
 def test_tiny_run_prints_every_schedule(bench, capsys):

@@ -1,7 +1,6 @@
 """``benchmarks/bench_probe.py`` on the CPU: its ``--quick`` mode end to end, its argument
 checks, its target verdicts, and that its read-back checks catch a logger that stopped logging."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,18 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import loaded_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_probe.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_probe_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with loaded_script(SCRIPT, "bench_probe_under_test") as mod:
+        yield mod
 
 
 def _probe_importable() -> bool:

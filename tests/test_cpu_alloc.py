@@ -1,26 +1,22 @@
 """``benchmarks/cpu_alloc.py``: after settling, blocks of activation size reuse heap pages
 (glibc): allocating, touching and freeing them no longer page-faults every time."""
 
-import importlib.util
 import platform
 import resource
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import loaded_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_alloc.py"
 
 
 @pytest.fixture(scope="module")
 def cpu_alloc():
-    spec = importlib.util.spec_from_file_location("cpu_alloc_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with loaded_script(SCRIPT, "cpu_alloc_under_test") as mod:
+        yield mod
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the mmap threshold is glibc's")

@@ -3,7 +3,6 @@ and ``benchmarks/gpu_checks.py`` (its correctness step) directly, including that
 kernel or the writer's device path is wrong."""
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import loaded_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -36,12 +37,8 @@ def _script_steps() -> list[str]:
 
 @pytest.fixture(scope="module")
 def gpu_checks():
-    spec = importlib.util.spec_from_file_location("gpu_checks_under_test", CHECKS)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with loaded_script(CHECKS, "gpu_checks_under_test") as mod:
+        yield mod
 
 
 @pytest.mark.slow

@@ -277,9 +277,8 @@ def nonfinite_count(t: torch.Tensor) -> float:
     x = t.detach() if t.requires_grad else t
     dt = x.dtype
     if dt is _F32 or dt is _F64:
-        if x.numel() <= _ONE_SUM:
-            s = torch.sum(x).item()  # sync-ok: CPU tensor, host code
-        elif x.is_contiguous() and x.numel() <= _DOT_MAX:
+        n = x.numel()
+        if _ONE_SUM < n <= _DOT_MAX and x.is_contiguous():
             v = x.view(-1)
             s = torch.dot(v, v).item()  # sync-ok: CPU tensor, host code
         else:

@@ -62,7 +62,6 @@ class StepState:
         eager: set | None = None,
         learn: bool = False,
         keep_hists: bool = False,
-        keys: dict | None = None,
     ):
         self.step = step
         self.scheduled = scheduled  # tags are written
@@ -90,9 +89,6 @@ class StepState:
         self._hist_bytes = 0
         self._seq = 0
         self._compact_at = _COMPACT_AT
-        # Event keys, interned across steps (the probe passes one dict to every step): a key
-        # tuple kept per event per step would be a new tracked object for the garbage collector.
-        self._keys = keys if keys is not None else {}
 
     @property
     def full(self) -> bool:
@@ -149,16 +145,11 @@ class StepState:
         return self._seq
 
     def event(self, module: str, pass_: str, tensor: str) -> Event:
-        key = (module, pass_, tensor)
-        ev = self.events.get(key)
-        if ev is None:
-            key = self._keys.setdefault(key, key)
-            ev = self.events[key] = Event(self.next_seq(), module, pass_, tensor)
-        return ev
+        return self.event_at((module, pass_, tensor))
 
     def event_at(self, key: tuple[str, str, str]) -> Event:
-        """:meth:`event` of a ``(module, pass_, tensor)`` key the caller keeps (the hooks'
-        own, built once per module): no tuple made per call."""
+        """The event of a ``(module, pass_, tensor)`` key; the hooks pass keys built once per
+        module, so a step keeps no key tuple of its own."""
         ev = self.events.get(key)
         if ev is None:
             ev = self.events[key] = Event(self.next_seq(), *key)

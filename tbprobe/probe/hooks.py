@@ -71,6 +71,21 @@ class _SlotHook:
         return None
 
 
+class _Keys:
+    """The tuples the hooks of one module use every step, built once: its three event keys,
+    its backward failure-policy key and ``(name,)`` for ``Slot.producers``/``consumers``.
+    Tuples kept through a step would otherwise be new objects for the garbage collector."""
+
+    __slots__ = ("backward", "forward", "grad_input", "grad_output", "one")
+
+    def __init__(self, name: str):
+        self.forward = (name, "forward", "output")
+        self.grad_input = (name, "backward", "grad_input")
+        self.grad_output = (name, "backward", "grad_output")
+        self.backward = ("backward", name)
+        self.one = (name,)
+
+
 class HookSet:
     """Registers and removes every hook of one probe; hooks read ``owner.state``."""
 
@@ -79,11 +94,7 @@ class HookSet:
         self.handles: list = []
         self.disabled: set = set()
         self.errors: list[tuple[str, str, BaseException]] = []
-        self.event_keys: dict = {}  # interned event keys, shared by every step's StepState
-        self._backward_keys: dict[str, tuple[str, str]] = {}
-        self._names: dict[str, tuple[str]] = {}  # name -> (name,): see Slot.producers
-        # name -> its event keys (forward output, grad_input, grad_output): see _keys
-        self._event_keys: dict[str, tuple] = {}
+        self._module_keys: dict[str, _Keys] = {}
 
     # ---------------------------------------------------------------- failure policy
     def fail(self, kind: str, where: str, exc: BaseException) -> None:
@@ -159,23 +170,14 @@ class HookSet:
         if watch:
             self._watch_grads(st, name, outs, ins)
 
-    def _keys(self, name: str) -> tuple:
-        """The event keys of module ``name``: (forward output, grad_input, grad_output)."""
-        keys = self._event_keys.get(name)
+    def _keys(self, name: str) -> _Keys:
+        keys = self._module_keys.get(name)
         if keys is None:
-            keys = tuple(
-                self.event_keys.setdefault(k, k)
-                for k in (
-                    (name, "forward", "output"),
-                    (name, "backward", "grad_input"),
-                    (name, "backward", "grad_output"),
-                )
-            )
-            self._event_keys[name] = keys
+            keys = self._module_keys[name] = _Keys(name)
         return keys
 
     def _forward_stats(self, st: StepState, name, outs, ins) -> None:
-        ev = st.event_at(self._keys(name)[0])
+        ev = st.event_at(self._keys(name).forward)
         if len(outs) == 1:  # one slot: found or made once (its backward hook reuses it)
             s = st.slot(outs[0])
             if s.row is None:
@@ -202,9 +204,7 @@ class HookSet:
             st.thumbs[name] = self.owner.snapshots.capture(outs[0], name)
 
     def _watch_grads(self, st: StepState, name, outs, ins) -> None:
-        one = self._names.get(name)
-        if one is None:
-            one = self._names[name] = (name,)
+        one = self._keys(name).one
         for t in outs:
             if t.requires_grad:
                 s = self._watch(st, name, t)
@@ -217,10 +217,7 @@ class HookSet:
     def _watch(self, st: StepState, name, t):
         s = st.slot(t)
         if s.handle is None:
-            key = self._backward_keys.get(name)
-            if key is None:
-                key = self._backward_keys[name] = ("backward", name)
-            s.handle = t.register_hook(_SlotHook(self, key, s))
+            s.handle = t.register_hook(_SlotHook(self, self._keys(name).backward, s))
         return s
 
     def _backward(self, slot, grad) -> None:
@@ -233,13 +230,13 @@ class HookSet:
         st.rows.maybe_compact()
         rid = st.add(grad)
         for m in slot.consumers:  # the gradient w.r.t. m's input: m produced it
-            ev = st.event_at(self._keys(m)[1])
+            ev = st.event_at(self._keys(m).grad_input)
             ev.rows.append(rid)
             gout = st.pending_gout.pop(m, None)
             if gout is not None:
                 ev.inputs = gout if ev.inputs is None else ev.inputs + gout
         for m in slot.producers:  # the gradient w.r.t. m's output: m consumes it next
-            st.event_at(self._keys(m)[2]).rows.append(rid)
+            st.event_at(self._keys(m).grad_output).rows.append(rid)
             gout = st.pending_gout.get(m)
             if gout is None:
                 st.pending_gout[m] = [rid]

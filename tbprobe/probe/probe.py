@@ -298,7 +298,6 @@ class Probe:
             keep_hists=self._dist is not None
             and cfg.reduce_activations
             and cfg.histogram_step(step),
-            keys=self._hooks.event_keys,
         )
 
     def _arm(self, names: frozenset, steps: int) -> None:
