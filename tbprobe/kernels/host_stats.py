@@ -160,27 +160,33 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
         lean_stats([torch.tensor([3.0, -4.0])])[0]  # count 2, sum_sq 25, min -4, max 3, abs_max 4
     """
     if extremes:  # forward outputs: a dot and an aminmax each (see lean_row)
-        return torch.tensor([lean_row(t) for t in tensors], dtype=torch.float64).view(-1, 10)
-    out = np.full((len(tensors), 10), np.nan)
-    narrow_at, narrow, wide_at, wide = [], [], [], []  # small float tensors, by accumulator
-    with torch.no_grad():  # one context rather than a detach per tensor
-        for i, x in enumerate(tensors):
-            dt = x.dtype
-            if 0 < x.numel() < BIG:
-                if dt is torch.float32 or dt is torch.float16 or dt is torch.bfloat16:
-                    narrow_at.append(i)
-                    narrow.append(x)
-                    continue
-                if dt is torch.float64:
-                    wide_at.append(i)
-                    wide.append(x)
-                    continue
-            out[i] = lean_row(x, False)
-        for acc, at, group in ((torch.float32, narrow_at, narrow), (torch.float64, wide_at, wide)):
-            if group:
-                out[at] = _small_rows(group, acc)
-    return torch.from_numpy(out)
+        rows = [lean_row(t) for t in tensors]
+    else:
+        rows = [_NO_ROW] * len(tensors)
+        narrow_at, narrow, wide_at, wide = [], [], [], []  # small float tensors, by accumulator
+        with torch.no_grad():  # one context rather than a detach per tensor
+            for i, x in enumerate(tensors):
+                dt = x.dtype
+                if 0 < x.numel() < BIG:
+                    if dt is torch.float32 or dt is torch.float16 or dt is torch.bfloat16:
+                        narrow_at.append(i)
+                        narrow.append(x)
+                        continue
+                    if dt is torch.float64:
+                        wide_at.append(i)
+                        wide.append(x)
+                        continue
+                rows[i] = lean_row(x, False)
+            for acc, at, group in ((_F32, narrow_at, narrow), (_F64, wide_at, wide)):
+                if group:
+                    for i, row in zip(at, _small_rows(group, acc), strict=True):
+                        rows[i] = row
+    # Rows are built as Python lists: a step's few small tensors cost several times more in
+    # numpy calls on tiny arrays than in their reductions.
+    return torch.from_numpy(np.array(rows, dtype=np.float64).reshape(-1, 10))
 
+
+_NO_ROW: list[float] = []  # a placeholder, always replaced
 
 # Many tiny tensors of one dtype (FLAT_AVG elements each on average, FLAT_MAX in all) are
 # squared and summed in one float64 copy: _foreach_norm costs ~2 us a tensor here, the copy
@@ -189,38 +195,42 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
 FLAT_AVG, FLAT_MAX = 256, 1 << 20
 
 
-def _small_rows(group: list[torch.Tensor], acc: torch.dtype) -> np.ndarray:
-    """:func:`lean_stats` rows (no extremes) of small float tensors.
+def _small_rows(group: list[torch.Tensor], acc: torch.dtype) -> list[list[float]]:
+    """:func:`lean_stats` rows (no extremes) of small float tensors, as lists of 10 floats.
 
     Many tiny tensors of one dtype (more than ``FEW``, see ``FLAT_AVG``): one flat float64
     copy, squared in place and summed per tensor (``segment_reduce``): float64 squares
     neither underflow nor overflow. Otherwise one ``_foreach_norm`` in ``acc``, and
     the fp32 sums of squares too small to trust (underflowed squares, all-zero tensors)
     redone together in float64."""
-    count = np.fromiter((x.numel() for x in group), np.float64, len(group))
+    count = [x.numel() for x in group]
     first = group[0].dtype
     flat = None
-    total = count.sum()
     if (
         len(group) > FEW
-        and total <= min(FLAT_MAX, FLAT_AVG * len(group))
+        and sum(count) <= min(FLAT_MAX, FLAT_AVG * len(group))
         and all(x.dtype is first for x in group)
     ):
         flat = torch._C._nn.flatten_dense_tensors(group).double()  # a new tensor: a copy
         flat.square_()
-        lengths = torch.from_numpy(count.astype(np.int64))
-        sq = torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True).numpy()  # sync-ok
+        lengths = torch.tensor(count, dtype=torch.int64)
+        sq = torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True).tolist()  # sync-ok
     else:
-        sq = torch.stack(torch._foreach_norm(group, 2, dtype=acc)).double().numpy() ** 2  # sync-ok
-    rows = np.full((len(group), 10), np.nan)
-    rows[:, 0], rows[:, 2], rows[:, 6:9] = count, sq, 0.0
-    for k in np.flatnonzero(~np.isfinite(sq)):  # a NaN, ±Inf or an fp32 overflow
-        rows[k] = _full_row(group[k].detach())
-    if flat is None and acc is torch.float32:  # tiny values: their fp32 squares may underflow
-        tiny = np.flatnonzero(sq < count * _TINY_MEAN_SQUARE).tolist()  # sync-ok: numpy
-        if tiny:
-            wide = torch._foreach_norm([group[k] for k in tiny], 2, dtype=torch.float64)
-            rows[tiny, 2] = torch.stack(wide).numpy() ** 2  # sync-ok: CPU tensor, host code
+        norms = torch.stack(torch._foreach_norm(group, 2, dtype=acc))
+        sq = norms.double().square_().tolist()  # sync-ok: CPU tensor, host code
+    narrow = flat is None and acc is torch.float32
+    rows, tiny = [], []
+    for k, s in enumerate(sq):
+        if s != s or s == math.inf:  # a NaN, ±Inf or an fp32 overflow
+            rows.append(_full_row(group[k].detach()))
+            continue
+        if narrow and s < count[k] * _TINY_MEAN_SQUARE:  # fp32 squares may have underflowed
+            tiny.append(k)
+        rows.append([float(count[k]), _NAN, s, _NAN, _NAN, _NAN, 0.0, 0.0, 0.0, _NAN])
+    if tiny:
+        wide = torch._foreach_norm([group[k] for k in tiny], 2, dtype=torch.float64)
+        for k, s in zip(tiny, torch.stack(wide).square_().tolist(), strict=True):  # sync-ok
+            rows[k][2] = s
     return rows
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 import torch
 
 from tbprobe import kernels
@@ -248,7 +249,8 @@ class Rows:
         q, rids, versions, keys = self._queue, self._rids, self._versions, self._keys
         ext = self._ext
         if self._host:
-            self.blocks.append(torch.tensor(self._host, dtype=torch.float64))
+            # numpy builds a float64 array from Python floats about twice as fast as torch
+            self.blocks.append(torch.from_numpy(np.array(self._host, dtype=np.float64)))
             self.order.extend(self._host_rids)
             self._host, self._host_rids = [], []
         self._nf, self._nf_rids, self._bytes = [], [], 0

@@ -131,6 +131,7 @@ class Diagnosis:
             "vanished": {},  # grad series -> baseline when reported
             "act_seen": {},  # module -> scheduled forward observations
             "dead": set(),
+            "grad_top": None,  # (names, largest stored grad norms) from the last observation
         }
 
     def feed(self, record: StepRecord) -> list[Anomaly]:
@@ -185,18 +186,16 @@ class Diagnosis:
     def _observe(self, family: str, items: tuple[list[str], np.ndarray]) -> tuple:
         base: Baselines = self._state[family]
         names, values = items
-        rows = base.rows(names)
-        med = base.median(rows)
-        peak = base.recent_max(rows, self.rise - 1, self.recent)
-        base.push(rows, values)
+        med, peak, top = base.observe(base.rows(names), values, self.rise - 1, self.recent)
+        if family == "grad":  # for _check_vanishing, which follows on the same series
+            self._state["grad_top"] = (names, top)
         return names, values, med, peak
 
     def _check_spikes(self, step: int, family: str, items) -> list[Anomaly]:
         if not items[0]:  # not measured this step (update sizes come on scheduled steps)
             return []
         names, values, med, peak = self._observe(family, items)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(med > 0, values / med, np.nan)
+        ratio = np.divide(values, med, out=np.full(len(names), np.nan), where=med > 0)
         hit = ratio >= self.spike_factor  # NaN (no baseline): False
         total = names.index("_total") if "_total" in names else None
         if total is not None and med[total] > 0:
@@ -256,10 +255,22 @@ class Diagnosis:
         names, values = items
         if not names:
             return []
+        low, vanished, found = self._state["low"], self._state["vanished"], []
+        seen = self._state["grad_top"]
+        # The median below also holds this step's value, so it is at most the largest value
+        # stored before it or this value: a value above vanishing × that largest one (or NaN)
+        # cannot be a candidate, and on most steps nothing needs sorting.
+        if (
+            not low
+            and not vanished
+            and seen is not None
+            and seen[0] is names
+            and not (values <= self.vanishing * seen[1]).any()
+        ):
+            return []
         base: Baselines = self._state["grad"]
         rows = base.rows(names)
         med = base.median(rows)  # already holds this step's value: a collapse must persist
-        low, vanished, found = self._state["low"], self._state["vanished"], []
         with np.errstate(invalid="ignore"):
             cand = (med > 0) & (values <= self.vanishing * med)  # NaN: False
         at = np.flatnonzero(cand).tolist()  # sync-ok: numpy

@@ -84,6 +84,29 @@ class Baselines:
         out = np.where(valid, vals, -np.inf).max(axis=1, initial=-np.inf)
         return np.where(np.isneginf(out), np.nan, out)
 
+    def observe(
+        self, rows: np.ndarray, values: np.ndarray, skip: int, count: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(median(rows), recent_max(rows, skip, count), top)``, then ``push(rows, values)``:
+        one gather of the rows for all three reads (the diagnosis does this every step).
+        ``top``: the largest stored value of each series (NaN where none is)."""
+        if count + skip > self.window:
+            raise ValueError(f"count: expected skip + count <= window ({self.window})")
+        held = self.buf[rows]  # (n, window)
+        k = self.stored[rows]
+        srt = np.sort(held, axis=1)  # the stored values first, NaN (unfilled) last
+        i = np.arange(len(rows))
+        below = np.maximum(k - 1, 0)
+        med = 0.5 * (srt[i, below // 2] + srt[i, np.minimum(k // 2, self.window - 1)])
+        med[k < max(self.min_history, 1)] = np.nan
+        top = srt[i, below]  # NaN where nothing is stored
+        back = np.arange(skip, skip + count)  # how far back: 0 is the latest value
+        cols = (self.pos[rows, None] - 1 - back) % self.window
+        recent = np.where(back < k[:, None], held[i[:, None], cols], -np.inf).max(axis=1)
+        recent[recent == -np.inf] = np.nan
+        self.push(rows, values)
+        return med, recent, top
+
     def push(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Append ``values`` ``(len(rows),)`` to their series; non-finite ones are dropped."""
         finite = np.isfinite(values)

@@ -261,6 +261,43 @@ def test_vanishing_after_patience_once():
     assert found[0].severity == "warning" and "exactly 0" in found[0].message
 
 
+class _AlwaysSorting(Diagnosis):
+    """The diagnosis without the vanishing check's shortcut: every step sorts the medians."""
+
+    def _check_vanishing(self, step, items):
+        self._state["grad_top"] = None
+        return super()._check_vanishing(step, items)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vanishing_shortcut_reports_what_the_full_check_reports(seed):
+    """The vanishing check skips its median on steps where no value can be a candidate; on
+    series that collapse (to 0, to near the threshold, for 1 to 5 steps), recover, rise and
+    come and go,
+    it reports exactly what the check that always takes the median reports."""
+    rng = np.random.default_rng(seed)
+    names = [f"l{i}.weight" for i in range(5)]
+    records = []
+    for step in range(300):
+        g = {k: float(np.exp(rng.normal(0.0, 0.05)) * (1 + step / 1000)) for k in names}
+        for k in names:
+            if rng.random() < 0.04:
+                g[k] = 0.0 if rng.random() < 0.3 else 10 ** rng.uniform(-5, -3.5) * g[k]
+            if rng.random() < 0.05 and step > 100:
+                del g[k]  # not observed this step
+        g["_total"] = float(np.sqrt(sum(v * v for v in g.values())))
+        records.append(rec(step, grads=g))
+    for collapse in rng.integers(20, 290, size=6):  # runs of collapsed steps
+        for s in range(collapse, min(collapse + int(rng.integers(1, 6)), 300)):
+            k = names[int(rng.integers(5))]
+            if k in records[s].grad_norms:  # near the threshold (1e-4 × the median)
+                records[s].grad_norms[k] *= 10 ** rng.uniform(-4.5, -3.5)
+    want = feed_all(_AlwaysSorting(patience=2, warmup=3), records)
+    got = feed_all(Diagnosis(patience=2, warmup=3), records)
+    assert [str(a) for a in got] == [str(a) for a in want]
+    assert any(a.kind == "vanishing" for a in want)
+
+
 def test_dead_activation_after_warmup():
     """An all-zero forward output warns once, after the module's warm-up observations."""
     zero = np.zeros(10)

@@ -50,3 +50,26 @@ def test_recent_max_skips_the_latest_values():
     assert np.isnan(base.recent_max(base.rows(["new"]), 0, 1)[0])
     with pytest.raises(ValueError, match="count"):
         base.recent_max(rows, 5, 5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_observe_is_median_recent_max_and_push_in_one(seed):
+    """observe() returns what median() and recent_max() return before push(), the largest
+    stored value besides, and leaves the same buffer as push()."""
+    rng = np.random.default_rng(seed)
+    a, b = (Baselines(window=6, warmup=1, min_history=2) for _ in range(2))
+    names = [f"s{i}" for i in range(4)]
+    for _ in range(25):
+        vals = rng.lognormal(size=4)
+        vals[rng.random(4) < 0.2] = np.nan
+        ra, rb = a.rows(names), b.rows(names)
+        med, peak, top = a.observe(ra, vals, 1, 3)
+        want_med, want_peak = b.median(rb), b.recent_max(rb, 1, 3)
+        held = [b.buf[r, : b.stored[r]] for r in rb]
+        want_top = [h.max() if len(h) else np.nan for h in held]
+        b.push(rb, vals)
+        np.testing.assert_array_equal(med, want_med)
+        np.testing.assert_array_equal(peak, want_peak)
+        np.testing.assert_array_equal(top, want_top)
+        np.testing.assert_array_equal(a.buf, b.buf)
+        np.testing.assert_array_equal(a.stored, b.stored)
