@@ -23,7 +23,8 @@ output and input gradient (tensor hooks), each read to the host (on CUDA: kept o
 no sync), and after each optimizer step ``torch._foreach_norm`` of the parameter gradients,
 read to the host. Any exact per-step check reads every one of those tensors once at least,
 so "DA/floor" (detect_anomaly's overhead over the floor's) is the highest ratio such a check
-could reach on that model.
+could reach on that model. The floor's hooks are in diagnose_bench_floor.py; this file holds
+the runs, the two answers to each fault and the tables.
 """
 
 from __future__ import annotations
@@ -37,16 +38,16 @@ import sys
 import tempfile
 import time
 import warnings
-import weakref
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # loaded from its path (the tests): cpu_alloc sits next to it
+if _HERE not in sys.path:  # loaded from its path (the tests): its helpers sit next to it
     sys.path.insert(0, _HERE)
 
 from cpu_alloc import settle_cpu_allocator  # noqa: E402
+from diagnose_bench_floor import attach_floor, check_floor_ran  # noqa: E402
 
 from tbprobe import Probe, SummaryWriter  # noqa: E402
 from tests.probe.faults import (  # noqa: E402
@@ -103,7 +104,7 @@ def _overheads(arch, kind, device, steps, every):
     times = [[], [], [], []]
     with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as w:
         probe = Probe(runs[2][1], w, runs[2][2], every=every, on_anomaly=lambda a: None)
-        detach_floor, counts = _attach_floor(runs[3][1], runs[3][2], device)
+        detach_floor, counts = attach_floor(runs[3][1], runs[3][2], device)
         try:
             for i in range(steps):
                 for k, (fault, model, opt, lr, batches) in enumerate(runs):
@@ -119,7 +120,7 @@ def _overheads(arch, kind, device, steps, every):
         finally:
             probe.detach()
             detach_floor()
-    _check_floor_ran(f"{arch} {kind}", counts, steps)
+    check_floor_ran(f"{arch} {kind}", counts, steps)
     return [statistics.median(t[3:]) for t in times]
 
 
@@ -196,81 +197,6 @@ def _scaled_step(arch, model, opt, batch, loss):
     opt.step()
 
 
-def _sumsq(x):
-    """One reduction that is finite iff ``x`` is (barring overflow) and gives its norm."""
-    if x.dtype in (torch.float32, torch.float64):
-        v = x.reshape(-1)
-        return torch.dot(v, v)
-    return torch.linalg.vector_norm(x, dtype=torch.float32)
-
-
-def _attach_floor(model, opt, device):
-    """The bare reductions of tbprobe's default per-step check on ``model``: see the module
-    docstring. Returns ``(detach, counts)``; ``counts``: outputs, gradients and steps reduced."""
-    from tbprobe.probe.selection import floating_tensors, select_modules
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    counts = {"outputs": 0, "grads": 0, "steps": 0}
-    seen = {}  # id(tensor) -> (weakref, handle): the tensors with a gradient hook this step
-    pending = []  # CUDA: this step's results, stacked at the step's end (no sync)
-    keep = pending.append if device == "cuda" else float
-
-    def on_grad(g):
-        counts["grads"] += 1
-        keep(_sumsq(g))
-
-    def watch(t):
-        hit = seen.get(id(t))
-        if hit is None or hit[0]() is not t:
-            seen[id(t)] = (weakref.ref(t), t.register_hook(on_grad))
-
-    def forward(mod, args, kwargs, output):
-        outs = floating_tensors(output)
-        if not outs:
-            return
-        for t in outs:
-            keep(_sumsq(t.detach()))
-        counts["outputs"] += len(outs)
-        if torch.is_grad_enabled():
-            for t in outs:
-                if t.requires_grad:
-                    watch(t)
-            for t in floating_tensors(args) or floating_tensors(kwargs):
-                if t.requires_grad:
-                    watch(t)
-
-    def after_step(optimizer, args, kwargs):
-        grads = [p.grad for p in params if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
-        if device == "cuda":
-            pending.extend(norms)
-            if pending:
-                torch.stack(pending)
-            pending.clear()
-        elif norms:
-            torch.stack(norms).tolist()
-        counts["steps"] += 1
-        seen.clear()  # the step's backward is over: its tensors' hooks are spent
-
-    hooked = select_modules(model)  # tbprobe's default selection
-    handles = [m.register_forward_hook(forward, with_kwargs=True) for _, m in hooked]
-    handles.append(opt.register_step_post_hook(after_step))
-
-    def detach():
-        for h in handles:
-            h.remove()
-        for _, h in seen.values():
-            h.remove()
-        seen.clear()
-
-    return detach, counts
-
-
-def _check_floor_ran(what, counts, steps):
-    if counts["steps"] != steps or not counts["outputs"] or not counts["grads"]:
-        raise RuntimeError(f"{what}: the floor's hooks did not run every step: {counts}")
-
-
 def bench_scaled(arch, device, steps, every):
     """Median seconds per step (plain, detect_anomaly, tbprobe, floor) at a training scale,
     the four interleaved step by step; None if the architecture is not available."""
@@ -286,7 +212,7 @@ def bench_scaled(arch, device, steps, every):
     times = [[], [], [], []]
     with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as w:
         probe = Probe(models[2], w, opts[2], every=every, on_anomaly=lambda a: None)
-        detach_floor, counts = _attach_floor(models[3], opts[3], device)
+        detach_floor, counts = attach_floor(models[3], opts[3], device)
         try:
             for i in range(steps):
                 for k in range(4):
@@ -302,7 +228,7 @@ def bench_scaled(arch, device, steps, every):
         finally:
             probe.detach()
             detach_floor()
-    _check_floor_ran(arch, counts, steps)
+    check_floor_ran(arch, counts, steps)
     plain, da, tb, floor = (statistics.median(t[2:]) for t in times)
     return {
         "arch": arch,

@@ -21,6 +21,9 @@ same run (``× copy``), and the baselines users have today with tbprobe's speedu
 Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cpu|cuda]
 [--backend torch|triton|both] [--json PATH]`` (default: cuda with both backends if available,
 else cpu with torch). Exit status: 1 if a result was wrong, 2 on a bad command line, else 0.
+
+This file holds the cases, their timing and their checks; the tables and the targets' verdicts
+are in kernels_bench_report.py.
 """
 
 from __future__ import annotations
@@ -39,10 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tbprobe import kernels
-from tbprobe.kernels import reference
-from tbprobe.kernels.dispatch import _triton_importable
-from tbprobe.kernels.thumbnail import _layout, thumbnail_reference
+# The tables and targets live next to this script: importable when it runs as a script (its
+# directory is sys.path[0]) and when it is loaded from its path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from kernels_bench_report import report, targets  # noqa: E402
+
+from tbprobe import kernels  # noqa: E402
+from tbprobe.kernels import reference  # noqa: E402
+from tbprobe.kernels.dispatch import _triton_importable  # noqa: E402
+from tbprobe.kernels.thumbnail import _layout, thumbnail_reference  # noqa: E402
 
 MiB = 1 << 20
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -50,7 +61,6 @@ EDGES = np.linspace(-4.0, 4.0, 101)
 BINS = [("tensorflow", "tensorflow", 1548), ("64", 64, 64), ("100 edges", EDGES, 100)]
 TBX_MAX_NUMEL = 1 << 25  # the tensorboardX path takes seconds per call beyond this
 CHECK_SLICE = 1 << 20  # on CPU, exact counts are compared on this many elements
-TARGET_MB = 64  # bandwidth targets apply to inputs of at least this many MiB
 
 
 def make_plan(device: str, quick: bool) -> dict:
@@ -296,113 +306,6 @@ def bench_thumbnails(env: Env) -> None:
                 wall = env.back_to_back(lambda x=x, kind=kind: kernels.thumbnail(x, kind=kind))
             case = f"{kind} {shape} bf16"
             env.add("thumbnail", case, backend, t, maps.nbytes, check, torch_s=torch_s, wall_s=wall)
-
-
-def fmt_t(s) -> str:
-    if s is None:
-        return "—"
-    return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def fmt_x(slow, fast) -> str:
-    return "—" if slow is None or fast is None else f"{slow / fast:.3g}×"
-
-
-def _t(key):
-    return lambda r: fmt_t(r[key])
-
-
-def _speedup(key):
-    return "speedup", lambda r: fmt_x(r[key], r["time_s"])
-
-
-COMMON = [
-    ("backend", lambda r: r["backend"]),
-    ("time", _t("time_s")),
-    ("GB/s", lambda r: f"{r['gbps']:.1f}"),
-    ("× copy", lambda r: f"{r['x_copy']:.2f}"),
-]
-CASE, CHECK = ("case", lambda r: r["case"]), ("check", lambda r: r["check"])
-TABLES = {  # kernel: (title, columns)
-    "stats": (
-        "tensor_stats of one tensor (vs aminmax + sum + vector_norm + isnan/isinf sums)",
-        [CASE, *COMMON, ("plain torch", _t("torch_s")), _speedup("torch_s"), CHECK],
-    ),
-    "histogram": (
-        "histogram (vs aminmax + histc, and tensorboardX's .cpu().numpy() + np.histogram)",
-        [CASE, ("bins", lambda r: r["bins"]), *COMMON, ("aminmax + histc", _t("torch_s"))]
-        + [_speedup("torch_s"), ("tensorboardX", _t("tbx_s")), _speedup("tbx_s"), CHECK],
-    ),
-    "model": (
-        "tensor_stats of a model's bf16 gradients (one read: _foreach_norm or one amax)",
-        [CASE, *COMMON, ("back-to-back", _t("wall_s")), ("per-tensor torch", _t("torch_s"))]
-        + [_speedup("torch_s"), ("_foreach_norm", _t("foreach_s")), ("amax", _t("amax_s"))]
-        + [("÷ one read", lambda r: f"{r['time_s'] / r['read_once_s']:.2f}×"), CHECK],
-    ),
-    "thumbnail": (
-        "thumbnail (GB/s of the maps drawn; vs adaptive_avg_pool2d of those maps)",
-        [CASE, *COMMON, ("back-to-back", _t("wall_s")), ("adaptive_avg_pool2d", _t("torch_s"))]
-        + [_speedup("torch_s"), CHECK],
-    ),
-}
-
-
-def report(env: Env) -> str:
-    parts = []
-    for kernel, (title, columns) in TABLES.items():
-        rows = [r for r in env.rows if r["kernel"] == kernel]
-        lines = [f"### {title}", "", "| " + " | ".join(h for h, _ in columns) + " |"]
-        lines.append(
-            "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h, _ in columns) + "|"
-        )
-        lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
-        parts.append("\n".join(lines) + "\n")
-    return "\n".join(parts)
-
-
-TEXT_COLUMNS = ("case", "bins", "backend", "check")
-
-
-def targets(env: Env) -> list[dict]:
-    """The GPU targets, judged on the Triton rows (on CPU the values are shown, not judged);
-    a wrong result in scope fails its target."""
-    rows = [r for r in env.rows if r["backend"] == "triton" or not env.cuda]
-    for r in rows:
-        r["read_ratio"] = r["time_s"] / r["read_once_s"] if "read_once_s" in r else None
-        r["time_us"] = r["time_s"] * 1e6
-        r["tbx_speedup"] = r["tbx_s"] / r["time_s"] if r.get("tbx_s") else None
-    big, tf10m = TARGET_MB * MiB, ("fp32", 10_000_000, "tensorflow")
-    specs = [  # (target, what is measured, rows in scope, key, aggregate, passes)
-        ("stats ≥ 80% of copy bandwidth on inputs ≥ 64 MiB", "min × copy",
-         [r for r in rows if r["kernel"] == "stats" and r["bytes"] >= big], "x_copy", min,
-         lambda v: v >= 0.8),
-        ("histogram ≥ 80% of copy bandwidth on inputs ≥ 64 MiB", "min × copy",
-         [r for r in rows if r["kernel"] == "histogram" and r["bytes"] >= big], "x_copy", min,
-         lambda v: v >= 0.8),
-        ("bf16 gradient stats of a 1B-param model within 1.3× of one read", "÷ one read",
-         [r for r in rows if r["kernel"] == "model"], "read_ratio", max, lambda v: v <= 1.3),
-        ("thumbnails < 50 µs", "max µs",
-         [r for r in rows if r["kernel"] == "thumbnail"], "time_us", max, lambda v: v < 50),
-        ("10M fp32 histogram ≥ 1000× faster than the tensorboardX path", "speedup",
-         [r for r in rows if (r.get("dtype"), r.get("numel"), r.get("bins")) == tf10m],
-         "tbx_speedup", min, lambda v: v >= 1000),
-    ]  # fmt: skip
-    out = []
-    for name, what, scope, key, pick, passes in specs:
-        vals = [r[key] for r in scope if r[key] is not None]
-        value = pick(vals) if vals else None
-        if not env.cuda:
-            verdict = "n/a on cpu"
-        elif not rows:
-            verdict = "n/a (triton backend not run)"
-        elif value is None:
-            verdict = "n/a (no case in scope)"
-        elif any(r["check"] != "ok" for r in scope):
-            verdict = "FAIL (wrong result)"
-        else:
-            verdict = "PASS" if passes(value) else "FAIL"
-        out.append(dict(target=name, measure=what, value=value, verdict=verdict))
-    return out
 
 
 def machine(env: Env) -> dict:

@@ -159,8 +159,7 @@ step_bench_kernels() {
     if ((DRY_RUN)); then
         args+=(--device cpu --quick)
     else
-        # 3 rounds: each window sits between two no-probe windows, ~the time 5 rounds took
-        args+=(--device cuda --repeats 3)
+        args+=(--device cuda)
         if ((QUICK)); then args+=(--quick); fi
     fi
     "$PY" benchmarks/bench_kernels.py "${args[@]}"

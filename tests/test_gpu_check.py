@@ -100,6 +100,42 @@ def test_bad_argument_is_refused():
     assert proc.returncode == 2 and "unknown argument" in proc.stderr
 
 
+class _Parsed(Exception):
+    """Raised instead of running a benchmark once its command line has parsed."""
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_gpu_command_lines_parse(tmp_path, monkeypatch, quick):
+    """Every Python command the check runs on a GPU machine (not only in the dry run) is
+    accepted by the script it calls: gpu_check.sh runs with a stand-in interpreter that only
+    records its arguments, then each benchmark script's own parser reads them."""
+    log = tmp_path / "calls.txt"
+    shim = tmp_path / "python"
+    shim.write_text('#!/bin/sh\nprintf \'%s\\n\' "$*" >> "$CALLS"\nexit 0\n')
+    shim.chmod(0o755)
+    args = ["bash", str(SCRIPT)] + (["--quick"] if quick else [])
+    env = _env(OUT=str(tmp_path / "out"), CALLS=str(log), TBPROBE_SITE=str(tmp_path / "site"))
+    env["PYTHON"] = str(shim)
+    subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    calls = [c.split() for c in log.read_text().splitlines() if c.startswith("benchmarks/")]
+    scripts = {c[0] for c in calls}
+    want = {f"benchmarks/{n}.py" for n in ("gpu_checks", "bench_kernels", "bench_probe")}
+    assert want | {"benchmarks/bench_diagnose.py", "benchmarks/bench_writer.py"} == scripts
+    orig = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(orig(self, args, namespace))  # an unknown option: SystemExit(2)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for script, *argv in calls:
+        name = "gpu_cmd_" + Path(script).stem
+        with loaded_script(ROOT / script, name) as mod, pytest.raises(_Parsed) as parsed:
+            mod.main(argv)
+        ns = vars(parsed.value.args[0])
+        assert ns.get("device", "cuda") == "cuda" and ns.get("dry_run") in (None, False), script
+        assert ns.get("quick", quick) == quick or script.endswith(("writer.py", "diagnose.py"))
+
+
 def test_scripts_are_valid_shell():
     """Both scripts parse, pass shellcheck where it is installed, and `make gpu-check` runs the
     check."""

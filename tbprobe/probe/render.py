@@ -9,25 +9,33 @@ every tile from ``kernels.thumbnail.thumbnail_shape``/``grid_shape`` without met
 - ``sequence`` ``(B, T, D)``: one token × feature heatmap with ticks in token/feature units;
 - ``heatmap`` ``(H, W)``: the same, with row/column ticks.
 
-Grey levels are coloured with a viridis-like colormap (a 256-entry LUT interpolated from nine
-viridis anchor colours). The device scales each map to its own min..max, so colours compare
-within a tile, not across tiles; a window with no finite value arrives as 0 and shows as the
-colormap's darkest colour. Tiles are enlarged by an integer factor (nearest neighbour) when
-small and shrunk (nearest) only when needed, so the result is at most ``max_side`` a side.
+The device scales each map to its own min..max, so colours compare within a tile, not across
+tiles; a window with no finite value arrives as 0 and shows as the colormap's darkest colour.
+Tiles are enlarged by an integer factor (nearest neighbour) when small and shrunk (nearest)
+only when needed, so the result is at most ``max_side`` a side.
 
-Every picture uses one 256-colour :func:`palette` (253 colormap levels, white, ink, grid
-grey), so :func:`render_snapshot_png` writes it as a palette PNG, half the bytes of RGB.
+This module lays the picture out (tiles, labels, ticks, caption, colorbar) as indices into
+the 256-colour palette of ``render_palette``, which colours it and encodes it:
+:func:`render_snapshot_png` writes a palette PNG, half the bytes of RGB.
 """
 
 from __future__ import annotations
 
 import functools
-import struct
-import zlib
 
 import numpy as np
 
 from tbprobe.kernels.thumbnail import KINDS, SEP, grid_shape, thumbnail_shape
+from tbprobe.probe.render_palette import (
+    GRID,
+    INK,
+    LEVELS,
+    WHITE,
+    _grey_to_index,
+    colormap,
+    encode_indexed_png,
+    palette,
+)
 
 __all__ = [
     "colormap",
@@ -39,48 +47,11 @@ __all__ = [
 ]
 
 _AUTO = {2: "heatmap", 3: "sequence", 4: "conv"}  # the rule of kernels.thumbnail kind="auto"
-# viridis at 0, 1/8, ..., 1 (sRGB); the LUT interpolates linearly between them
-_ANCHORS = (
-    (0x44, 0x01, 0x54), (0x47, 0x2C, 0x7A), (0x3B, 0x51, 0x8B), (0x2C, 0x71, 0x8E),
-    (0x21, 0x90, 0x8D), (0x27, 0xAD, 0x81), (0x5C, 0xC8, 0x63), (0xAA, 0xDC, 0x32),
-    (0xFD, 0xE7, 0x25),
-)  # fmt: skip
-LEVELS = 253  # colormap entries; the last three palette slots are white, ink and grid lines
-WHITE, INK, GRID = LEVELS, LEVELS + 1, LEVELS + 2  # palette indices
-_UI_COLORS = ((255, 255, 255), (20, 20, 20), (190, 190, 190))
 GAP = 2  # grid-line pixels between and around cells
 PAD = 3  # text padding
 TARGET_TILE = 96  # small tiles are enlarged up to about this many pixels a side
 TARGET_MAP = 384  # small sequence/heatmap axes likewise
 MIN_WIDTH = 240  # room for the caption under a small image
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
-
-
-@functools.lru_cache(maxsize=1)
-def palette() -> np.ndarray:
-    """The ``(256, 3)`` uint8 palette of every rendered picture: ``LEVELS`` viridis-like
-    colormap entries (interpolated from nine viridis anchors), then white, ink, grid grey."""
-    anchors = np.asarray(_ANCHORS, np.float64)  # (9, 3)
-    x = np.linspace(0, len(anchors) - 1, LEVELS)
-    lut = np.stack([np.interp(x, np.arange(len(anchors)), anchors[:, c]) for c in range(3)], 1)
-    return _frozen(np.concatenate([np.rint(lut), _UI_COLORS]).astype(np.uint8))
-
-
-@functools.lru_cache(maxsize=1)
-def _grey_to_index() -> np.ndarray:
-    return _frozen(np.rint(np.arange(256) * ((LEVELS - 1) / 255)).astype(np.uint8))  # (256,)
-
-
-def colormap() -> np.ndarray:
-    """The ``(256, 3)`` uint8 colour of each grey level of a device thumbnail.
-
-    Example: ``colormap()[0]`` -> ``[68, 1, 84]`` (dark purple), ``colormap()[255]`` yellow.
-    """
-    return palette()[_grey_to_index()]
 
 
 @functools.lru_cache(maxsize=1)
@@ -268,44 +239,6 @@ def render_snapshot_png(image: np.ndarray, **kwargs) -> bytes:
     Example: ``PIL.Image.open(io.BytesIO(render_snapshot_png(img, shape=s, kind="conv")))``.
     """
     return encode_indexed_png(render_indexed(image, **kwargs))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(data, zlib.crc32(kind))
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def encode_indexed_png(index: np.ndarray, colors: np.ndarray | None = None) -> bytes:
-    """PNG bytes (colour type 3) of ``index`` ``(H, W)`` uint8 into ``colors`` ``(K, 3)`` uint8,
-    K <= 256 (default :func:`palette`). Same encoder choices as ``writer.image.encode_png``:
-    "Up" row filter, zlib level 1.
-
-    Example: ``encode_indexed_png(np.zeros((4, 4), np.uint8))`` -> a 4x4 dark-purple PNG.
-    """
-    colors = palette() if colors is None else colors
-    if not isinstance(index, np.ndarray) or index.dtype != np.uint8 or index.ndim != 2:
-        raise ValueError("index: expected a 2-D uint8 numpy array")
-    if index.size == 0:
-        raise ValueError(f"index: expected a non-empty image, got shape {index.shape}")
-    if not isinstance(colors, np.ndarray) or colors.dtype != np.uint8 or colors.ndim != 2:
-        raise ValueError("colors: expected a (K, 3) uint8 numpy array")
-    if colors.shape[1] != 3 or not 1 <= len(colors) <= 256 or index.max() >= len(colors):
-        raise ValueError(f"colors: {colors.shape} does not cover indices up to {index.max()}")
-    h, w = index.shape
-    filtered = np.empty((h, w + 1), np.uint8)  # one filter-type byte per row
-    filtered[:, 0] = 2  # "Up"
-    filtered[0, 1:] = index[0]
-    np.subtract(index[1:], index[:-1], out=filtered[1:, 1:])  # wraps mod 256, as PNG wants
-    header = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
-    return b"".join(
-        (
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"PLTE", colors.tobytes()),
-            _png_chunk(b"IDAT", zlib.compress(filtered, 1)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
 
 
 def _render_grid(image, shape, kind, title, n, sample, max_side):
