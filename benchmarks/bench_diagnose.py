@@ -326,6 +326,12 @@ def main(argv=None) -> int:
                 f"{r['tb_overhead']:8.1%} {r['ratio']:6.1f} {r['floor_overhead']:9.1%} "
                 f"{r['ratio_floor']:8.1f}"
             )
+    ratios = [r["ratio"] for r in rows]
+    key = f"KEY: right on {found}/{len(rows)} (detect_anomaly {len(both)}/{len(rows)})"
+    if ratios:
+        key += f"; DA ovh ÷ tbprobe's {min(ratios):.1f}-{max(ratios):.1f}× (fault models)"
+    key += "".join(f", {r['arch']} {r['ratio']:.1f}×" for r in scaled)  # training scale
+    print(key)  # the line gpu_check.sh's summary shows for this step
     if args.json:
         with open(args.json, "w") as f:
             doc = {"device": args.device, "every": args.every, "rows": rows, "scaled": scaled}

@@ -68,7 +68,7 @@ if ((DRY_RUN)); then
 else
     export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1 OUT PY DRY_RUN QUICK SITE ROOT
+export PYTHONUNBUFFERED=1 OUT PY DRY_RUN QUICK SITE ROOT SCRATCH # steps run in child shells
 unset TRITON_INTERPRET TBPROBE_KERNELS # the default dispatch is what is checked and timed
 
 # ----------------------------------------------------------------------------- the steps
@@ -174,8 +174,9 @@ step_bench_probe() {
     if ((DRY_RUN)); then
         args+=(--device cpu --quick)
     else
-        # 3 rounds: each window sits between two no-probe windows, ~the time 5 rounds took
-        args+=(--device cuda --repeats 3)
+        # 3 rounds: each window sits between two no-probe windows, ~the time 5 rounds took.
+        # Not the tensorboardX loop (+6466% on 2026-11-27, 3.7 s a step): ~30 s of the limit.
+        args+=(--device cuda --repeats 3 --configs none,tbprobe,tbprobe-grads,floor,tbprobe+hist)
         if ((QUICK)); then args+=(--quick); fi
     fi
     "$PY" benchmarks/bench_probe.py "${args[@]}"
@@ -206,7 +207,7 @@ step_bench_diagnose() {
     if ((DRY_RUN)); then
         args+=(--device cpu --quick)
     else
-        args+=(--device cuda --quick) # MLP and CNN: the GPU image has no transformers
+        args+=(--device cuda --quick) # MLP and CNN only: within the step's time
     fi
     "$PY" benchmarks/bench_diagnose.py "${args[@]}"
 }
