@@ -9,6 +9,8 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +79,13 @@ class Report:
         total = self.counts()
         doc = dict(self.meta, sections=self.sections, checks=self.checks)
         doc["summary"] = dict(total, checks=len(self.checks), ok=total["fail"] == 0)
-        with open(self.path + ".tmp", "w") as f:
+        # The half-written copy lives outside $OUT: a run killed while saving must not leave
+        # a ninth file there (the device tool brings back eight).
+        scratch = os.environ.get("SCRATCH") or tempfile.gettempdir()
+        tmp = os.path.join(scratch, f"{os.path.basename(self.path)}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
-        os.replace(self.path + ".tmp", self.path)
+        shutil.move(tmp, self.path)  # a rename on one file system, else a copy
 
 
 @functools.lru_cache(maxsize=1)
