@@ -11,17 +11,8 @@ check can cost on that model.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-
-
-def _sumsq(x):
-    """One reduction that is finite iff ``x`` is (barring overflow) and gives its norm."""
-    if x.dtype in (torch.float32, torch.float64):
-        v = x.reshape(-1)
-        return torch.dot(v, v)
-    return torch.linalg.vector_norm(x, dtype=torch.float32)
+from floor_hooks import GradWatch, sumsq
 
 
 def attach_floor(model, opt, device):
@@ -31,33 +22,23 @@ def attach_floor(model, opt, device):
 
     params = [p for p in model.parameters() if p.requires_grad]
     counts = {"outputs": 0, "grads": 0, "steps": 0}
-    seen = {}  # id(tensor) -> (weakref, handle): the tensors with a gradient hook this step
     pending = []  # CUDA: this step's results, stacked at the step's end (no sync)
     keep = pending.append if device == "cuda" else float
 
     def on_grad(g):
         counts["grads"] += 1
-        keep(_sumsq(g))
+        keep(sumsq(g))
 
-    def watch(t):
-        hit = seen.get(id(t))
-        if hit is None or hit[0]() is not t:
-            seen[id(t)] = (weakref.ref(t), t.register_hook(on_grad))
+    grad_hooks = GradWatch(on_grad)  # one gradient hook per output and input tensor per step
 
     def forward(mod, args, kwargs, output):
         outs = floating_tensors(output)
         if not outs:
             return
         for t in outs:
-            keep(_sumsq(t.detach()))
+            keep(sumsq(t.detach()))
         counts["outputs"] += len(outs)
-        if torch.is_grad_enabled():
-            for t in outs:
-                if t.requires_grad:
-                    watch(t)
-            for t in floating_tensors(args) or floating_tensors(kwargs):
-                if t.requires_grad:
-                    watch(t)
+        grad_hooks.forward(outs, args, kwargs)
 
     def after_step(optimizer, args, kwargs):
         grads = [p.grad for p in params if p.grad is not None]
@@ -70,7 +51,7 @@ def attach_floor(model, opt, device):
         elif norms:
             torch.stack(norms).tolist()
         counts["steps"] += 1
-        seen.clear()  # the step's backward is over: its tensors' hooks are spent
+        grad_hooks.step_done()
 
     hooked = select_modules(model)  # tbprobe's default selection
     handles = [m.register_forward_hook(forward, with_kwargs=True) for _, m in hooked]
@@ -79,9 +60,7 @@ def attach_floor(model, opt, device):
     def detach():
         for h in handles:
             h.remove()
-        for _, h in seen.values():
-            h.remove()
-        seen.clear()
+        grad_hooks.remove()
 
     return detach, counts
 

@@ -8,11 +8,11 @@ an ``Attached``: the per-step call, the teardown, and the untimed read-back chec
 from __future__ import annotations
 
 import os
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from floor_hooks import GradWatch, sumsq
 from probe_bench_models import Model
 
 NONE, NORMS, HISTS, WANDB, TBX = "none", "tbprobe", "tbprobe+hist", "wandb.watch", "tensorboardX"
@@ -149,14 +149,6 @@ def attach_wandb(model: Model, root: str) -> Attached:
     return Attached(after_step=after_step, teardown=teardown, check=check)
 
 
-def _sumsq(x: torch.Tensor) -> torch.Tensor:
-    """One reduction that gives a tensor's norm (and, being finite, that it has no NaN/Inf)."""
-    if x.dtype in (torch.float32, torch.float64):
-        v = x.reshape(-1)
-        return torch.dot(v, v)
-    return torch.linalg.vector_norm(x, dtype=torch.float32)  # no fp32 copy of x
-
-
 def attach_floor(model: Model, cuda: bool) -> Attached:
     """The least work any exact every-step probe does: the reductions behind its tags, in
     plain hooks on the modules and parameters tbprobe's Probe hooks by default, and nothing
@@ -178,7 +170,6 @@ def attach_floor(model: Model, cuda: bool) -> Attached:
     before = [v.clone() for v in values]  # persistent buffers: the params before the step
     pending: list[torch.Tensor] = []  # CUDA: this step's results, stacked at the step's end
     last: list = [None]  # CUDA: the stacked results of the last step (kept, never synced)
-    seen: dict = {}  # id(tensor) -> (weakref, handle): tensors with a gradient hook this step
     produced: set = set()  # ids of modules whose forward output had a floating tensor
     count = {"fwd": 0, "grad": 0}  # tensors reduced, this step
     steps: list[tuple[int, int, int]] = []  # per step: (outputs, gradients, grads normed)
@@ -192,12 +183,9 @@ def attach_floor(model: Model, cuda: bool) -> Attached:
 
     def on_grad(g):
         count["grad"] += 1
-        keep(_sumsq(g))
+        keep(sumsq(g))
 
-    def watch(t):
-        hit = seen.get(id(t))
-        if hit is None or hit[0]() is not t:
-            seen[id(t)] = (weakref.ref(t), t.register_hook(on_grad))
+    grad_hooks = GradWatch(on_grad)  # one gradient hook per output and input tensor per step
 
     def forward(mod, args, kwargs, output):
         outs = floating_tensors(output)
@@ -207,17 +195,11 @@ def attach_floor(model: Model, cuda: bool) -> Attached:
         for t in outs:
             x = t.detach()
             lo, hi = torch.aminmax(x)
-            keep(_sumsq(x))
+            keep(sumsq(x))
             keep(lo)
             keep(hi)
         count["fwd"] += len(outs)
-        if torch.is_grad_enabled():  # gradients w.r.t. the outputs and the inputs
-            for t in outs:
-                if t.requires_grad:
-                    watch(t)
-            for t in floating_tensors(args) or floating_tensors(kwargs):
-                if t.requires_grad:
-                    watch(t)
+        grad_hooks.forward(outs, args, kwargs)  # gradients w.r.t. the outputs and the inputs
 
     def pre_step(optimizer, args, kwargs):
         torch._foreach_copy_(before, values)
@@ -235,7 +217,7 @@ def attach_floor(model: Model, cuda: bool) -> Attached:
             torch.stack(norms).tolist()
         steps.append((count["fwd"], count["grad"], len(grads)))
         count["fwd"] = count["grad"] = 0
-        seen.clear()  # the step's backward is over: its tensors' hooks are spent
+        grad_hooks.step_done()
 
     handles = [m.register_forward_hook(forward, with_kwargs=True) for _, m in modules]
     handles.append(opt.register_step_pre_hook(pre_step))
@@ -243,9 +225,7 @@ def attach_floor(model: Model, cuda: bool) -> Attached:
     def teardown():
         for h in handles:
             h.remove()
-        for _, h in seen.values():
-            h.remove()
-        seen.clear()
+        grad_hooks.remove()
 
     def check(n: int) -> str:
         if len(steps) < n:

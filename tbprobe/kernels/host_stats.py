@@ -162,7 +162,7 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
     if extremes:  # forward outputs: a dot and an aminmax each (see lean_row)
         rows = [lean_row(t) for t in tensors]
     else:
-        rows = [_NO_ROW] * len(tensors)
+        rows: list = [None] * len(tensors)  # each filled below
         narrow_at, narrow, wide_at, wide = [], [], [], []  # small float tensors, by accumulator
         with torch.no_grad():  # one context rather than a detach per tensor
             for i, x in enumerate(tensors):
@@ -185,8 +185,6 @@ def lean_stats(tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tens
     # numpy calls on tiny arrays than in their reductions.
     return torch.from_numpy(np.array(rows, dtype=np.float64).reshape(-1, 10))
 
-
-_NO_ROW: list[float] = []  # a placeholder, always replaced
 
 # Many tiny tensors of one dtype (FLAT_AVG elements each on average, FLAT_MAX in all) are
 # squared and summed in one float64 copy: _foreach_norm costs ~2 us a tensor here, the copy
