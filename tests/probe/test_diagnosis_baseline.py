@@ -65,7 +65,7 @@ def test_observe_is_median_recent_max_and_push_in_one(seed):
         ra, rb = a.rows(names), b.rows(names)
         med, peak, top = a.observe(ra, vals, 1, 3)
         want_med, want_peak = b.median(rb), b.recent_max(rb, 1, 3)
-        held = [b.buf[r, : b.stored[r]] for r in rb]
+        held = [b.buf[r, b.window - b.stored[r] :] for r in rb]
         want_top = [h.max() if len(h) else np.nan for h in held]
         b.push(rb, vals)
         np.testing.assert_array_equal(med, want_med)
@@ -73,3 +73,32 @@ def test_observe_is_median_recent_max_and_push_in_one(seed):
         np.testing.assert_array_equal(top, want_top)
         np.testing.assert_array_equal(a.buf, b.buf)
         np.testing.assert_array_equal(a.stored, b.stored)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_observe_matches_plain_lists_whatever_the_order_of_the_names(seed):
+    """Series observed in changing orders and subsets (rows gathered) and in their first
+    order (rows read as a slice) give the median, recent maximum and largest value of plain
+    Python lists of what each series stored."""
+    rng = np.random.default_rng(seed)
+    base = Baselines(window=5, warmup=1, min_history=2)
+    names = [f"s{i}" for i in range(5)]
+    held: dict[str, list[float]] = {n: [] for n in names}
+    seen = dict.fromkeys(names, 0)
+    for step in range(40):
+        shuffled = [names[i] for i in rng.permutation(5)[: rng.integers(1, 6)]]
+        pick = names if step % 3 else shuffled  # names: their first order, the slice path
+        vals = rng.lognormal(size=len(pick))
+        vals[rng.random(len(pick)) < 0.15] = np.inf
+        med, peak, top = base.observe(base.rows(pick), vals, 1, 2)
+        for j, n in enumerate(pick):
+            h = held[n]
+            want_med = np.median(h) if len(h) >= 2 else np.nan
+            recent = h[::-1][1:3]
+            np.testing.assert_equal(med[j], want_med)
+            np.testing.assert_equal(peak[j], max(recent) if recent else np.nan)
+            np.testing.assert_equal(top[j], max(h) if h else np.nan)
+            if np.isfinite(vals[j]):
+                seen[n] += 1
+                if seen[n] > 1:
+                    held[n] = (h + [vals[j]])[-5:]
