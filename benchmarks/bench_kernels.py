@@ -262,11 +262,16 @@ def model_shapes(d: int, ffn: int, layers: int, vocab: int) -> list[tuple[int, .
     return [(vocab, d)] + layer * layers + [(d,), (vocab, d)]
 
 
-def bench_model(env: Env) -> None:
+def model_grads(env: Env) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The flat bf16 gradient buffer of ``env.model`` (like DDP/FSDP's) and its views."""
     shapes = model_shapes(*env.model)
     sizes = [int(np.prod(s)) for s in shapes]
-    flat = make((sum(sizes),), torch.bfloat16, env.device, seed=2)  # like DDP/FSDP flat buffers
-    grads = [g.view(s) for g, s in zip(flat.split(sizes), shapes, strict=True)]
+    flat = make((sum(sizes),), torch.bfloat16, env.device, seed=2)
+    return flat, [g.view(s) for g, s in zip(flat.split(sizes), shapes, strict=True)]
+
+
+def bench_model(env: Env) -> None:
+    flat, grads = model_grads(env)
 
     def plain():
         for g in grads:
@@ -286,6 +291,38 @@ def bench_model(env: Env) -> None:
             "model", case, backend, t, flat.nbytes, check, torch_s=torch_s,
             foreach_s=foreach_s, amax_s=amax_s, read_once_s=min(foreach_s, amax_s), wall_s=wall,
         )  # fmt: skip
+
+
+CHUNK_SWEEP = (16, 32, 64, 128, 256, 512)  # loop steps of 2048 elements per program
+
+
+def bench_stats_chunks(env: Env, cases=None) -> None:
+    """Triton ``tensor_stats`` at each chunk length of ``CHUNK_SWEEP`` and at the one
+    ``chunk_blocks_for`` picks ("auto"), side by side: the largest stats cases and the
+    model's gradients (``cases``: ``[(label, tensors, bytes)]`` instead). Triton only."""
+    if "triton" not in env.backends:
+        return
+    from tbprobe.kernels import triton_stats
+
+    if cases is None:
+        largest = dict(sorted(env.sizes, key=lambda dn: dn[1]))  # dtype -> its largest size
+        big = [(d, n) for d, n in largest.items() if n * d.itemsize >= 64 * MiB]
+        cases = [(label(d, n), [x := make((n,), d, env.device)], x.nbytes) for d, n in big]
+        flat, grads = model_grads(env)
+        grads_case = f"{len(grads)} bf16 gradients, {flat.numel() / 1e6:,.1f}M"
+        cases.append((grads_case, grads, flat.nbytes))
+    for case, tensors, nbytes in cases:
+        total = sum(t.numel() for t in tensors)
+        sms = triton_stats._sm_count(tensors[0].device)
+        auto = triton_stats.chunk_blocks_for(total, sms)
+        check = check_stats(tensors, triton_stats._tensor_stats(tensors))
+        for cb in (*CHUNK_SWEEP, None):
+            t = env.time(lambda ts=tensors, cb=cb: triton_stats._tensor_stats(ts, chunk_blocks=cb))
+            chunk = f"auto ({auto})" if cb is None else str(cb)
+            env.add("stats_chunks", case, "triton", t, nbytes, check, chunk=chunk)
+        del tensors
+    if env.cuda:
+        torch.cuda.empty_cache()
 
 
 THUMBS = [("conv", (256, 56, 56)), ("sequence", (1024, 4096)), ("attention", (16, 1024, 1024))]
@@ -344,7 +381,8 @@ def main(argv=None) -> int:
     env.copy_bw = copy_bandwidth(env)
     print(f"Copy bandwidth (y.copy_(x), bytes read + written): {env.copy_bw / 1e9:.1f} GB/s\n")
     t0 = time.perf_counter()
-    for bench in (bench_stats, bench_histograms, bench_model, bench_thumbnails):
+    benches = (bench_stats, bench_histograms, bench_model, bench_stats_chunks, bench_thumbnails)
+    for bench in benches:
         bench(env)
         if env.cuda:
             torch.cuda.empty_cache()

@@ -36,7 +36,8 @@ COMMON = [
     ("× copy", lambda r: f"{r['x_copy']:.2f}"),
 ]
 CASE, CHECK = ("case", lambda r: r["case"]), ("check", lambda r: r["check"])
-TEXT_COLUMNS = ("case", "bins", "backend", "check")  # left-aligned; the others right-aligned
+# Left-aligned; the others right-aligned.
+TEXT_COLUMNS = ("case", "bins", "chunk", "backend", "check")
 TABLES = {  # kernel: (title, columns)
     "stats": (
         "tensor_stats of one tensor (vs aminmax + sum + vector_norm + isnan/isinf sums)",
@@ -52,6 +53,11 @@ TABLES = {  # kernel: (title, columns)
         [CASE, *COMMON, ("back-to-back", _t("wall_s")), ("per-tensor torch", _t("torch_s"))]
         + [_speedup("torch_s"), ("_foreach_norm", _t("foreach_s")), ("amax", _t("amax_s"))]
         + [("÷ one read", lambda r: f"{r['time_s'] / r['read_once_s']:.2f}×"), CHECK],
+    ),
+    "stats_chunks": (
+        "tensor_stats by chunk length (loop steps of 2048 elements a program reads; auto: "
+        "chunk_blocks_for)",
+        [CASE, ("chunk", lambda r: r["chunk"]), *COMMON, CHECK],
     ),
     "thumbnail": (
         "thumbnail (GB/s of the maps drawn; vs adaptive_avg_pool2d of those maps)",

@@ -1,8 +1,9 @@
 """Triton ``tensor_stats``: every tensor of a list read once, one launch per dtype, no host sync.
 
 Design. The host side (``triton_stats_plan``) cuts the tensors into chunks of ``BLOCK *
-CHUNK_BLOCKS`` elements and caches a device table of ``(address, start, end, row, first,
-count)`` per chunk. ``_stats_chunks_kernel`` runs one program per chunk, one launch per
+CHUNK_BLOCKS`` elements (``chunk_blocks_for``: longer chunks for calls large enough to fill
+the GPU with them) and caches a device table of ``(address, start, end, row, first, count)``
+per chunk. ``_stats_chunks_kernel`` runs one program per chunk, one launch per
 dtype group; it casts the address to a typed pointer and computes the chunk's statistics.
 A tensor of one chunk (every small tensor) has its row written directly. Otherwise each
 chunk stores a partial row and increments its row's arrival counter; the program that
@@ -17,6 +18,7 @@ repeats are copied once with ``.contiguous()``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -30,7 +32,37 @@ __all__ = ["tensor_stats"]
 _N_STATS = len(STAT_NAMES)
 _BLOCK = 2048  # elements per loop step of a program
 _CHUNK_BLOCKS = 16  # loop steps per chunk: a program reads at most BLOCK * CHUNK_BLOCKS elements
+_MAX_CHUNK_BLOCKS = 512  # below the 1024 the kernel's packed lane counts allow
+_PER_SM = 4  # a large call's chunks grow while every SM still gets this many programs
 _FOLD_BLOCK = 128  # partial rows per loop step of the fold
+
+
+def chunk_blocks_for(total: int, sms: int | None, block: int = _BLOCK) -> int:
+    """Loop steps per chunk for a call reading ``total`` elements on a GPU of ``sms`` SMs.
+
+    Each program pays a fixed cost besides its reads (its table record, five block-wide
+    reductions, the partial row and its counter), so a call large enough to give every SM
+    ``_PER_SM`` programs of longer chunks gets them: the largest power of two from
+    ``_CHUNK_BLOCKS`` to ``_MAX_CHUNK_BLOCKS`` that still does. ``sms=None`` (the
+    interpreter, which runs programs one after another): ``_CHUNK_BLOCKS``.
+
+    Example::
+
+        chunk_blocks_for(1 << 30, 132)  # 512: 1G elements in ~1000 programs of 1M
+    """
+    if not sms:
+        return _CHUNK_BLOCKS
+    fit = total // (block * _PER_SM * sms)
+    if fit <= _CHUNK_BLOCKS:
+        return _CHUNK_BLOCKS
+    return min(1 << (fit.bit_length() - 1), _MAX_CHUNK_BLOCKS)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
 
 
 @triton.jit
@@ -255,9 +287,10 @@ def _stats_chunks_kernel(
             tl.store(p_counts + row, 0)  # ready for the next call with this plan
 
 
-def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int = _CHUNK_BLOCKS):
-    """``tensor_stats`` with the launch sizes exposed, so tests can force many chunks."""
-    if not 1 <= chunk_blocks < 1024:  # the kernel packs per-lane counts in 10-bit fields
+def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int | None = None):
+    """``tensor_stats`` with the launch sizes exposed, so tests can force many chunks (and
+    benchmarks compare chunk sizes); ``chunk_blocks=None``: :func:`chunk_blocks_for`."""
+    if chunk_blocks is not None and not 1 <= chunk_blocks < 1024:  # 10-bit lane counts
         raise ValueError(f"chunk_blocks: expected 1..1023, got {chunk_blocks}")
     tensors = list(tensors)
     if not tensors:
@@ -267,6 +300,9 @@ def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int = _CHUNK_BLOCK
     for i, t in enumerate(sources):
         if t.device != device:
             raise ValueError(f"tensors[{i}]: on {t.device}, expected every tensor on {device}")
+    if chunk_blocks is None:
+        total = sum(t.numel() for t in sources)
+        chunk_blocks = chunk_blocks_for(total, _sm_count(device), block)
     plan = plans.plan_for(sources, device, block * chunk_blocks)
     out = plans.new_buffer((len(sources), _N_STATS), device)  # (N, 10)
     guard = contextlib.nullcontext()

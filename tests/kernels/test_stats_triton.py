@@ -382,3 +382,22 @@ def test_fast_chunks_and_their_exact_fallback(dtype):
     cases[5][:1024] = 0.0
     xs = [c.to(dtype) for c in cases]
     _check(triton_stats._tensor_stats(xs, block=64, chunk_blocks=8), xs)
+
+
+def test_chunk_size_grows_only_with_calls_that_fill_every_sm():
+    """Chunks stay 16 blocks until a call gives every SM 4 programs of longer ones; then the
+    largest power of two that still does, at most 512; the interpreter keeps 16."""
+    block, sms = 2048, 132
+    per_program = block * 4 * sms  # elements a call needs per block of chunk length
+    assert triton_stats.chunk_blocks_for(0, sms) == 16
+    assert triton_stats.chunk_blocks_for(17 * per_program - 1, sms) == 16
+    assert triton_stats.chunk_blocks_for(32 * per_program, sms) == 32
+    assert triton_stats.chunk_blocks_for(63 * per_program, sms) == 32
+    assert triton_stats.chunk_blocks_for(64 * per_program, sms) == 64
+    assert triton_stats.chunk_blocks_for(1 << 40, sms) == 512
+    assert triton_stats.chunk_blocks_for(1 << 40, None) == 16
+    for total in (1 << 24, 1 << 26, 1 << 28, 1 << 30, 1 << 33):
+        cb = triton_stats.chunk_blocks_for(total, sms)
+        chunks = -(-total // (block * cb))
+        assert cb == 16 or chunks >= 4 * sms, total  # every SM keeps 4 programs at least
+        assert cb < 1024  # the kernel's packed per-lane counts hold up to 1023 loop steps
