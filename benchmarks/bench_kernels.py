@@ -22,8 +22,11 @@ Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cpu|cuda]
 [--backend torch|triton|both] [--json PATH]`` (default: cuda with both backends if available,
 else cpu with torch). Exit status: 1 if a result was wrong, 2 on a bad command line, else 0.
 
-This file holds the cases, their timing and their checks; the tables and the targets' verdicts
-are in kernels_bench_report.py.
+On the GPU two tuning sweeps follow (kernels_bench_sweeps.py): ``tensor_stats`` at every chunk
+length and ``histogram`` at several programs per SM, side by side on the same inputs.
+
+This file holds the plan and the timing; the inputs and their checks are in
+kernels_bench_cases.py, the tables and the targets' verdicts in kernels_bench_report.py.
 """
 
 from __future__ import annotations
@@ -36,31 +39,36 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-# The tables and targets live next to this script: importable when it runs as a script (its
-# directory is sys.path[0]) and when it is loaded from its path.
+# Its helpers live next to this script: importable when it runs as a script (its directory is
+# sys.path[0]) and when it is loaded from its path.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+from kernels_bench_cases import (  # noqa: E402
+    BINS,
+    DTYPE_NAME,
+    TBX_MAX_NUMEL,
+    MiB,
+    check_hist,
+    check_stats,
+    check_thumbnail,
+    forced_backend,
+    label,
+    make,
+    model_grads,
+)
 from kernels_bench_report import report, targets  # noqa: E402
+from kernels_bench_sweeps import bench_hist_programs, bench_stats_chunks  # noqa: E402
 
 from tbprobe import kernels  # noqa: E402
-from tbprobe.kernels import reference  # noqa: E402
 from tbprobe.kernels.dispatch import _triton_importable  # noqa: E402
-from tbprobe.kernels.thumbnail import _layout, thumbnail_reference  # noqa: E402
-
-MiB = 1 << 20
-DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-EDGES = np.linspace(-4.0, 4.0, 101)
-BINS = [("tensorflow", "tensorflow", 1548), ("64", 64, 64), ("100 edges", EDGES, 100)]
-TBX_MAX_NUMEL = 1 << 25  # the tensorboardX path takes seconds per call beyond this
-CHECK_SLICE = 1 << 20  # on CPU, exact counts are compared on this many elements
+from tbprobe.kernels.thumbnail import _layout  # noqa: E402
 
 
 def make_plan(device: str, quick: bool) -> dict:
@@ -134,73 +142,6 @@ def host_median(fn, min_reps: int = 5, budget_s: float = 0.3) -> float:
     return statistics.median(samples)
 
 
-def forced_backend(name: str):
-    """``TBPROBE_KERNELS`` (read at each kernel call) set for a ``with`` block."""
-    return mock.patch.dict(os.environ, {"TBPROBE_KERNELS": name})
-
-
-def make(shape, dtype, device, seed: int = 0) -> torch.Tensor:
-    """Standard normal values with every 4099th element an exact zero."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=dtype, device=device)
-    x.view(-1)[::4099] = 0
-    return x
-
-
-def label(dtype, n) -> str:
-    return f"({n:,},) {DTYPE_NAME[dtype]}, {n * dtype.itemsize / MiB:.3g} MiB"
-
-
-def check_stats(tensors, rows: torch.Tensor) -> str:
-    """``rows`` against float64 torch on the device: exact counts/extrema, sums to 1e-5."""
-    got = rows.cpu()
-    for i, t in enumerate(tensors):
-        x = t.detach().reshape(-1).double()  # (n,)
-        mn, mx = torch.aminmax(x)
-        zero = torch.zeros((), dtype=torch.float64, device=x.device)
-        exp = torch.stack(
-            [zero + x.numel(), x.sum(), (x * x).sum(), mn, mx, torch.maximum(-mn, mx)]
-            + [zero, zero, zero, (x == 0).sum().double(), x.abs().sum()]
-        ).cpu()
-        for j, name in enumerate(kernels.STAT_NAMES):
-            tol = 1e-5 * float(exp[10] if name == "sum" else exp[j]) if j in (1, 2) else 0.0
-            if abs(float(got[i, j]) - float(exp[j])) > tol:
-                return f"WRONG: tensor {i} {name} {float(got[i, j])!r} != {float(exp[j])!r}"
-    return "ok"
-
-
-def check_hist(x, h, bins, full: bool, tbx_counts=None) -> str:
-    """Counts sum, numpy's linear edges, exact counts vs the torch reference and tensorboardX."""
-    flat = x.reshape(-1)
-    if isinstance(bins, np.ndarray):
-        expected = int(((flat >= bins[0]) & (flat <= bins[-1])).sum())
-    else:
-        expected = flat.numel()
-    total = int(h.counts.sum())
-    if total != expected:
-        return f"WRONG: counts sum {total} != {expected}"
-    part = flat if full else flat[:CHECK_SLICE]
-    hp = h if part.numel() == flat.numel() else kernels.histogram(part, bins)
-    if isinstance(bins, int):
-        mn, mx = (float(v) for v in torch.aminmax(part.double()))
-        if not np.array_equal(hp.edges.cpu().numpy(), np.linspace(mn, mx, bins + 1)):
-            return "WRONG: linear edges differ from numpy's"
-    ref = reference.bin_counts(part, hp.edges.to(part.device))
-    if not torch.equal(hp.counts, ref):
-        return f"WRONG: {int((hp.counts != ref).sum())} bins differ from the torch reference"
-    if tbx_counts is not None and not np.array_equal(tbx_counts, h.counts.cpu().numpy()):
-        return "WRONG: counts differ from tensorboardX's np.histogram"
-    return "ok"
-
-
-def check_thumbnail(x, img, kind) -> str:
-    ref = thumbnail_reference(x, kind=kind)
-    if img.shape != ref.shape:
-        return f"WRONG: shape {tuple(img.shape)} != {tuple(ref.shape)}"
-    diff = int((img.int() - ref.int()).abs().max())
-    return "ok" if diff <= 1 else f"WRONG: {diff} grey levels off the reference"
-
-
 def copy_bandwidth(env: Env) -> float:
     nbytes = (1 << 30) if env.cuda else 256 * MiB
     x = torch.empty(nbytes // 4, device=env.device).uniform_()
@@ -256,22 +197,8 @@ def bench_histograms(env: Env) -> None:
                 )  # fmt: skip
 
 
-def model_shapes(d: int, ffn: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
-    """A llama-like model: embedding, per layer 2 norms + q/k/v/o + gate/up/down, head."""
-    layer = [(d,), (d, d), (d, d), (d, d), (d, d), (d,), (ffn, d), (ffn, d), (d, ffn)]
-    return [(vocab, d)] + layer * layers + [(d,), (vocab, d)]
-
-
-def model_grads(env: Env) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The flat bf16 gradient buffer of ``env.model`` (like DDP/FSDP's) and its views."""
-    shapes = model_shapes(*env.model)
-    sizes = [int(np.prod(s)) for s in shapes]
-    flat = make((sum(sizes),), torch.bfloat16, env.device, seed=2)
-    return flat, [g.view(s) for g, s in zip(flat.split(sizes), shapes, strict=True)]
-
-
 def bench_model(env: Env) -> None:
-    flat, grads = model_grads(env)
+    flat, grads = model_grads(env.model, env.device)
 
     def plain():
         for g in grads:
@@ -291,38 +218,6 @@ def bench_model(env: Env) -> None:
             "model", case, backend, t, flat.nbytes, check, torch_s=torch_s,
             foreach_s=foreach_s, amax_s=amax_s, read_once_s=min(foreach_s, amax_s), wall_s=wall,
         )  # fmt: skip
-
-
-CHUNK_SWEEP = (16, 32, 64, 128, 256, 512)  # loop steps of 2048 elements per program
-
-
-def bench_stats_chunks(env: Env, cases=None) -> None:
-    """Triton ``tensor_stats`` at each chunk length of ``CHUNK_SWEEP`` and at the one
-    ``chunk_blocks_for`` picks ("auto"), side by side: the largest stats cases and the
-    model's gradients (``cases``: ``[(label, tensors, bytes)]`` instead). Triton only."""
-    if "triton" not in env.backends:
-        return
-    from tbprobe.kernels import triton_stats
-
-    if cases is None:
-        largest = dict(sorted(env.sizes, key=lambda dn: dn[1]))  # dtype -> its largest size
-        big = [(d, n) for d, n in largest.items() if n * d.itemsize >= 64 * MiB]
-        cases = [(label(d, n), [x := make((n,), d, env.device)], x.nbytes) for d, n in big]
-        flat, grads = model_grads(env)
-        grads_case = f"{len(grads)} bf16 gradients, {flat.numel() / 1e6:,.1f}M"
-        cases.append((grads_case, grads, flat.nbytes))
-    for case, tensors, nbytes in cases:
-        total = sum(t.numel() for t in tensors)
-        sms = triton_stats._sm_count(tensors[0].device)
-        auto = triton_stats.chunk_blocks_for(total, sms)
-        check = check_stats(tensors, triton_stats._tensor_stats(tensors))
-        for cb in (*CHUNK_SWEEP, None):
-            t = env.time(lambda ts=tensors, cb=cb: triton_stats._tensor_stats(ts, chunk_blocks=cb))
-            chunk = f"auto ({auto})" if cb is None else str(cb)
-            env.add("stats_chunks", case, "triton", t, nbytes, check, chunk=chunk)
-        del tensors
-    if env.cuda:
-        torch.cuda.empty_cache()
 
 
 THUMBS = [("conv", (256, 56, 56)), ("sequence", (1024, 4096)), ("attention", (16, 1024, 1024))]
@@ -381,7 +276,8 @@ def main(argv=None) -> int:
     env.copy_bw = copy_bandwidth(env)
     print(f"Copy bandwidth (y.copy_(x), bytes read + written): {env.copy_bw / 1e9:.1f} GB/s\n")
     t0 = time.perf_counter()
-    benches = (bench_stats, bench_histograms, bench_model, bench_stats_chunks, bench_thumbnails)
+    benches = (bench_stats, bench_histograms, bench_model, bench_thumbnails)
+    benches += (bench_stats_chunks, bench_hist_programs)  # GPU tuning sweeps (Triton only)
     for bench in benches:
         bench(env)
         if env.cuda:

@@ -37,7 +37,7 @@ COMMON = [
 ]
 CASE, CHECK = ("case", lambda r: r["case"]), ("check", lambda r: r["check"])
 # Left-aligned; the others right-aligned.
-TEXT_COLUMNS = ("case", "bins", "chunk", "backend", "check")
+TEXT_COLUMNS = ("case", "bins", "chunk", "programs/SM", "backend", "check")
 TABLES = {  # kernel: (title, columns)
     "stats": (
         "tensor_stats of one tensor (vs aminmax + sum + vector_norm + isnan/isinf sums)",
@@ -59,6 +59,11 @@ TABLES = {  # kernel: (title, columns)
         "chunk_blocks_for)",
         [CASE, ("chunk", lambda r: r["chunk"]), *COMMON, CHECK],
     ),
+    "hist_programs": (
+        "histogram by programs per SM (the launch's grid; TensorBoard bins and 64 bins)",
+        [CASE, ("bins", lambda r: r["bins"]), ("programs/SM", lambda r: r["programs"])]
+        + [*COMMON, CHECK],
+    ),
     "thumbnail": (
         "thumbnail (GB/s of the maps drawn; vs adaptive_avg_pool2d of those maps)",
         [CASE, *COMMON, ("back-to-back", _t("wall_s")), ("adaptive_avg_pool2d", _t("torch_s"))]
@@ -68,10 +73,13 @@ TABLES = {  # kernel: (title, columns)
 
 
 def report(env) -> str:
-    """The tables of ``env.rows`` (bench_kernels.py's ``Env``), one per kernel, in order."""
+    """The tables of ``env.rows`` (bench_kernels.py's ``Env``), one per kernel that has rows
+    (the sweeps have none on the CPU), in order."""
     parts = []
     for kernel, (title, columns) in TABLES.items():
         rows = [r for r in env.rows if r["kernel"] == kernel]
+        if not rows:
+            continue
         lines = [f"### {title}", "", "| " + " | ".join(h for h, _ in columns) + " |"]
         lines.append(
             "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h, _ in columns) + "|"

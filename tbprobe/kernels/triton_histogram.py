@@ -172,11 +172,18 @@ def _element_args(dtype: torch.dtype) -> dict:
     return dict(X_DTYPE=element, WIDEN_F32=widen, BITS=bits)
 
 
-@functools.lru_cache(maxsize=16)
+PROGRAMS_PER_SM = 4  # a launch's programs, together, per SM (bench_kernels sweeps it)
+
+
 def _target_programs(device: torch.device) -> int:
+    return PROGRAMS_PER_SM * _sm_count(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another
 
 
 def _config(n_bins: int, kind: str, device: torch.device) -> dict:
