@@ -58,7 +58,8 @@ _VIEW = {  # the raw bits of the dtypes decoded in the kernel
 }
 _MAX_REGISTER_BINS = 2048  # 1548 "tensorflow" bins pad to 2048; more would spill registers
 _N_TF_EDGES = 1549
-_WINDOW = 256  # bins of the moving window (the cost of tl.histogram grows with its bins)
+_WINDOW = 256  # bins of the moving window (the cost of tl.histogram grows with its bins);
+# TensorBoard's bins take a folded window of 2 * _WINDOW: _WINDOW - 1 bins of |x| per sign
 _INT32_SAFE = 1 << 30  # elements per program at most, so its int32 counts cannot overflow
 _TABLE_CACHE_SIZE = 64
 
@@ -86,7 +87,7 @@ def _histogram_kernel(
     x_ptr, numel, edges_ptr, edges_stride, counts_ptr, n_bins,
     X_DTYPE: tl.constexpr, MULTI: tl.constexpr, WIDEN_F32: tl.constexpr, BITS: tl.constexpr,
     KIND: tl.constexpr, N_STEPS: tl.constexpr, IN_REGISTERS: tl.constexpr,
-    NUM_BINS: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_BINS: tl.constexpr, WINDOW: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``counts[r, i] += #{x in t : e_i <= x < e_{i+1}}`` (last bin closed), ``x`` in float64.
     Program ``(t, p)`` reads blocks ``p, p + P, ...`` of tensor ``t`` (``MULTI``: row ``t`` of an
@@ -95,8 +96,13 @@ def _histogram_kernel(
     bins to the int64 row ``r`` once. Edges of row ``r`` start at ``edges_ptr + r * stride``.
     ``WINDOW > 0``: a block whose bins span < WINDOW - 1 is counted in a WINDOW-bin histogram
     based at ``w_lo`` (flushed with atomics when a block falls outside it), far cheaper per
-    element than a NUM_BINS one. Blocks are visited last first (the stats pass read them
-    first to last, so the last ones may still be in L2)."""
+    element than a NUM_BINS one (``tl.histogram`` costs about NUM_BINS / 32 bit operations
+    per element and thread). ``FOLD`` (TensorBoard's bins, mirrored around 0): the window is
+    over the bins of ``|x|`` (``m``, 0 for ``|x| < 1e-12``), its lower half counting negative
+    values and its upper half positive ones, so a block of values of both signs fits; the
+    two bins of ``m == 0`` (exact zeros, common after a ReLU) are counted apart, so they do
+    not stretch the window. Blocks are visited last first (the stats pass read them first to
+    last, so the last ones may still be in L2)."""
     i_t = tl.program_id(0)
     i_p = tl.program_id(1)
     if MULTI:
@@ -116,6 +122,8 @@ def _histogram_kernel(
     b_win = tl.zeros((max(WINDOW, 2),), tl.int32)
     o_w = tl.arange(0, max(WINDOW, 2))
     w_lo = n_bins * 0  # int32 base of the window
+    half = n_bins // 2  # FOLD: bin ``half`` is [0, 1e-12), bin ``half - 1`` is [-1e-12, 0)
+    n_zero = tl.zeros((), tl.int64)  # FOLD: #(m == 0, x >= 0) + #(m == 0, x < 0) << 32
     n_blk = tl.cdiv(n_x, BLOCK)  # int64: over 2^31 elements
     for i_j in range(i_p.to(tl.int64), n_blk, tl.num_programs(1)):
         o_x = (n_blk - 1 - i_j) * BLOCK + tl.arange(0, BLOCK)
@@ -129,7 +137,25 @@ def _histogram_kernel(
         m_ok = m_x & (b_x >= e_first) & (b_x <= e_last)  # NaN fails both
         b_i = bin_index(b_x, m_ok, p_edges, n_bins, KIND, N_STEPS)
         if IN_REGISTERS:
-            if WINDOW > 0:
+            if FOLD:
+                m_pos = b_x >= 0  # -0.0 too: numpy puts it in [0, 1e-12)
+                b_m = tl.where(m_pos, b_i - half, half - 1 - b_i)  # the bin of |x|
+                m_zero = m_ok & (b_m == 0)
+                b_z = tl.where(m_pos, 1, tl.full((BLOCK,), 1 << 32, tl.int64))
+                n_zero += tl.sum(tl.where(m_zero, b_z, 0), axis=0)
+                m_win = m_ok & (b_m > 0)
+                i_lo = tl.min(tl.where(m_win, b_m, n_bins), axis=0)
+                i_hi = tl.max(tl.where(m_win, b_m, -1), axis=0)
+                if i_hi - i_lo < WINDOW // 2 - 1:  # also true when no lane is counted
+                    if (i_lo < w_lo) | (i_hi >= w_lo + WINDOW // 2 - 1):
+                        _flush_folded(p_counts, b_win, w_lo, half, WINDOW)
+                        b_win = tl.zeros((max(WINDOW, 2),), tl.int32)
+                        w_lo = tl.maximum(i_lo - (WINDOW // 2 - 1 - (i_hi - i_lo)) // 2, 0)
+                    b_h = b_m - w_lo + tl.where(m_pos, WINDOW // 2, 0)
+                    b_win += tl.histogram(tl.where(m_win, b_h, WINDOW // 2 - 1), WINDOW)
+                else:
+                    b_hist += tl.histogram(tl.where(m_win, b_i, n_bins), NUM_BINS)
+            elif WINDOW > 0:
                 i_lo = tl.min(tl.where(m_ok, b_i, n_bins), axis=0)
                 i_hi = tl.max(tl.where(m_ok, b_i, -1), axis=0)
                 if i_hi - i_lo < WINDOW - 1:  # also true when no lane is counted
@@ -151,9 +177,27 @@ def _histogram_kernel(
         o_bin = tl.arange(0, NUM_BINS)
         m_bin = (o_bin < n_bins) & (b_hist > 0)
         tl.atomic_add(p_counts + o_bin, b_hist.to(tl.int64), mask=m_bin, sem="relaxed")
-        if WINDOW > 0:
+        if FOLD:
+            _flush_folded(p_counts, b_win, w_lo, half, WINDOW)
+            o_2 = tl.arange(0, 2)  # bins half ([0, 1e-12)) and half - 1 ([-1e-12, 0))
+            b_n = tl.where(o_2 == 0, n_zero & 0xFFFFFFFF, n_zero >> 32)
+            tl.atomic_add(p_counts + half - o_2, b_n, mask=b_n > 0, sem="relaxed")
+        elif WINDOW > 0:
             m_w = (o_w < WINDOW - 1) & (b_win > 0)
             tl.atomic_add(p_counts + w_lo + o_w, b_win.to(tl.int64), mask=m_w, sem="relaxed")
+
+
+@triton.jit
+def _flush_folded(p_counts, b_win, w_lo, half, WINDOW: tl.constexpr):
+    """Add a folded window to the counts: slot ``j`` of the lower half is the bin of ``-x``
+    with ``m = w_lo + j`` (bin ``half - 1 - m``), of the upper half the bin of ``+x`` (bin
+    ``half + m``); the top slot of each half is the dump of lanes not counted."""
+    o_w = tl.arange(0, WINDOW)
+    m_up = o_w >= WINDOW // 2
+    b_m = w_lo + o_w - tl.where(m_up, WINDOW // 2, 0)
+    m_w = (o_w % (WINDOW // 2) < WINDOW // 2 - 1) & (b_win > 0)
+    b_bin = tl.where(m_up, half + b_m, half - 1 - b_m)
+    tl.atomic_add(p_counts + b_bin, b_win.to(tl.int64), mask=m_w, sem="relaxed")
 
 
 def _flat(x, name: str) -> torch.Tensor:
@@ -189,6 +233,7 @@ def _sm_count(device: torch.device) -> int:
 def _config(n_bins: int, kind: str, device: torch.device) -> dict:
     num_bins = triton.next_power_of_2(n_bins + 1)  # + the bin for NaN and out-of-range
     in_registers = num_bins <= _MAX_REGISTER_BINS
+    fold = in_registers and kind == "tensorflow"  # mirrored bins: the folded window
     block = 2048 if num_bins >= 1024 else 1024
     if device.type != "cuda":  # the interpreter pays per operation, not per element
         block = 8192
@@ -197,7 +242,8 @@ def _config(n_bins: int, kind: str, device: torch.device) -> dict:
         N_STEPS=max(1, n_bins.bit_length()),  # 2**N_STEPS > n: reaches every index 0..n
         IN_REGISTERS=in_registers,
         NUM_BINS=num_bins if in_registers else 32,
-        WINDOW=_WINDOW if in_registers and num_bins > _WINDOW else 0,
+        WINDOW=(2 * _WINDOW if fold else _WINDOW) if in_registers and num_bins > _WINDOW else 0,
+        FOLD=fold,
         BLOCK=block,
         num_warps=max(1, min(8, block // 256)),  # 8 elements a thread: no register spills
     )

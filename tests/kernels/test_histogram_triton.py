@@ -370,3 +370,46 @@ def test_tensorflow_window_moves_between_blocks():
         xd = x.to(dtype)
         got = th.bin_counts(xd, edges, "tensorflow")
         np.testing.assert_array_equal(got.numpy(), np.histogram(xd.double(), edges.numpy())[0])
+
+
+def test_tensorflow_folded_window_on_blocks_of_both_signs():
+    """TensorBoard bins count a block of values of both signs in one window over |x|'s bins
+    (a block of Gaussian values spans ~600 bins, but only ~100 bins of |x|): Gaussian blocks
+    at magnitudes far apart (the window moves), ReLU-like blocks (half exact zeros), blocks
+    of ±0.0 and values below 1e-12 (the two bins next to 0, counted apart), values on
+    TensorBoard's edges and their neighbours, and one block too wide for any window."""
+    g = torch.Generator().manual_seed(17)
+    n = 8192  # the interpreter's block
+    edges = kernels.tensorflow_edges()
+    parts = [torch.randn(n, generator=g, dtype=torch.float64) * s for s in (1.0, 1e-6, 3e3)]
+    relu = torch.randn(n, generator=g, dtype=torch.float64).clamp(min=0)
+    tiny = torch.randn(n, generator=g, dtype=torch.float64) * 1e-12
+    tiny[::3] = 0.0
+    tiny[1::3] = -0.0
+    on_edges = edges[700:860].repeat(n // 160 + 1)[:n]
+    wide = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 30 - 15)
+    wide *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    parts += [relu, tiny, on_edges, torch.nextafter(on_edges, torch.zeros(n).double()), wide]
+    half = 774  # bin half + m holds x > 0 whose |x| has bin m; bin half - 1 - m holds -x
+    for span in (254, 255):  # |x|'s bins 10 and 10 + span: the widest that fits, and one more
+        pair = torch.stack([edges[half + 10], edges[half - 1 - (10 + span)]])
+        parts.append(pair.repeat(n // 2))
+    parts.append(torch.randn(n, generator=g, dtype=torch.float64) * 0.02)
+    x = torch.cat(parts)
+    x[7::211] = math.nan
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        got = th.bin_counts(xd, edges, "tensorflow")
+        np.testing.assert_array_equal(got.numpy(), np.histogram(xd.double(), edges.numpy())[0])
+
+
+def test_tensorflow_counts_next_to_zero_of_both_signs():
+    """Each program counts more than 2^16 values next to 0 of each sign (the two counts are
+    packed side by side in one 64-bit sum): every one lands in its bin."""
+    n = 4 * 8192 * 20  # 20 blocks for each of the interpreter's 4 programs
+    x = torch.zeros(n)
+    x[1::2] = -1e-13  # bin [-1e-12, 0)
+    x[::16] = 1.0
+    edges = kernels.tensorflow_edges()
+    got = th.bin_counts(x, edges, "tensorflow")
+    np.testing.assert_array_equal(got.numpy(), np.histogram(x.double(), edges.numpy())[0])
