@@ -271,6 +271,11 @@ def _full_row(x: torch.Tensor) -> list[float]:
     return reference_many.tensor_stats([x])[0].tolist()  # sync-ok: CPU tensor, host code
 
 
+def any_nonfinite(rows: torch.Tensor) -> bool:
+    """Whether host stats rows ``(n, 10)`` (e.g. :func:`lean_stats`') count a NaN or ±Inf."""
+    return bool(rows.numpy()[:, 6:9].any())  # sync-ok: a CPU tensor, host code
+
+
 _ONE_SUM = 1 << 16  # elements: up to this a plain sum (fewer calls than a dot's view)
 _F32, _F64 = torch.float32, torch.float64
 

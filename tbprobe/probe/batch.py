@@ -163,6 +163,13 @@ class Rows:
         """:func:`on_host` of ``t``, with the backend choice made once for the step."""
         return self.cpu_host and t.is_cpu
 
+    def all_host(self) -> bool:
+        """Every row so far came from host code (no tensor queued for a device reduction):
+        then ``bad`` holds every row with a NaN/±Inf."""
+        if not self.cpu_host or self._queue or self._nf:
+            return False
+        return all(b.device.type == "cpu" for b in self.blocks)
+
     def reduce(self, tensors: list[torch.Tensor], extremes: bool = True) -> torch.Tensor:
         if self.full:
             return probe_stats(tensors, extremes)

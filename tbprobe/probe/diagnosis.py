@@ -197,6 +197,9 @@ class Diagnosis:
         names, values, med, peak = self._observe(family, items)
         ratio = np.divide(values, med, out=np.full(len(names), np.nan), where=med > 0)
         hit = ratio >= self.spike_factor  # NaN (no baseline): False
+        was = self._state["spiking"][family]
+        if not was and not hit.any():
+            return []  # calm, as most steps are: nothing is sudden, and the state stays calm
         total = names.index("_total") if "_total" in names else None
         if total is not None and med[total] > 0:
             # A parameter's spike that stays below min_share of the usual total is noise in
@@ -212,7 +215,6 @@ class Diagnosis:
         if total is not None:
             need[total] = self.spike_factor
         sudden = hit & (values >= need * peak)  # NaN peak (none stored yet): False
-        was = self._state["spiking"][family]
         if np.isfinite(ratio).any():  # some baseline exists: the step tells calm from not
             self._state["spiking"][family] = bool(hit.any()) if was else bool(sudden.any())
         if was or not sudden.any():

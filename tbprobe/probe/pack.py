@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from tbprobe import kernels
+from tbprobe.kernels import host_stats
 from tbprobe.probe.batch import probe_stats
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.emit import StepMeta
@@ -36,7 +37,6 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     """The step's rows, gradient/parameter statistics and histograms, as on one device."""
     cfg = probe.cfg
     st.flush(cfg.hist_bins)
-    pack_events(st, pk, meta)
     seen = st.grads
     grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
     grads = [(n, g) for n, g in grads if g is not None]
@@ -47,6 +47,7 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
         gs = [g.detach() for _, g in grads]
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
     ps, upd = _params_and_updates(probe, st, meta)
+    rows = None
     if gs or ps:  # one call: norms and non-finite counts (on CUDA one launch per dtype)
         rows = probe_stats(gs + ps + upd, extremes=False)
         if gs:
@@ -55,6 +56,8 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
             pk.add("param", rows[len(gs) : len(gs) + len(ps)])
         if upd:
             pk.add("upd", rows[len(gs) + len(ps) :])
+    if not _clean_on_host(st, meta, rows, len(gs)):
+        pack_events(st, pk, meta)
     hists: list = []
     if st.hist:
         if grads:
@@ -69,6 +72,17 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
             meta.hists.append(f"act_hist/{name}")
             hists.append(h)
     _pack_hists(pk, hists)
+
+
+def _clean_on_host(st: StepState, meta: StepMeta, rows, n_grads: int) -> bool:
+    """True for a checked step (counts only) whose every hooked tensor was reduced on the
+    host, with no NaN/±Inf there nor in the gradients: its events would only say "0", and
+    the record of such a step has none (``emit._clean_check``), so they are not packed."""
+    if st.scheduled or st.full or not meta.grads or not st.rows.all_host() or st.rows.bad:
+        return False
+    if rows is None or rows.device.type != "cpu":
+        return False
+    return not host_stats.any_nonfinite(rows[:n_grads])
 
 
 def pack_events(st: StepState, pk: Packer, meta: StepMeta) -> None:

@@ -313,3 +313,36 @@ def test_a_failing_host_reduction_disables_one_hook_and_training_goes_on(monkeyp
     fwd = {e.module for e in last.events if e.pass_ == "forward"}
     before = {e.module for e in diag.records[0].events if e.pass_ == "forward"}
     assert where in before and fwd == before - {where} and fwd  # the others still reduced
+
+
+def test_clean_checked_host_steps_pack_no_events(monkeypatch):
+    """A checked step (counts only) whose hooked tensors and gradients are all finite, all
+    reduced on the host, packs no events (its record would have none); a step whose only
+    non-finite value is a parameter gradient packs them, and the diagnosis names that
+    gradient as it did before."""
+    from tbprobe.probe import pack
+
+    packed = []
+    orig = pack.pack_events
+    monkeypatch.setattr(
+        pack, "pack_events", lambda st, pk, meta: packed.append(st.step) or orig(st, pk, meta)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = tbprobe.SummaryWriter(write_to_disk=False)
+    probe = tbprobe.Probe(
+        model, writer, opt, every=1000, on_anomaly=lambda a: None, watch_requests=False
+    )
+    x = torch.randn(4, 8)
+    for step in range(4):
+        if step == 3:  # the accumulated gradient of 2.weight only
+            model[2].weight.register_hook(lambda g: g * math.nan)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    probe.detach()
+    assert probe.errors == []
+    assert packed == [0, 3]  # step 0 is scheduled (every=1000); 1 and 2 are clean checks
+    (a,) = probe.anomalies
+    assert (a.step, a.kind, a.where, a.pass_) == (3, "nonfinite", "2.weight", "grad")
