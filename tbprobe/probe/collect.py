@@ -72,10 +72,11 @@ class StepState:
         self.snap = snap  # module names to thumbnail, or None
         self.eager = eager if eager is not None else set()  # names reduced at once
         self.learn = learn  # reduce at once and find the outputs changed in place
-        # Activation histograms merged over all ranks: the tensors are kept to the step
-        # boundary, where tbprobe.probe.dist_pack bins them on fixed (TensorBoard) edges.
+        # Activation histograms merged over all ranks: binned in the hook on the fixed
+        # (TensorBoard) edges every rank shares; tbprobe.probe.dist_pack merges them at the
+        # step boundary. The activations themselves are not kept alive until then.
         self.keep_hists = keep_hists
-        self.act_keep: dict[str, torch.Tensor] = {}
+        self.act_keep: dict[str, kernels.Histogram] = {}
         self.rows = Rows(full, self.eager.add, self)
         self.in_backward = False  # the phase: backward hooks have run since the last forward
         self.events: dict[tuple[str, str, str], Event] = {}
@@ -113,9 +114,11 @@ class StepState:
 
     def add_hist(self, name: str, t: torch.Tensor, bins: int) -> None:
         """Queue the histogram of ``t`` as ``act_hist/<name>``."""
-        if self.keep_hists:  # a copy if its module's outputs get changed in place
-            eager = self.learn or name in self.eager
-            self.act_keep[name] = t.detach().clone() if eager else t.detach()
+        if self.keep_hists:  # binned now, on the edges shared by the ranks
+            from tbprobe.probe.dist_slots import GLOBAL_BINS
+
+            if t.numel():  # an empty output contributes nothing (an identity row)
+                self.act_keep[name] = kernels.histogram(t.detach(), bins=GLOBAL_BINS)
             self.act_hists[name] = None  # taken: a second call of the module does not count
             return
         if self.learn or name in self.eager or self.rows.host(t):  # host: not kept alive

@@ -167,9 +167,9 @@ def _parts(probe, st, plan: _Plan) -> None:
     items = [(f"grad_hist/{n}", p, True) for (n, gr), p in grads if p.merged or gr is not None]
     params = zip(plan.trainable, plan.pparts, strict=True)
     items += [(f"param_hist/{n}", p, False) for (n, _), p in params]
-    keep = st.act_keep
+    keep = st.act_keep  # binned in the hooks already
     items += [
-        (f"act_hist/{m}", Part(keep.get(m, empty), True, m in keep), False) for m in plan.acts
+        (f"act_hist/{m}", Part(empty, True, m in keep, keep.get(m)), False) for m in plan.acts
     ]
     plan.items = items
     plan.glob = [i for i, (_, p, _) in enumerate(items) if p.merged]
@@ -233,12 +233,17 @@ def _hist_partials(probe, plan: _Plan):
     glob = plan.glob
     if not glob:
         return out, None, None
-    parts = [Part(tensors[i], True, items[i][1].contributes) for i in glob]
+    parts = [Part(tensors[i], True, items[i][1].contributes, items[i][1].hist) for i in glob]
     live = [j for j, p in enumerate(parts) if p.live]
     stats = identity_rows(len(glob), plan.device)
     counts = torch.zeros(len(glob), global_bins(), dtype=torch.float64, device=plan.device)
     if live:
-        hs = kernels.histogram_many([parts[j].local for j in live], bins=GLOBAL_BINS)
+        todo = [j for j in live if parts[j].hist is None]  # activations were binned in hooks
+        done = {}
+        if todo:
+            binned = kernels.histogram_many([parts[j].local for j in todo], bins=GLOBAL_BINS)
+            done = dict(zip(todo, binned, strict=True))
+        hs = [parts[j].hist if parts[j].hist is not None else done[j] for j in live]
         sel = index_on(live, stats.device)
         stats.index_copy_(0, sel, torch.stack([h.stats.to(stats.device) for h in hs]))
         got = torch.stack([h.counts.to(counts.device) for h in hs]).to(torch.float64)

@@ -39,15 +39,18 @@ def global_bins() -> int:
 @dataclass
 class Part:
     """A tensor's local part: ``merged`` if its rows are merged over the ranks,
-    ``contributes`` if this rank's part counts in the merge."""
+    ``contributes`` if this rank's part counts in the merge. ``hist``: its histogram on
+    :data:`GLOBAL_BINS`, when it was binned already (a non-empty activation, in its hook;
+    ``local`` is then an empty placeholder)."""
 
     local: torch.Tensor
     merged: bool
     contributes: bool
+    hist: kernels.Histogram | None = None
 
     @property
     def live(self) -> bool:
-        return self.contributes and self.local.numel() > 0
+        return self.contributes and (self.hist is not None or self.local.numel() > 0)
 
 
 def part_of(t: torch.Tensor) -> Part:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -108,14 +109,21 @@ def test_local_rows_give_identity_rows_for_empty_and_replica_parts():
 
 def test_kept_activation_histogram_takes_the_first_call_only():
     """With keep_hists (reduce_activations on a histogram step) a module's first output is
-    kept for the step boundary; a second call of the module does not replace it."""
+    binned at once on the ranks' shared edges, and not kept alive to the step boundary; a
+    second call of the module does not replace it, and an empty output keeps nothing."""
     st = StepState(0, scheduled=True, full=True, hist=True, keep_hists=True)
-    a, b = torch.ones(3), torch.zeros(3)
+    a, b = torch.tensor([1.0, -2.0, 3.0]), torch.zeros(5)
+    alive = weakref.ref(a)
     st.add_hist("m", a, bins=4)
     if "m" not in st.act_hists:  # the hook's own guard
         st.add_hist("m", b, bins=4)
-    assert st.act_keep["m"] is not b and torch.equal(st.act_keep["m"], a)
-    assert st.act_hists == {"m": None}
+    st.add_hist("empty", torch.empty(0), bins=4)
+    want = kernels.histogram(torch.tensor([1.0, -2.0, 3.0]), bins="tensorflow")
+    assert torch.equal(st.act_keep["m"].counts, want.counts)
+    torch.testing.assert_close(st.act_keep["m"].stats, want.stats)
+    assert "empty" not in st.act_keep and st.act_hists == {"m": None, "empty": None}
+    del a
+    assert alive() is None  # the activation was not kept
     st.close()
     assert st.act_keep == {}
 
