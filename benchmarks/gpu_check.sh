@@ -84,6 +84,7 @@ STEPS=(
     "bench_probe 120"
     "bench_diagnose 120"
     "bench_writer 90"
+    "profile_probe 60"
     # (8 files at most come back from the GPU machine: $OUT holds exactly 8.)
 )
 
@@ -180,6 +181,19 @@ step_bench_probe() {
         if ((QUICK)); then args+=(--quick); fi
     fi
     "$PY" benchmarks/bench_probe.py "${args[@]}"
+}
+
+step_profile_probe() {
+    # Where the probe's time goes on the GPU: kernels per step with and without it. Printed
+    # only (its tables reach summary.md); last, as the least needed.
+    local args=()
+    if ((DRY_RUN)); then
+        args+=(--device cpu --quick --steps 1 --configs none,tbprobe)
+    else
+        args+=(--device cuda)
+        if ((QUICK)); then args+=(--quick); fi
+    fi
+    "$PY" benchmarks/profile_probe.py "${args[@]}"
 }
 
 step_probe_nosync() {

@@ -65,6 +65,7 @@ def test_dry_run_end_to_end(tmp_path):
         "bench_probe",
         "bench_diagnose",
         "bench_writer",
+        "profile_probe",
     ]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -120,7 +121,8 @@ def test_gpu_command_lines_parse(tmp_path, monkeypatch, quick):
     calls = [c.split() for c in log.read_text().splitlines() if c.startswith("benchmarks/")]
     scripts = {c[0] for c in calls}
     want = {f"benchmarks/{n}.py" for n in ("gpu_checks", "bench_kernels", "bench_probe")}
-    assert want | {"benchmarks/bench_diagnose.py", "benchmarks/bench_writer.py"} == scripts
+    others = {"benchmarks/bench_diagnose.py", "benchmarks/bench_writer.py"}
+    assert want | others | {"benchmarks/profile_probe.py"} == scripts
     orig = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):

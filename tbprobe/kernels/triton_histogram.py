@@ -180,7 +180,8 @@ def _histogram_kernel(
         if FOLD:
             _flush_folded(p_counts, b_win, w_lo, half, WINDOW)
             o_2 = tl.arange(0, 2)  # bins half ([0, 1e-12)) and half - 1 ([-1e-12, 0))
-            b_n = tl.where(o_2 == 0, n_zero & 0xFFFFFFFF, n_zero >> 32)
+            n_neg = n_zero >> 32
+            b_n = tl.where(o_2 == 0, n_zero - (n_neg << 32), n_neg)
             tl.atomic_add(p_counts + half - o_2, b_n, mask=b_n > 0, sem="relaxed")
         elif WINDOW > 0:
             m_w = (o_w < WINDOW - 1) & (b_win > 0)
