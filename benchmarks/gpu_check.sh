@@ -10,6 +10,11 @@
 #      table; the files of $OUT come back under files_at.
 #   3. commit $OUT/summary.md as benchmarks/results/<date>-h100.md (<date> = YYYY-MM-DD; say
 #      h200 if the reply's device was an H200). Never commit .whl/.
+#   4. read the tuning sweeps in summary.md and keep the fastest launch shapes: the chunk
+#      lengths of "tensor_stats by chunk length" (the "auto" row is chunk_blocks_for's pick:
+#      _PER_SM and _MAX_CHUNK_BLOCKS in tbprobe/kernels/triton_stats.py) and the grid of
+#      "histogram by programs per SM" (PROGRAMS_PER_SM in triton_histogram.py);
+#      profile_probe's tables say which kernels the probe adds to a GPT-2 step.
 #
 # Usage: bash benchmarks/gpu_check.sh [--dry-run] [--quick]      (or: make gpu-check)
 #   --dry-run  no GPU needed: every step runs on the CPU (CI runs this through
