@@ -71,7 +71,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from cpu_alloc import settle_cpu_allocator  # noqa: E402
-from probe_bench_configs import (  # noqa: E402
+from probe_bench_configs import (  # noqa: E402, F401
     CONFIGS,
     FLOOR,
     GRADS,
@@ -81,13 +81,23 @@ from probe_bench_configs import (  # noqa: E402
     TBX,
     WANDB,
     Attached,
+    attach,
     attach_floor,
     attach_tbprobe,
     attach_tbx,
     attach_wandb,
     availability,
 )
-from probe_bench_models import GPT, Attention, Block, Model, build_models, cnn, lm_loss  # noqa: E402, F401
+from probe_bench_models import (  # noqa: E402, F401
+    GPT,
+    Attention,
+    Block,
+    Model,
+    build_models,
+    cnn,
+    lm_loss,
+    train,
+)
 
 OVERHEAD_FLOOR = 1e-4  # below what a window resolves: the divisor of the "× less" ratio
 LABEL = {
@@ -120,27 +130,10 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
     def train(self, model: Model, n: int, after_step) -> None:
-        for i in range(n):
-            x, y = model.batches[i % len(model.batches)]
-            loss = model.loss_fn(model.module(x), y)
-            loss.backward()
-            model.opt.step()
-            if after_step is not None:
-                after_step()
-            model.opt.zero_grad(set_to_none=True)
+        train(model, n, after_step)
 
     def attach(self, model: Model, cfg: str, logdir: str) -> Attached:
-        if cfg in (NORMS, HISTS):
-            return attach_tbprobe(model, logdir, histograms=cfg == HISTS)
-        if cfg == GRADS:
-            return attach_tbprobe(model, logdir, histograms=False, track=("grads", "params"))
-        if cfg == FLOOR:
-            return attach_floor(model, cuda=self.device.type == "cuda")
-        if cfg == TBX:
-            return attach_tbx(model, logdir)
-        if cfg == WANDB:
-            return attach_wandb(model, os.path.join(self.root, "wandb"))
-        return Attached(check=lambda steps: "ok")
+        return attach(model, cfg, logdir, cuda=self.device.type == "cuda", root=self.root)
 
     def calibrate(self, model: Model, after_step) -> int:
         """Steps per window: about ``window_s`` seconds, at least 3 unless a step is slow."""

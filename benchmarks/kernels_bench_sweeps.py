@@ -47,13 +47,12 @@ def bench_stats_chunks(env, cases=None) -> None:
         )
     for case, tensors, nbytes in cases:
         total = sum(t.numel() for t in tensors)
-        auto = triton_stats.chunk_blocks_for(total, triton_stats._sm_count(tensors[0].device))
+        auto = triton_stats.chunk_blocks_for(total, triton_stats.sm_count(tensors[0].device))
         check = check_stats(tensors, triton_stats._tensor_stats(tensors))
         for cb in (*CHUNK_SWEEP, None):
             t = env.time(lambda ts=tensors, cb=cb: triton_stats._tensor_stats(ts, chunk_blocks=cb))
             chunk = f"auto ({auto})" if cb is None else str(cb)
             env.add("stats_chunks", case, "triton", t, nbytes, check, chunk=chunk)
-    _release(env)
 
 
 def bench_hist_programs(env, cases=None) -> None:
@@ -80,9 +79,3 @@ def bench_hist_programs(env, cases=None) -> None:
                 shown = f"{per_sm} (default)" if per_sm == default else str(per_sm)
                 env.add("hist_programs", case, "triton", t, x.nbytes, check, bins=name,
                         programs=shown)  # fmt: skip
-    _release(env)
-
-
-def _release(env) -> None:
-    if env.cuda:
-        torch.cuda.empty_cache()

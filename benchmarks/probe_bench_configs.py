@@ -242,6 +242,21 @@ def attach_floor(model: Model, cuda: bool) -> Attached:
     return Attached(after_step=after_step, teardown=teardown, check=check)
 
 
+def attach(model: Model, cfg: str, logdir: str, cuda: bool, root: str) -> Attached:
+    """What configuration ``cfg`` leaves on ``model`` for one window (``root``: wandb's)."""
+    if cfg in (NORMS, HISTS):
+        return attach_tbprobe(model, logdir, histograms=cfg == HISTS)
+    if cfg == GRADS:
+        return attach_tbprobe(model, logdir, histograms=False, track=("grads", "params"))
+    if cfg == FLOOR:
+        return attach_floor(model, cuda=cuda)
+    if cfg == TBX:
+        return attach_tbx(model, logdir)
+    if cfg == WANDB:
+        return attach_wandb(model, os.path.join(root, "wandb"))
+    return Attached(check=lambda steps: "ok")
+
+
 def availability() -> dict[str, str]:
     """Why a configuration cannot run here (missing import), by configuration."""
     missing = {}

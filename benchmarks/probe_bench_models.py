@@ -132,3 +132,16 @@ def build_models(device: torch.device, quick: bool) -> list[Model]:
         n = sum(p.numel() for p in m.module.parameters())
         m.desc = f"{n / 1e6:.3g}M params, {m.desc}, {str(dtype).split('.')[-1]}"
     return models
+
+
+def train(model: Model, n: int, after_step=None) -> None:
+    """``n`` optimizer steps over ``model``'s batches; ``after_step`` after each ``opt.step()``,
+    before ``zero_grad``."""
+    for i in range(n):
+        x, y = model.batches[i % len(model.batches)]
+        loss = model.loss_fn(model.module(x), y)
+        loss.backward()
+        model.opt.step()
+        if after_step is not None:
+            after_step()
+        model.opt.zero_grad(set_to_none=True)

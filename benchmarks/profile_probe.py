@@ -35,26 +35,15 @@ if _HERE not in sys.path:  # loaded from its path (the tests): its helpers sit n
 sys.path.insert(0, os.path.dirname(_HERE))  # tbprobe from this checkout
 
 from cpu_alloc import settle_cpu_allocator  # noqa: E402
-from probe_bench_configs import GRADS, HISTS, NONE, NORMS, Attached, attach_tbprobe  # noqa: E402
-from probe_bench_models import build_models  # noqa: E402
+from probe_bench_configs import GRADS, HISTS, NONE, NORMS, attach  # noqa: E402
+from probe_bench_models import build_models, train  # noqa: E402
 
 PROFILED = (NONE, NORMS, GRADS, HISTS)
 WARMUP = 2  # steps before anything is timed: the probe's first step learns the model
 
 
-def _attach(model, cfg: str, logdir: str) -> Attached:
-    if cfg == NONE:
-        return Attached()
-    track = ("grads", "params") if cfg == GRADS else None
-    return attach_tbprobe(model, logdir, histograms=cfg == HISTS, track=track)
-
-
 def _train(model, n: int, sync) -> None:
-    for i in range(n):
-        x, y = model.batches[i % len(model.batches)]
-        model.loss_fn(model.module(x), y).backward()
-        model.opt.step()
-        model.opt.zero_grad(set_to_none=True)
+    train(model, n)
     sync()
 
 
@@ -75,7 +64,7 @@ def _own_time(evt, cuda: bool) -> float:
 def profile(model, cfg: str, steps: int, cuda: bool, root: str) -> dict:
     """``{wall_ms, busy_ms, kernels: {name: (calls, ms)}}`` per step of ``cfg``."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    att = _attach(model, cfg, os.path.join(root, cfg))
+    att = attach(model, cfg, os.path.join(root, cfg), cuda, root)
     try:
         _train(model, WARMUP, sync)
         t0 = time.perf_counter()

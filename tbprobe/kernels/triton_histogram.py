@@ -18,7 +18,6 @@ the range), then this kernel.
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 
 import torch
@@ -27,7 +26,7 @@ import triton.language as tl
 
 from tbprobe.kernels import triton_edges
 from tbprobe.kernels.triton_bins import bin_index  # called by the kernel: a module global
-from tbprobe.kernels.triton_stats import tensor_stats
+from tbprobe.kernels.triton_stats import sm_count, tensor_stats
 
 __all__ = ["KINDS", "bin_counts", "histogram", "histogram_many"]
 
@@ -221,14 +220,7 @@ PROGRAMS_PER_SM = 4  # a launch's programs, together, per SM (bench_kernels swee
 
 
 def _target_programs(device: torch.device) -> int:
-    return PROGRAMS_PER_SM * _sm_count(device)
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one after another
+    return PROGRAMS_PER_SM * (sm_count(device) or 1)  # the interpreter: one after another
 
 
 def _config(n_bins: int, kind: str, device: torch.device) -> dict:

@@ -59,7 +59,8 @@ def chunk_blocks_for(total: int, sms: int | None, block: int = _BLOCK) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int | None:
+def sm_count(device: torch.device) -> int | None:
+    """The GPU's streaming multiprocessors; None off CUDA (the interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return None
@@ -302,7 +303,7 @@ def _tensor_stats(tensors, block: int = _BLOCK, chunk_blocks: int | None = None)
             raise ValueError(f"tensors[{i}]: on {t.device}, expected every tensor on {device}")
     if chunk_blocks is None:
         total = sum(t.numel() for t in sources)
-        chunk_blocks = chunk_blocks_for(total, _sm_count(device), block)
+        chunk_blocks = chunk_blocks_for(total, sm_count(device), block)
     plan = plans.plan_for(sources, device, block * chunk_blocks)
     out = plans.new_buffer((len(sources), _N_STATS), device)  # (N, 10)
     guard = contextlib.nullcontext()

@@ -16,6 +16,7 @@ import torch
 
 from tbprobe import kernels
 from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows
+from tbprobe.probe.dist_slots import GLOBAL_BINS
 
 _COMPACT_AT = 4096  # slots kept before dead ones are dropped
 _VERSIONS = 1 << 32  # slot keys: id(t) * _VERSIONS + t._version (ids differ by 16 at least)
@@ -115,8 +116,6 @@ class StepState:
     def add_hist(self, name: str, t: torch.Tensor, bins: int) -> None:
         """Queue the histogram of ``t`` as ``act_hist/<name>``."""
         if self.keep_hists:  # binned now, on the edges shared by the ranks
-            from tbprobe.probe.dist_slots import GLOBAL_BINS
-
             if t.numel():  # an empty output contributes nothing (an identity row)
                 self.act_keep[name] = kernels.histogram(t.detach(), bins=GLOBAL_BINS)
             self.act_hists[name] = None  # taken: a second call of the module does not count
