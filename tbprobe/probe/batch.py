@@ -222,17 +222,17 @@ class Rows:
             self._host.append(row)
             self._host_rids.append(rid)
             if watch:
-                self.watch.append((t, t._version, key))
+                self.watch.append((t, version(t), key))
             return rid
         if eager:
             self.blocks.append(self.reduce([t], extremes))
             self.order.append(rid)
             if watch:
-                self.watch.append((t, t._version, key))
+                self.watch.append((t, version(t), key))
             return rid
         self._queue.append(t)
         self._rids.append(rid)
-        self._versions.append(t._version)
+        self._versions.append(version(t))
         self._keys.append(key)
         self._ext.append(extremes)
         self._bytes += t.numel() * t.element_size()
@@ -245,7 +245,7 @@ class Rows:
         phase boundary: by then the op that follows a module has run)."""
         watch, self.watch = self.watch, []
         for t, v, k in watch:
-            if t._version != v and k is not None:
+            if k is not None and version(t) != v:
                 self.on_changed(k)
 
     def flush(self) -> None:
@@ -279,7 +279,7 @@ class Rows:
                     self.order.extend(rids[i] for i in idx)
         if self.on_changed is not None:
             for t, v, k in zip(q, versions, keys, strict=True):
-                if k is not None and t._version != v:
+                if k is not None and version(t) != v:
                     self.on_changed(k)
 
     def maybe_compact(self) -> None:
@@ -349,6 +349,15 @@ class Rows:
         nf = sel[:, NF].sum(1) if self.full else sel
         counts = torch.zeros(n, dtype=rows.dtype, device=dev).index_add_(0, index_on(grp, dev), nf)
         return _count_rows(counts, dev) if self.full else counts
+
+
+def version(t: torch.Tensor) -> int:
+    """``t._version``; 0 for an inference tensor (``torch.inference_mode``), which has no
+    version counter (the hooks reduce those at once: an in-place change cannot be seen)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
 
 
 def _count_row(count: float) -> list[float]:

@@ -15,7 +15,7 @@ import weakref
 import torch
 
 from tbprobe import kernels
-from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows
+from tbprobe.probe.batch import MAX_BYTES, MAX_TENSORS, Rows, version
 from tbprobe.probe.dist_slots import GLOBAL_BINS
 
 _COMPACT_AT = 4096  # slots kept before dead ones are dropped
@@ -87,6 +87,9 @@ class StepState:
         self.act_hists: dict[str, kernels.Histogram | None] = {}
         self.thumbs: dict[str, tuple[torch.Tensor, tuple, str]] = {}
         self.pending_gout: dict[str, list[int]] = {}
+        # Modules by grad mode of their forwards this step (see :meth:`no_grad_forward`).
+        self.grad_fwd: set[str] = set()
+        self.no_grad_fwd: set[str] = set()
         self._hist_queue: list[tuple[str, torch.Tensor]] = []
         self._hist_bytes = 0
         self._seq = 0
@@ -104,12 +107,15 @@ class StepState:
         self.rows.full = value
 
     # ---------------------------------------------------------------- reductions
-    def add(self, t: torch.Tensor, key: str | None = None) -> int:
+    def add(self, t: torch.Tensor, key: str | None = None, now: bool = False) -> int:
         """Queue ``t`` for reduction; its row id. ``key`` (a module name): the tensor is
-        a forward output, reduced at once if that module's outputs get changed in place;
-        without one it is a gradient, whose min/max are not read."""
+        a forward output, reduced at once if that module's outputs get changed in place
+        (or ``now``: an inference-mode output, whose changes cannot be seen); without one it
+        is a gradient, whose min/max are not read."""
         if key is None:
             return self.rows.add(t, extremes=False)
+        if now:
+            return self.rows.add(t, key, eager=True)
         learn = self.learn
         return self.rows.add(t, key, eager=learn or key in self.eager, watch=learn)
 
@@ -135,6 +141,34 @@ class StepState:
             hs = kernels.histogram_many([t for _, t in q], bins=bins)
             for (name, _), h in zip(q, hs, strict=True):
                 self.act_hists[name] = h
+
+    def no_grad_forward(self, name: str) -> bool:
+        """Whether to record a forward of module ``name`` run with gradients disabled
+        (``torch.no_grad``, ``torch.inference_mode``): a validation or inference pass, a
+        frozen module, or the first pass of reentrant activation checkpointing. Recorded
+        unless the module has run a forward with gradients in this step: training forwards
+        are what a training step's statistics describe, and a validation pass between two
+        optimizer steps runs before the next step's training forwards (see
+        :meth:`grad_forward`). A step, or a module, with only such forwards keeps them."""
+        if name in self.grad_fwd:
+            return False
+        self.no_grad_fwd.add(name)
+        return True
+
+    def grad_forward(self, name: str) -> None:
+        """A forward of module ``name`` with gradients: it replaces what its forwards without
+        gradients recorded in this step."""
+        self.grad_fwd.add(name)
+        if name not in self.no_grad_fwd:
+            return
+        self.no_grad_fwd.discard(name)
+        for key in [k for k in self.events if k[0] == name and k[1] == "forward"]:
+            del self.events[key]
+        self.act_hists.pop(name, None)
+        self.act_keep.pop(name, None)
+        self.thumbs.pop(name, None)
+        if self._hist_queue:
+            self._hist_queue = [(n, t) for n, t in self._hist_queue if n != name]
 
     def flush(self, bins: int) -> None:
         """Reduce everything queued (a phase boundary)."""
@@ -173,7 +207,7 @@ class StepState:
 
     # ---------------------------------------------------------------- slots
     def slot(self, t: torch.Tensor, create: bool = True) -> Slot | None:
-        key = id(t) * _VERSIONS + t._version  # an int: not tracked by the garbage collector
+        key = id(t) * _VERSIONS + version(t)  # an int: not tracked by the garbage collector
         s = self.slots.get(key)
         if s is not None and s.ref() is t:
             return s

@@ -11,10 +11,12 @@ producer's ``grad_output`` event, in causal order.
 
 Every hook does nothing on a step that is neither checked nor scheduled, skips
 ``torch.jit`` tracing and skips the forward that activation checkpointing recomputes during
-the backward pass. Inside a ``torch.compile``d region the forward hook does nothing, so it
-adds no graph break: compiled modules get gradient and parameter statistics only (those are
-taken at the step boundary, outside the graph). A hook that raises disables itself (see
-``HookSet.fail``).
+the backward pass. A forward run without gradients (validation under ``torch.no_grad``,
+``torch.inference_mode``) is recorded only for a module that runs no forward with gradients
+in the step (see ``StepState.no_grad_forward``). Inside a ``torch.compile``d region the
+forward hook does nothing, so it adds no graph break: compiled modules get gradient and
+parameter statistics only (those are taken at the step boundary, outside the graph). A hook
+that raises disables itself (see ``HookSet.fail``).
 """
 
 from __future__ import annotations
@@ -157,14 +159,20 @@ class HookSet:
         outs = floating_tensors(output)
         if not outs:
             return
-        watch = st.backward and torch.is_grad_enabled()
+        grad = torch.is_grad_enabled()
+        watch = st.backward and grad
         if not _in_backward():  # a checkpoint recompute is not a new forward
+            if grad:
+                st.grad_forward(name)
+            elif not st.no_grad_forward(name):
+                return  # validation after this step's training forward: not training
             if st.in_backward:  # the next micro-batch: its backward has ended
                 st.in_backward = False
                 st.flush(self.owner.cfg.hist_bins)
             st.rows.maybe_compact()
             ins = floating_tensors(args) or floating_tensors(kwargs)
-            self._forward_stats(st, name, outs, ins)
+            now = not grad and torch.is_inference_mode_enabled()  # no version counter
+            self._forward_stats(st, name, outs, ins, now)
         elif watch:
             ins = floating_tensors(args) or floating_tensors(kwargs)
         if watch:
@@ -176,18 +184,21 @@ class HookSet:
             keys = self._module_keys[name] = _Keys(name)
         return keys
 
-    def _forward_stats(self, st: StepState, name, outs, ins) -> None:
+    def _forward_stats(self, st: StepState, name, outs, ins, now=False) -> None:
         ev = st.event_at(self._keys(name).forward)
         if len(outs) == 1:  # one slot: found or made once (its backward hook reuses it)
             s = st.slot(outs[0])
             if s.row is None:
-                s.row = st.add(outs[0], name)
+                s.row = st.add(outs[0], name, now)
             rids = [s.row]
         else:
             rids = []
             for t in outs:  # a hooked child's output returned as is (containers): its row
                 s = st.slot(t, create=False)
-                rids.append(s.row if s is not None and s.row is not None else st.add(t, name))
+                if s is None or s.row is None:
+                    rids.append(st.add(t, name, now))
+                else:
+                    rids.append(s.row)
         ev.rows.extend(rids)
         # Inputs matter only for an output with NaN/Inf (producer or propagator?); host
         # tensors are reduced at once, so finite outputs skip them (inputs_nonfinite: None).

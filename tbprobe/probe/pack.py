@@ -44,7 +44,7 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     if grads and (st.checked or st.scheduled or st.hist):
         order = st.grad_seq
         grads.sort(key=lambda ng: order.get(ng[0], 1 << 60))
-        gs = [g.detach() for _, g in grads]
+        gs = _stat_views([g.detach() for _, g in grads])
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
     ps, upd = _params_and_updates(probe, st, meta)
     rows = None
@@ -61,12 +61,12 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     hists: list = []
     if st.hist:
         if grads:
-            gs = [g.detach() for _, g in grads]
+            gs = _stat_views([g.detach() for _, g in grads])
             _hists(probe, meta, hists, "grad_hist", [n for n, _ in grads], gs, unscale=True)
         trainable = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
         if trainable:
             names, ts = zip(*trainable, strict=True)
-            _hists(probe, meta, hists, "param_hist", names, ts)
+            _hists(probe, meta, hists, "param_hist", names, _stat_views(list(ts)))
     for name, h in st.act_hists.items():
         if h is not None:
             meta.hists.append(f"act_hist/{name}")
@@ -119,10 +119,34 @@ def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, lis
     ps = [p for _, p in named]
     prev = probe._prev
     if prev is None or prev[0] != meta.params:
-        return ps, []
+        return _stat_views(ps), []
     torch._foreach_sub_(prev[1], ps)  # -Δw, in place
     meta.updates = list(prev[0])
-    return ps, list(prev[1])
+    return _stat_views(ps), _stat_views(list(prev[1]))
+
+
+def _stat_views(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the probe reduces for parameters, gradients and updates ``ts`` (all dense, real
+    tensors, most often: returned as they are). A sparse tensor (e.g. the gradient of
+    ``nn.Embedding(sparse=True)``) gives its stored values, coalesced so that each element
+    counts once: their norm is the tensor's, and its histogram is of those values. A complex
+    tensor gives its real view (real and imaginary parts): the same norm."""
+    for i, t in enumerate(ts):
+        if t.layout is not torch.strided or t.is_complex():
+            ts = list(ts)
+            ts[i:] = [_stat_view(u) for u in ts[i:]]
+            break
+    return ts
+
+
+def _stat_view(t: torch.Tensor) -> torch.Tensor:
+    if t.layout is torch.sparse_coo:
+        t = t.coalesce().values()
+    elif t.layout is not torch.strided:  # compressed sparse layouts, nested tensors
+        t = t.values()
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())
+    return t
 
 
 def _hists(probe, meta, out, family, names, tensors, unscale=False) -> None:

@@ -135,6 +135,12 @@ class Probe:
         if every_default:  # every rank schedules rank 0's steps (after the checks that raise)
             self.cfg.every = agreed_every(self.cfg.every, self._dist)
         self._params = list(base.named_parameters())
+        lazy = [n for n, p in self._params if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise ValueError(
+                f"model: {lazy[0]!r} is an uninitialized lazy parameter (nn.Lazy* modules get "
+                "their shapes at the first forward): run one forward pass, then attach the probe"
+            )
         first = self._params[0][1] if self._params else None
         self._rows_always = first is not None and first.device.type == "cuda"
         self.anomalies: list = []

@@ -20,15 +20,20 @@ def _has_params(m: nn.Module) -> bool:
 def default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Parameterised leaf modules plus the *blocks*: the children of ``ModuleList`` /
     ``Sequential`` containers that hold parameters (e.g. transformer layers), in
-    ``named_modules`` order."""
+    ``named_modules`` order. A module below the root that owns parameters itself counts as
+    parameterised even with children: ``nn.MultiheadAttention`` uses its ``in_proj_weight``
+    and its ``out_proj``'s weight without calling ``out_proj``, so its own hook is the only
+    one that sees the attention. (The root is hooked by default only as a leaf: its output
+    is most often the logits or the loss.)"""
     blocks = set()
     for m in model.modules():
         if isinstance(m, _CONTAINERS):
             blocks.update(id(c) for c in m.children() if _has_params(c))
     out = []
     for name, m in model.named_modules():
-        leaf = next(m.children(), None) is None and len(m._parameters) > 0
-        if leaf or id(m) in blocks:
+        owns = any(p is not None for p in m._parameters.values())
+        leaf = next(m.children(), None) is None
+        if (owns and (leaf or name)) or id(m) in blocks:  # the root: as a leaf only
             out.append((name, m))
     return out
 
@@ -69,6 +74,8 @@ def floating_tensors(obj, depth: int = 0) -> list[torch.Tensor]:
     if type(obj) is tuple and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
         obj = obj[0]  # a module's positional args, most often: the hot path
     if isinstance(obj, torch.Tensor):
+        if obj.is_nested:  # e.g. nn.TransformerEncoder's fast path: its packed values
+            obj = obj.values().detach()  # (a flat view; no gradient comes through it)
         return [obj] if obj.is_floating_point() and obj.numel() > 0 else []
     if depth >= _MAX_DEPTH:
         return []

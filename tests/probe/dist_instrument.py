@@ -127,11 +127,11 @@ def failing_hook(module: str, step: int, message: str):
 
     orig = HookSet._forward_stats
 
-    def failing(self, st, name, outs, ins):
+    def failing(self, st, name, outs, ins, *rest):
         if name == module and st.step == step:
             st.event(name, "forward", "output")
             raise RuntimeError(message)
-        return orig(self, st, name, outs, ins)
+        return orig(self, st, name, outs, ins, *rest)
 
     HookSet._forward_stats = failing
     try:
