@@ -16,7 +16,6 @@ sprite's unused area is black rather than uninitialised memory.
 from __future__ import annotations
 
 import math
-import operator
 import os
 import posixpath
 import warnings
@@ -25,6 +24,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from tbprobe.writer.image import encode_png
+from tbprobe.writer.naming import _check_step as check_step
 from tbprobe.writer.proto import projector_pb2
 from tbprobe.writer.values import is_tensor, to_numpy
 
@@ -59,14 +59,11 @@ def encode_tag(tag) -> str:
 
 
 def _check_step(global_step) -> int:
-    if global_step is None:
+    """The step as every ``add_*`` takes it (``int(step)``, int64), None as 0; >= 0 here, as
+    it names a directory."""
+    step = check_step(global_step)
+    if step is None:
         return 0
-    if isinstance(global_step, bool):
-        raise TypeError("global_step: expected an int, got bool")
-    try:
-        step = operator.index(global_step)
-    except TypeError:
-        raise TypeError(f"global_step: expected an int, got {type(global_step).__name__}") from None
     if step < 0:
         raise ValueError(f"global_step: must be >= 0, got {step}")
     return step
@@ -175,13 +172,15 @@ def write_embedding(
     global_step=None,
     tag: str = "default",
     metadata_header=None,
+    write: bool = True,
 ) -> str:
     """Write one embedding for the projector and register it in ``projector_config.pbtxt``.
 
     ``mat`` is ``(N, D)``, finite; ``metadata`` N labels (or N rows with ``metadata_header``);
     ``label_img`` ``(N, C, H, W)`` with ``H == W``; ``global_step`` an int >= 0 (None is 0).
     Returns the directory written, ``<logdir>/<step:05d>/<encode_tag(tag)>``. An existing
-    directory (same step and tag) is overwritten with a warning, as in tensorboardX.
+    directory (same step and tag) is overwritten with a warning, as in tensorboardX. With
+    ``write=False`` everything is checked and nothing is written (``write_to_disk=False``).
 
     Example: ``write_embedding("runs/a", np.random.randn(100, 5), metadata=list(range(100)))``.
     """
@@ -197,9 +196,11 @@ def write_embedding(
         image_dim = [imgs.shape[3], imgs.shape[2]]  # W, H
 
     logdir = os.fspath(logdir)
-    root = os.path.realpath(logdir)
     subdir = posixpath.join(f"{step:05d}", name)
     save_path = os.path.join(logdir, f"{step:05d}", name)
+    if not write:
+        return save_path
+    root = os.path.realpath(logdir)
     if os.path.commonpath([root, os.path.realpath(save_path)]) != root:  # a symlinked step dir
         raise ValueError(f"tag: {tag!r} at step {step} leads outside logdir")
     if os.path.isdir(save_path):

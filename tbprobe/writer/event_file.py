@@ -59,11 +59,12 @@ class Deferred:
 
 
 class _Barrier:
-    __slots__ = ("done", "fsync")
+    __slots__ = ("close", "done", "fsync")
 
-    def __init__(self, fsync: bool):
+    def __init__(self, fsync: bool, close=None):
         self.done = threading.Event()
         self.fsync = fsync
+        self.close = close  # a (key,) whose file is closed at the barrier, or None
 
 
 _STOP = object()
@@ -239,8 +240,20 @@ class AsyncEventWriter:
         self._surface_error()
         return done
 
-    def _barrier(self, fsync: bool, timeout: float | None, lock_free: bool = False) -> bool:
-        b = _Barrier(fsync)
+    def close_file(self, key: str | None) -> None:
+        """Barrier, then fsync and close the file of ``key``; a later event for ``key`` goes to
+        a new file in the same directory."""
+        if self._closed:
+            return
+        if self._generation != _fork_generation:
+            self._after_fork()
+        self._barrier(fsync=True, timeout=None, close=(key,))
+        self._surface_error()
+
+    def _barrier(
+        self, fsync: bool, timeout: float | None, lock_free: bool = False, close=None
+    ) -> bool:
+        b = _Barrier(fsync, close)
         if lock_free:  # from a signal handler: the interrupted frame may hold self._lock
             self._queue.append((None, b, 0))
         else:
@@ -283,15 +296,16 @@ class AsyncEventWriter:
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
-        last_fsync = time.monotonic()
+        last_fsync, synced = time.monotonic(), 0
         try:
             while True:
                 self._wake.wait(TICK)
                 self._wake.clear()
                 if self._drain():
                     return
-                if time.monotonic() - last_fsync > self._fsync_every:
-                    last_fsync = time.monotonic()
+                # every flush_secs (0: every tick), if anything was written since the last one
+                if time.monotonic() - last_fsync > self._fsync_every and self._bytes_out != synced:
+                    last_fsync, synced = time.monotonic(), self._bytes_out
                     self._fsync_files()
         except BaseException as e:  # never die silently: producers must see it
             self._record_error(e, 0)
@@ -323,6 +337,11 @@ class AsyncEventWriter:
                     batch, counts, size = {}, {}, 0
                     if item.fsync:
                         self._fsync_files()
+                    if item.close is not None:
+                        f = self._files.pop(item.close[0], None)
+                        if f is not None:
+                            with contextlib.suppress(OSError):
+                                f.close()
                     self._bytes_out += accounted
                     accounted = 0
                     item.done.set()

@@ -1,4 +1,4 @@
-"""Images for ``add_image``, ``add_images``, ``add_image_with_boxes`` and ``add_figure``.
+"""Images for ``add_image``, ``add_images`` and ``add_figure`` (boxes are in ``boxes``).
 
 Pixels follow tensorboardX 2.6.5, made total: ``uint8`` is taken as is; every other dtype is
 multiplied by 255 in its own float dtype (bf16/fp8 in fp32, never fp16), NaN becomes 0, the
@@ -15,8 +15,6 @@ stays on the tensor's device and never synchronises with it.
 
 from __future__ import annotations
 
-import functools
-import math
 import struct
 import sys
 import zlib
@@ -28,14 +26,14 @@ from tbprobe.writer.values import is_tensor, to_numpy, widen_tensor
 
 _CANONICAL = {2: "HW", 3: "HWC", 4: "NCHW"}  # target letter order per rank
 _GRID_COLUMNS = 8
-_CHANNELS = (1, 3, 4)
+_CHANNELS = (1, 2, 3, 4)  # gray, gray + alpha, RGB, RGBA
 # PNG: "Up" filter on every row and zlib level 1. Measured on 512x512 RGB: noise ~19 ms
 # (Pillow's default encoder ~40 ms; its adaptive filter choice alone costs ~20 ms at any level),
 # a photo 13 ms for +5% bytes vs Pillow's 77 ms; Z_RLE was faster on noise but 12x bigger on
 # gradients.
 _PNG_LEVEL = 1
 _PNG_FILTER_UP = 2
-_PNG_COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # grayscale, RGB, RGBA; 8 bits per sample
+_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # gray, gray + alpha, RGB, RGBA; 8 bits a sample
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,7 +100,8 @@ def _check_dataformats(dataformats, shape, name: str) -> str:
         raise ValueError(f"{name}: empty image, shape {shape}")
     if "C" in fmt and shape[fmt.index("C")] not in _CHANNELS:
         raise ValueError(
-            f"{name}: expected 1, 3 or 4 channels on axis 'C' of {dataformats!r}, got shape {shape}"
+            f"{name}: expected 1, 2, 3 or 4 channels on axis 'C' of {dataformats!r}, got shape "
+            f"{shape}"
         )
     return fmt
 
@@ -139,14 +138,41 @@ def _arrange(u8, fmt: str):
     return x.reshape(rows * h, cols * w, c)
 
 
-def _is_image_list(images, dataformats):
-    """A list of same-sized images plus a 3-letter format means a batch: prefix ``N``."""
+def _is_image_list(images, dataformats) -> bool:
+    """A list or tuple with a per-image (3-letter) format, e.g. ``CHW``, is a batch of images;
+    with a 4-letter format it is a nested array as any other."""
     stack = isinstance(images, (list, tuple)) and isinstance(dataformats, str)
     return stack and len(dataformats) == 3
 
 
+def _stack_images(images, dataformats: str, name: str, scale, stack):
+    """``images`` (a list of same-shaped images laid out as ``dataformats``), each scaled to
+    uint8 by ``scale`` and stacked by ``stack``, and the batch's dataformats ``N...``."""
+    if not images:
+        raise ValueError(f"{name}: empty list of images")
+    parts = [scale(item, f"{name}[{i}]") for i, item in enumerate(images)]
+    shapes = [tuple(p.shape) for p in parts]
+    if len(set(shapes)) != 1:
+        raise ValueError(
+            f"{name}: images in a list must share one shape, got {sorted(set(shapes))}"
+        )
+    _check_dataformats(dataformats, shapes[0], f"{name}[0]")
+    return stack(parts), "N" + dataformats
+
+
+def _scale_numpy(item, name: str) -> np.ndarray:
+    return scale_to_uint8(to_numpy(item, name), name)
+
+
+def _scale_torch(item, name: str):
+    if not is_tensor(item):
+        raise TypeError(f"{name}: expected a torch tensor, got {type(item).__name__}")
+    return scale_to_uint8_torch(item, name)
+
+
 def to_uint8_hwc(array, dataformats: str = "CHW", name: str = "img_tensor") -> np.ndarray:
-    """An image (or batch, as a grid) as a contiguous ``(H, W, C)`` uint8 array, C in {1, 3, 4}.
+    """An image (or batch, as a grid) as a contiguous ``(H, W, C)`` uint8 array, C in
+    {1, 2, 3, 4} (2 is gray + alpha).
 
     ``array``: numbers, numpy array or host tensor shaped by ``dataformats``: ``HW``,
     ``CHW``/``HWC`` (any order of the letters) or ``NCHW``/``NHWC`` (grid, see
@@ -165,18 +191,13 @@ def images_to_uint8_hwc(array, dataformats: str = "NCHW", name: str = "img_tenso
     """A batch ``(N, C, H, W)`` (or ``NHWC`` ...) as one ``(rows*H, cols*W, C)`` uint8 grid.
 
     ``cols = min(N, 8)``, ``rows = ceil(N / cols)``, filled row by row, no padding between
-    images, unused cells black. A list of same-sized images with ``dataformats`` ``CHW`` or
-    ``HWC`` is stacked first.
+    images, unused cells black. A list or tuple of same-sized images with a per-image
+    ``dataformats`` (``CHW``, ``HWC``, ...) is stacked first, each scaled by its own dtype.
 
     Example: ``images_to_uint8_hwc(np.zeros((10, 3, 4, 5))).shape`` -> ``(8, 40, 3)``.
     """
-    if _is_image_list(array, dataformats):
-        if not array:
-            raise ValueError(f"{name}: empty list of images")
-        parts = [to_numpy(item, f"{name}[{i}]") for i, item in enumerate(array)]
-        if len({p.shape for p in parts}) != 1:
-            raise ValueError(f"{name}: images in a list must share one shape")
-        array, dataformats = np.stack(parts), "N" + dataformats
+    if _is_image_list(array, dataformats):  # each image scaled by its own dtype, then stacked
+        array, dataformats = _stack_images(array, dataformats, name, _scale_numpy, np.stack)
     return to_uint8_hwc(array, dataformats, name)
 
 
@@ -204,13 +225,10 @@ def images_to_uint8_hwc_torch(tensor, dataformats: str = "NCHW", name: str = "im
     Example: ``images_to_uint8_hwc_torch(torch.rand(10, 3, 4, 5)).shape`` -> ``(8, 40, 3)``.
     """
     if _is_image_list(tensor, dataformats):
-        if not tensor:
-            raise ValueError(f"{name}: empty list of images")
-        if not all(is_tensor(t) for t in tensor):
-            raise TypeError(f"{name}: expected a list of torch tensors")
-        if len({tuple(t.shape) for t in tensor}) != 1:
-            raise ValueError(f"{name}: images in a list must share one shape")
-        tensor, dataformats = sys.modules["torch"].stack(list(tensor)), "N" + dataformats
+        if len({t.device for t in tensor if is_tensor(t)}) > 1:
+            raise ValueError(f"{name}: the images in a list must be on one device")
+        stack = sys.modules["torch"].stack
+        tensor, dataformats = _stack_images(tensor, dataformats, name, _scale_torch, stack)
     return to_uint8_hwc_torch(tensor, dataformats, name)
 
 
@@ -221,7 +239,7 @@ def _check_hwc(hwc, name: str) -> np.ndarray:
     arr = to_numpy(hwc, name)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in _CHANNELS or arr.size == 0:
         raise ValueError(
-            f"{name}: expected a non-empty (H, W, C) uint8 array with C in {{1, 3, 4}}, "
+            f"{name}: expected a non-empty (H, W, C) uint8 array with C in {{1, 2, 3, 4}}, "
             f"got dtype {arr.dtype} shape {tuple(arr.shape)}"
         )
     return arr
@@ -233,7 +251,8 @@ def _png_chunk(kind: bytes, data) -> bytes:
 
 
 def encode_png(hwc_uint8) -> bytes:
-    """PNG bytes (8-bit gray, RGB or RGBA) of a ``(H, W, C)`` uint8 image, C in {1, 3, 4}.
+    """PNG bytes (8-bit gray, gray + alpha, RGB or RGBA) of a ``(H, W, C)`` uint8 image, C in
+    {1, 2, 3, 4}.
 
     Fast rather than small: "Up" row filter and zlib level 1 (see ``_PNG_LEVEL``).
 
@@ -269,73 +288,6 @@ def image_value(tag: str, hwc_uint8) -> summary_pb2.Summary.Value:
         height=h, width=w, colorspace=c, encoded_image_string=encode_png(img)
     )
     return summary_pb2.Summary.Value(tag=tag, image=image)
-
-
-# ----------------------------------------------------------------------------- boxes
-
-
-@functools.lru_cache(maxsize=1)
-def _label_font():
-    from PIL import ImageFont
-
-    return ImageFont.load_default()
-
-
-def _check_labels(labels, count: int):
-    if labels is None:
-        return None
-    if isinstance(labels, str):
-        labels = [labels]
-    try:
-        labels = list(labels)
-    except TypeError:
-        raise TypeError(
-            f"labels: expected a list of strings, got {type(labels).__name__}"
-        ) from None
-    if not all(isinstance(s, str) for s in labels):
-        raise TypeError("labels: expected a list of strings")
-    if len(labels) != count:
-        raise ValueError(f"labels: expected {count} labels (one per box), got {len(labels)}")
-    return labels
-
-
-def draw_boxes(hwc_uint8, boxes, labels=None, name: str = "box_tensor") -> np.ndarray:
-    """``hwc_uint8`` (``(H, W, C)`` uint8) with red boxes drawn on it, as a new uint8 array.
-
-    ``boxes``: ``(N, 4)`` rows of ``(xmin, ymin, xmax, ymax)`` in pixels; ``labels``: ``N``
-    strings (or one string when ``N == 1``) written in a red tag at each box's bottom-left.
-    Grayscale comes back as RGB; RGBA stays RGBA.
-
-    Example: ``draw_boxes(img, [[10, 10, 40, 30]], labels=["cat"])``.
-    """
-    from PIL import Image, ImageDraw
-
-    img = _check_hwc(hwc_uint8, "img_tensor")
-    box_arr = to_numpy(boxes, name)
-    if box_arr.ndim != 2 or box_arr.shape[1] != 4:
-        raise ValueError(
-            f"{name}: expected shape (N, 4) of (xmin, ymin, xmax, ymax), got {tuple(box_arr.shape)}"
-        )
-    box_arr = box_arr.astype(np.float64)
-    if not np.isfinite(box_arr).all():
-        raise ValueError(f"{name}: box coordinates must be finite")
-    texts = _check_labels(labels, box_arr.shape[0])
-    canvas = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
-    if canvas.mode == "L":
-        canvas = canvas.convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    font = _label_font()
-    for i, (left, top, right, bottom) in enumerate(box_arr.tolist()):
-        outline = [(left, top), (left, bottom), (right, bottom), (right, top), (left, top)]
-        draw.line(outline, width=2, fill="red")
-        if not texts or not texts[i]:
-            continue
-        x0, y0, x1, y1 = font.getbbox(texts[i])
-        text_w, text_h = x1 - x0, y1 - y0
-        margin = math.ceil(0.05 * text_h)
-        draw.rectangle([(left, bottom - text_h - 2 * margin), (left + text_w, bottom)], fill="red")
-        draw.text((left + margin, bottom - text_h - margin), texts[i], fill="black", font=font)
-    return np.asarray(canvas).copy()
 
 
 # ----------------------------------------------------------------------------- figures

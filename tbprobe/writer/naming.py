@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 import re
 import time
+
+import numpy as np
 
 _INVALID_TAG_CHARS = re.compile(r"[^-/\w.]")
 MAX_TAG_LENGTH = 4096
@@ -47,15 +51,74 @@ def safe_subdir(logdir: str, parts, name: str) -> str:
     return rel
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # TensorBoard's Event.step is an int64
+
+
+def check_tag(tag, name: str = "tag") -> str:
+    """A tag written as given (the methods where tensorboardX does not clean tags): a non-empty
+    str of at most ``MAX_TAG_LENGTH`` characters, encodable as UTF-8."""
+    if not isinstance(tag, str):
+        raise TypeError(f"{name}: expected a str, got {type(tag).__name__}")
+    if not tag:
+        raise ValueError(f"{name}: must not be empty")
+    if len(tag) > MAX_TAG_LENGTH:
+        raise ValueError(f"{name}: longer than {MAX_TAG_LENGTH} characters ({len(tag)})")
+    try:
+        tag.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name}: not encodable as UTF-8: {tag!r}") from None
+    return tag
+
+
 def _check_step(step, name="global_step"):
+    """``None``, or the step as tensorboardX takes it (``int(step)``: 2.5 -> 2, ``True`` -> 1, a
+    one-element host tensor or array -> its value), checked to fit TensorBoard's int64.
+
+    Raises TypeError for a non-number (or a float tensor on a device, which could only be read
+    by waiting for the device) and ValueError for NaN, infinity or a step outside int64."""
     if step is None:
         return None
-    if isinstance(step, bool):
-        raise TypeError(f"{name}: expected an int, got bool")
+    if type(step) is not int:
+        step = _step_to_int(step, name)
+    if not INT64_MIN <= step <= INT64_MAX:
+        raise ValueError(f"{name}: must lie in [-2**63, 2**63 - 1] (int64), got {step}")
+    return step
+
+
+def _step_to_int(step, name: str) -> int:
+    from tbprobe.writer.values import is_device_tensor, is_tensor
+
     try:
-        return step.__index__()
-    except (AttributeError, TypeError):
-        raise TypeError(f"{name}: expected an int, got {type(step).__name__}") from None
+        return operator.index(step)  # ints, numpy ints, bool, integer tensors and 0-d arrays
+    except TypeError:
+        pass
+    if isinstance(step, np.bool_):
+        return int(step)
+    if isinstance(step, numbers.Real):
+        value = float(step)
+    elif is_tensor(step) or isinstance(step, np.ndarray):
+        if is_device_tensor(step):
+            raise TypeError(
+                f"{name}: a {step.dtype} tensor on {step.device} cannot be read without waiting "
+                "for the device; pass a Python int"
+            )
+        if is_tensor(step):
+            kind = "c" if step.is_complex() else "f" if step.is_floating_point() else "i"
+        else:
+            kind = step.dtype.kind
+        if kind not in "fiub" or step.shape and math.prod(step.shape) != 1:
+            raise TypeError(f"{name}: expected a number, got {_describe(step)}")
+        value = float(step.reshape(()))
+    else:
+        raise TypeError(f"{name}: expected an int, got {type(step).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    return int(value)
+
+
+def _describe(value) -> str:
+    shape = tuple(getattr(value, "shape", ()))
+    return f"{type(value).__name__} of dtype {value.dtype} and shape {shape}"
 
 
 def _check_walltime(walltime):
@@ -65,6 +128,8 @@ def _check_walltime(walltime):
         w = float(walltime)
     except (TypeError, ValueError):
         raise TypeError(f"walltime: expected a number, got {type(walltime).__name__}") from None
+    except OverflowError:  # an int beyond float's range
+        w = math.inf
     if not math.isfinite(w):  # TensorBoard's data server marks a file with NaN wall time dead
         raise ValueError(f"walltime: must be finite, got {walltime!r}")
     return w

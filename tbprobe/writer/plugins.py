@@ -12,12 +12,12 @@ argument where tensorboardX asserts, fails later or writes what the dashboard ca
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Mapping
 
 import numpy as np
 
 from tbprobe.writer.proto import plugins_pb2, summary_pb2, tensor_pb2, types_pb2
+from tbprobe.writer.values import check_int as _check_int
 from tbprobe.writer.values import to_numpy
 
 _VERSION = 0  # the plugin-data version tensorboardX writes for every plugin here
@@ -72,15 +72,6 @@ def _numeric_tensor(arr: np.ndarray) -> tensor_pb2.TensorProto:
     """A TensorProto of ``arr`` (any shape, its dtype) with little-endian ``tensor_content``."""
     content = np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
     return _tensor(_dtype_enum(arr.dtype), arr.shape, tensor_content=content)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    n = int(value)
-    if n < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {n}")
-    return n
 
 
 def _check_finite(arr: np.ndarray, name: str) -> None:

@@ -70,6 +70,14 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def _step_varint(step: int) -> bytes:
+    """The varint of ``Event.step``, an int64: anything wider would be written wrapped or as
+    an over-long varint, which makes TensorBoard's Rust reader drop the rest of the file."""
+    if not -0x8000000000000000 <= step <= 0x7FFFFFFFFFFFFFFF:
+        raise ValueError(f"global_step: must lie in [-2**63, 2**63 - 1] (int64), got {step}")
+    return _varint(step)
+
+
 def _len_field(key: int, payload: bytes) -> bytes:
     return b"".join((bytes((key,)), _varint(len(payload)), payload))
 
@@ -102,9 +110,11 @@ def event_bytes(wall_time: float, step: int | None, summary_values: bytes) -> by
     ``summary_values`` is the concatenation of ``Summary.value`` fields (key 0x0A + length +
     ``Summary.Value`` bytes), i.e. a serialised ``Summary``.
     """
+    if not math.isfinite(wall_time):  # the Rust reader marks a file with a NaN wall time dead
+        raise ValueError(f"walltime: must be finite, got {wall_time!r}")
     parts = [b"\x09", _DOUBLE.pack(wall_time)]
     if step:
-        parts += (b"\x10", _varint(step))
+        parts += (b"\x10", _step_varint(step))
     parts.append(_len_field(0x2A, summary_values))
     return b"".join(parts)
 
@@ -138,7 +148,7 @@ def scalar_event(head: bytes, value: float, wall_time: float, step: int | None) 
         else:
             s = bytes((0x10, (step & 0x7F) | 0x80, ((step >> 7) & 0x7F) | 0x80, step >> 14))
         return _WALL(9, wall_time) + s + head + packed
-    return _WALL(9, wall_time) + b"\x10" + _varint(step) + head + packed
+    return _WALL(9, wall_time) + b"\x10" + _step_varint(step) + head + packed
 
 
 _SMALL_STEPS = [b"\x10" + bytes((i,)) for i in range(0x80)]

@@ -12,6 +12,7 @@ framing, CRCs, PNG encoding of device images and file I/O happen on the writer t
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import re
 import socket
@@ -24,9 +25,11 @@ from tbprobe.writer.event_file import (
     AsyncEventWriter,
     Deferred,
 )
+from tbprobe.writer.file_writer import FileWriter
 from tbprobe.writer.naming import _check_step, _check_walltime
 from tbprobe.writer.proto import event_pb2
 from tbprobe.writer.record import event_bytes, summary_bytes
+from tbprobe.writer.values import check_int
 from tbprobe.writer.writer_extras import ExtrasMixin
 from tbprobe.writer.writer_histograms import HistogramMixin
 from tbprobe.writer.writer_scalars import ScalarMixin
@@ -72,14 +75,14 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
 
     def __init__(
         self,
-        logdir: str | None = None,
-        comment: str = "",
+        logdir: str | os.PathLike | None = None,
+        comment: str | None = "",
         purge_step: int | None = None,
         max_queue: int = 10,
         flush_secs: float = 120,
         filename_suffix: str = "",
         write_to_disk: bool = True,
-        log_dir: str | None = None,
+        log_dir: str | os.PathLike | None = None,
         comet_config: dict | None = None,
         *,
         log_freq: int = 1,
@@ -87,35 +90,55 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         **kwargs,
     ):
+        """Arguments as in tensorboardX:
+
+        - ``logdir``: the run directory (str or path; ``w.logdir`` keeps what was passed).
+          None or ``""``: ``runs/<Mon><DD>_<HH-MM-SS>_<host><comment>``. ``log_dir`` is used
+          only when ``logdir`` is None.
+        - ``comment``: suffix of the default run directory (None is ``""``).
+        - ``max_queue``: an int >= 0, accepted for compatibility (0 is tensorboardX's unbounded
+          queue). tbprobe's queue is bounded by ``max_queue_bytes`` instead, and events reach
+          the OS within ~100 ms whatever the value.
+        - ``flush_secs``: seconds (>= 0) between fsyncs of the files while events arrive; 0
+          fsyncs after every write-out (~every 50 ms when busy). ``flush()`` and ``close()``
+          never wait for it.
+        """
         if kwargs:
             raise TypeError(f"SummaryWriter: unexpected keyword arguments {sorted(kwargs)}")
         if comet_config not in (None, {"disabled": True}) and not comet_config.get("disabled"):
             raise ValueError("comet_config: comet logging is not supported by tbprobe")
-        logdir = log_dir if log_dir is not None else logdir
+        if logdir is None:  # as tensorboardX: log_dir only when logdir is not given
+            logdir = log_dir
+        if comment is None:
+            comment = ""
         if not isinstance(comment, str):
             raise TypeError(f"comment: expected a str, got {type(comment).__name__}")
-        if logdir is None:
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir: expected a str or path, got {type(logdir).__name__}")
+        if logdir is None or logdir == "":
             stamp = datetime.now().strftime("%b%d_%H-%M-%S")
             logdir = os.path.join("runs", f"{stamp}_{socket.gethostname()}{comment}")
-        if not isinstance(logdir, (str, os.PathLike)):
-            raise TypeError(f"logdir: expected a str or path, got {type(logdir).__name__}")
-        logdir = os.fspath(logdir)
-        if not logdir or "\x00" in logdir:
+        path = os.fspath(logdir)
+        if not isinstance(path, str) or not path or "\x00" in path:
             raise ValueError(f"logdir: expected a directory name, got {logdir!r}")
         if not isinstance(filename_suffix, str) or re.search(r"[/\\\x00]", filename_suffix):
             raise ValueError(f"filename_suffix: must be a str without '/', got {filename_suffix!r}")
         self.purge_step = _check_step(purge_step, "purge_step")
-        for arg, v in (("max_queue", max_queue), ("log_freq", log_freq)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{arg}: expected a positive int, got {v!r}")
-        if not isinstance(flush_secs, (int, float)) or not flush_secs > 0:
-            raise ValueError(f"flush_secs: expected a positive number, got {flush_secs!r}")
+        max_queue = _int_arg(max_queue, "max_queue", 0)
+        log_freq = _int_arg(log_freq, "log_freq", 1)
+        max_queue_bytes = _int_arg(max_queue_bytes, "max_queue_bytes", 1 << 16)
+        if (
+            isinstance(flush_secs, bool)
+            or not isinstance(flush_secs, numbers.Real)
+            or not flush_secs >= 0
+        ):
+            raise ValueError(f"flush_secs: expected a number of seconds >= 0, got {flush_secs!r}")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error: expected 'raise' or 'warn', got {on_error!r}")
-        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1 << 16:
-            raise ValueError(f"max_queue_bytes: expected an int >= 65536, got {max_queue_bytes!r}")
-        self.logdir = logdir
+        self.logdir = logdir  # as given (tensorboardX keeps a pathlib.Path a Path)
+        self._logdir = path  # the str every internal use takes
         self.log_freq = log_freq
+        self.kwargs: dict = {}  # tensorboardX's extra FileWriter arguments: none are accepted
         self._max_queue = max_queue
         self._flush_secs = float(flush_secs)
         self._filename_suffix = filename_suffix
@@ -128,11 +151,14 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         self._defaults: dict | None = None
         self.scalar_dict: dict[str, list] = {}
         self._writer: AsyncEventWriter | None = None
+        self._file_writers: dict[str | None, FileWriter] | None = None
         self._dropped_before = 0
         self._get_writer()
 
     # ------------------------------------------------------------------ plumbing
     def _get_writer(self) -> AsyncEventWriter | None:
+        if self._file_writers is None:
+            self._file_writers = {None: FileWriter(self)}
         if self._writer is None and self._write_to_disk:
             wall = time.time()
             header = [
@@ -149,7 +175,7 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
                 header.append(start.SerializeToString())
             try:
                 self._writer = AsyncEventWriter(
-                    self.logdir,
+                    self._logdir,
                     filename_suffix=self._filename_suffix,
                     header=header,
                     max_queue_bytes=self._max_queue_bytes,
@@ -162,7 +188,7 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
                 import warnings
 
                 warnings.warn(
-                    f"tbprobe: cannot write to {self.logdir}; events are dropped",
+                    f"tbprobe: cannot write to {self._logdir}; events are dropped",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -171,7 +197,8 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         return self._writer
 
     def _skip(self, step) -> bool:
-        return step is not None and self.log_freq != 1 and step % self.log_freq != 0
+        """True when ``log_freq`` skips the explicit ``global_step`` (checked first)."""
+        return step is not None and self.log_freq != 1 and _check_step(step) % self.log_freq != 0
 
     def _step_wall(self, global_step, walltime):
         if self._defaults is not None:
@@ -213,10 +240,42 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         data = event.SerializeToString()
         self._put(key, data, len(data))
 
+    def _sub_writer(self, key: str) -> None:
+        """Register the ``FileWriter`` of sub-run ``key`` in ``all_writers``."""
+        fws = self._file_writers
+        if fws is not None and key not in fws:
+            fws[key] = FileWriter(self, key)
+
+    # ------------------------------------------------------------------ tensorboardX's attributes
+    @property
+    def file_writer(self) -> FileWriter | None:
+        """The run directory's ``FileWriter`` (None after ``close()``, as in tensorboardX)."""
+        fws = self._file_writers
+        return None if fws is None else fws[None]
+
+    @property
+    def all_writers(self) -> dict[str, FileWriter] | None:
+        """``{directory: FileWriter}``: the run directory and each ``add_scalars`` sub-run
+        (None after ``close()``). A new dict on each access."""
+        fws = self._file_writers
+        return None if fws is None else {fw.get_logdir(): fw for fw in fws.values()}
+
+    def _get_file_writer(self) -> FileWriter:
+        """The run directory's ``FileWriter``, reopening the writer after ``close()``."""
+        self._get_writer()
+        return self._file_writers[None]
+
+    @property
+    def default_bins(self) -> list[float]:
+        """tensorboardX's default histogram bin edges (``bins="tensorflow"``), a new list."""
+        from tbprobe.kernels import tensorflow_edges
+
+        return tensorflow_edges().tolist()
+
     # ------------------------------------------------------------------ lifecycle
     def get_logdir(self) -> str:
-        """The run directory."""
-        return self.logdir
+        """The run directory, as a str."""
+        return self._logdir
 
     @property
     def dropped_events(self) -> int:
@@ -254,6 +313,7 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
     def close(self):
         """Flush, fsync and close the files. Idempotent; a later ``add_*`` opens a new file."""
         w, self._writer = self._writer, None
+        self._file_writers = None
         if w is not None:
             try:
                 w.close()
@@ -274,3 +334,10 @@ def _without_metadata(v):
     copy.CopyFrom(v)
     copy.ClearField("metadata")
     return copy
+
+
+def _int_arg(value, name: str, minimum: int) -> int:
+    try:
+        return check_int(value, name, minimum)
+    except TypeError as e:  # the constructor's arguments have always raised ValueError
+        raise ValueError(str(e)) from None

@@ -84,3 +84,14 @@ def to_float(value, name: str) -> float:
     if arr.size != 1:
         raise ValueError(f"{name}: expected a single value, got shape {tuple(arr.shape)}")
     return float(arr.reshape(()))
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as a Python int: any integral number (``int``, numpy integers; not bool) that is
+    at least ``minimum``. Raises TypeError or ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    n = int(value)
+    if n < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {n}")
+    return n

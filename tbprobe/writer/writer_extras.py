@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from tbprobe.writer import values as _values
+from tbprobe.writer.naming import check_tag
 
 
 class ExtrasMixin:
@@ -26,11 +27,14 @@ class ExtrasMixin:
         self._add_image(tag, img_tensor, global_step, walltime, dataformats, batched=False)
 
     def add_images(self, tag, img_tensor, global_step=None, walltime=None, dataformats="NCHW"):
-        """A batch of images, ``(N, 3, H, W)`` by default, laid out as one grid image.
+        """A batch of images, ``(N, 3, H, W)`` by default, laid out as one grid image. A list or
+        tuple of same-shaped images (arrays or tensors) is a batch too, with ``dataformats``
+        giving each image's layout (``"CHW"``, ``"HWC"``, ...).
 
         Examples::
 
             writer.add_images("batch", torch.rand(16, 3, 32, 32), step)
+            writer.add_images("crops", [crop_a, crop_b], step, dataformats="CHW")
         """
         self._add_image(tag, img_tensor, global_step, walltime, dataformats, batched=True)
 
@@ -41,6 +45,14 @@ class ExtrasMixin:
             return
         tag = self._clean(tag)
         step, wall = self._step_wall(global_step, walltime)
+        if batched and isinstance(img, (list, tuple)) and any(map(_values.is_device_tensor, img)):
+            hwc = image.images_to_uint8_hwc_torch(img, dataformats)  # a list of device images
+
+            def build(arr):
+                return [image.image_value(tag, arr)]
+
+            self._emit_deferred([hwc], build, step, wall)
+            return
         if _values.is_device_tensor(img):
             to_hwc = image.images_to_uint8_hwc_torch if batched else image.to_uint8_hwc_torch
             hwc = to_hwc(img, dataformats)
@@ -50,8 +62,11 @@ class ExtrasMixin:
 
             self._emit_deferred([hwc], build, step, wall)
             return
-        to_hwc = image.images_to_uint8_hwc if batched else image.to_uint8_hwc
-        hwc = to_hwc(_values.to_numpy(img, "img_tensor"), dataformats)
+        if batched and image._is_image_list(img, dataformats):
+            hwc = image.images_to_uint8_hwc(img, dataformats)
+        else:
+            to_hwc = image.images_to_uint8_hwc if batched else image.to_uint8_hwc
+            hwc = to_hwc(_values.to_numpy(img, "img_tensor"), dataformats)
         self._emit([image.image_value(tag, hwc)], step, wall)
 
     def add_image_with_boxes(
@@ -63,21 +78,30 @@ class ExtrasMixin:
         walltime=None,
         dataformats="CHW",
         labels=None,
+        *,
+        rescale=1,
         **kwargs,
     ):
         """An image with boxes ``(N, 4)`` (xmin, ymin, xmax, ymax, in pixels) drawn on it, and
-        optional ``labels`` (N strings)."""
-        from tbprobe.writer import image
+        optional ``labels`` (N strings; None for no label on that box). ``rescale`` resizes
+        the drawn image by that factor. As in tensorboardX, labels whose count differs from
+        the boxes' are dropped with a warning and the tag is written as given.
+
+        Examples::
+
+            writer.add_image_with_boxes("det", img, [[4, 4, 40, 30]], step, labels=["cat"])
+        """
+        from tbprobe.writer import boxes, image
 
         if kwargs:
             raise TypeError(f"add_image_with_boxes: unexpected arguments {sorted(kwargs)}")
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)
         step, wall = self._step_wall(global_step, walltime)
         hwc = image.to_uint8_hwc(_values.to_numpy(img_tensor, "img_tensor"), dataformats)
-        boxes = _values.to_numpy(box_tensor, "box_tensor")
-        hwc = image.draw_boxes(hwc, boxes, labels)
+        box_arr = _values.to_numpy(box_tensor, "box_tensor")
+        hwc = boxes.draw_boxes(hwc, box_arr, labels, rescale=rescale)
         self._emit([image.image_value(tag, hwc)], step, wall)
 
     def add_figure(self, tag, figure, global_step=None, close=True, walltime=None):
@@ -112,7 +136,7 @@ class ExtrasMixin:
 
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)  # as given: tensorboardX does not clean it here
         step, wall = self._step_wall(global_step, walltime)
         snd = _values.to_numpy(snd_tensor, "snd_tensor")
         self._emit([audio_value(tag, snd, sample_rate=sample_rate)], step, wall)
@@ -128,7 +152,7 @@ class ExtrasMixin:
 
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)  # as given: tensorboardX does not clean it here
         step, wall = self._step_wall(global_step, walltime)
         self._emit([text_value(tag, text_string)], step, wall)
 
@@ -138,7 +162,7 @@ class ExtrasMixin:
 
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)  # as given: tensorboardX does not clean it here
         step, wall = self._step_wall(global_step, walltime)
         self._emit([tensor_value(tag, _values.to_numpy(tensor, "tensor"))], step, wall)
 
@@ -189,19 +213,22 @@ class ExtrasMixin:
         metadata_header=None,
     ):
         """Projector data: ``mat`` ``(N, D)``, optional ``metadata`` (N labels, or rows with
-        ``metadata_header``) and ``label_img`` ``(N, C, H, W)`` thumbnails."""
+        ``metadata_header``) and ``label_img`` ``(N, C, H, W)`` thumbnails, written as files
+        under ``<logdir>/<step>/<tag>/`` (nothing with ``write_to_disk=False``)."""
         from tbprobe.writer.embedding import write_embedding
+        from tbprobe.writer.naming import _check_step
 
         if self._skip(global_step):
             return
         write_embedding(
-            self.logdir,
+            self._logdir,
             _values.to_numpy(mat, "mat"),
             metadata=metadata,
             label_img=None if label_img is None else _values.to_numpy(label_img, "label_img"),
-            global_step=global_step,
+            global_step=_check_step(global_step),
             tag=tag,
             metadata_header=metadata_header,
+            write=self._write_to_disk,
         )
 
     def add_pr_curve(
@@ -219,7 +246,7 @@ class ExtrasMixin:
 
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)  # as given: tensorboardX does not clean it here
         step, wall = self._step_wall(global_step, walltime)
         value = pr_curve_value(
             tag,
@@ -249,7 +276,7 @@ class ExtrasMixin:
 
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)  # as given: tensorboardX does not clean it here
         step, wall = self._step_wall(global_step, walltime)
         arrays = [
             _values.to_numpy(v, n)
@@ -302,7 +329,7 @@ class ExtrasMixin:
 
         if self._skip(global_step):
             return
-        tag = self._clean(tag)
+        tag = check_tag(tag)  # as given: tensorboardX does not clean it here
         step, wall = self._step_wall(global_step, walltime)
         values = mesh_values(
             tag,
@@ -325,7 +352,7 @@ class ExtrasMixin:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name: expected a str or None, got {type(name).__name__}")
         run = name if name else str(time.time())
-        key = safe_subdir(self.logdir, [run], "name")
+        key = safe_subdir(self._logdir, [run], "name")
         step, wall = self._step_wall(global_step, None)
         for value in hparams_values(hparam_dict, metric_dict):
             self._emit([value], step, wall, key=key)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from tbprobe.writer import values as _values
 from tbprobe.writer.histogram import NUMPY_BIN_RULES, histogram_value, raw_histogram_value
-from tbprobe.writer.naming import clean_tag
+from tbprobe.writer.naming import check_tag, clean_tag
 
 
 class HistogramMixin:
@@ -34,10 +36,15 @@ class HistogramMixin:
             return
         tag = clean_tag(tag)
         step, wall = self._step_wall(global_step, walltime)
-        if max_bins is not None and (
-            isinstance(max_bins, bool) or not isinstance(max_bins, int) or max_bins < 1
-        ):
-            raise ValueError(f"max_bins: expected a positive int or None, got {max_bins!r}")
+        if max_bins is not None:
+            try:
+                max_bins = _values.check_int(max_bins, "max_bins", 1)
+            except TypeError:  # max_bins has always raised ValueError
+                raise ValueError(
+                    f"max_bins: expected a positive int or None, got {max_bins!r}"
+                ) from None
+        if isinstance(bins, numbers.Integral) and not isinstance(bins, (bool, np.bool_)):
+            bins = int(bins)
         from tbprobe import kernels
 
         if isinstance(bins, str) and bins in NUMPY_BIN_RULES:
@@ -95,8 +102,8 @@ class HistogramMixin:
         if self._skip(global_step):
             return
         step, wall = self._step_wall(global_step, walltime)
-        value = raw_histogram_value(
-            clean_tag(tag), min, max, num, sum, sum_squares, bucket_limits, bucket_counts
+        value = raw_histogram_value(  # the tag as given: tensorboardX does not clean it here
+            check_tag(tag), min, max, num, sum, sum_squares, bucket_limits, bucket_counts
         )
         self._emit([value], step, wall)
 

@@ -13,7 +13,7 @@ import time
 
 from tbprobe.writer import values as _values
 from tbprobe.writer.event_file import Deferred
-from tbprobe.writer.naming import clean_tag, safe_subdir
+from tbprobe.writer.naming import INT64_MAX, INT64_MIN, clean_tag, safe_subdir
 from tbprobe.writer.record import (
     event_bytes,
     scalar_event,
@@ -26,14 +26,18 @@ _time = time.time  # bound once: add_scalar's hot path
 
 
 class _DeferredScalar(Deferred):
-    __slots__ = ("copy", "head", "step", "wall")
+    __slots__ = ("copy", "head", "row", "step", "wall")
 
-    def __init__(self, copy, head, wall, step):
+    def __init__(self, copy, head, wall, step, row=None):
         self.copy, self.head, self.wall, self.step = copy, head, wall, step
+        self.row = row  # an add_scalars ``scalar_dict`` row whose value is this scalar
 
     def resolve(self) -> bytes:
         (arr,) = self.copy.arrays()
-        return scalar_event(self.head, float(arr.reshape(())), self.wall, self.step)
+        value = float(arr.reshape(()))
+        if self.row is not None:
+            self.row[2] = value
+        return scalar_event(self.head, value, self.wall, self.step)
 
 
 class ScalarMixin:
@@ -53,12 +57,17 @@ class ScalarMixin:
 
             writer.add_scalar("train/loss", loss, step)   # loss may be a CUDA tensor
         """
-        if global_step is not None and self.log_freq != 1 and global_step % self.log_freq:
+        if self.log_freq != 1 and self._skip(global_step):
             return
         head = self._scalar_head.get(tag)
         if head is None:
             head = self._scalar_head[tag] = scalar_head(clean_tag(tag))
-        if type(global_step) is int and walltime is None and self._defaults is None:
+        if (
+            type(global_step) is int
+            and INT64_MIN <= global_step <= INT64_MAX
+            and walltime is None
+            and self._defaults is None
+        ):
             step, wall = global_step, _time()  # the common case, checked cheaply
         else:
             step, wall = self._step_wall(global_step, walltime)
@@ -85,7 +94,7 @@ class ScalarMixin:
         """Many host scalars of one step as ONE event (a ``Summary`` with a value per tag):
         the probe's per-step tags, at a fraction of a call per scalar. Readers see the same
         scalars as from one :meth:`add_scalar` per tag."""
-        if global_step is not None and self.log_freq != 1 and global_step % self.log_freq:
+        if self.log_freq != 1 and self._skip(global_step):
             return
         if len(tags) != len(values):
             raise ValueError(f"values: expected {len(tags)} values, got {len(values)}")
@@ -102,7 +111,10 @@ class ScalarMixin:
         data = event_bytes(wall, step, scalar_values(heads, values))
         self._put(None, data, len(data))
 
-    def _put_device_scalar(self, head, tensor, wall, step) -> None:
+    def _put_device_scalar(self, head, tensor, wall, step, key=None, row=None) -> None:
+        """Queue a device scalar without waiting for it: a non-blocking copy to the host,
+        framed on the writer thread, which also stores the value in ``row[2]`` (if given;
+        until then ``row[2]`` is the copy)."""
         import torch
 
         if tensor.numel() != 1:
@@ -114,7 +126,9 @@ class ScalarMixin:
         from tbprobe.writer.device import host_copy
 
         copy = host_copy([tensor.detach().reshape(()).to(torch.float64)])
-        self._put(None, _DeferredScalar(copy, head, wall, step), 64)
+        if row is not None:
+            row[2] = copy
+        self._put(key, _DeferredScalar(copy, head, wall, step, row), 64)
 
     def _add_scalar_with_metadata(self, tag, value, step, wall, display_name, description):
         from tbprobe.writer.proto import summary_pb2
@@ -150,18 +164,35 @@ class ScalarMixin:
         step, wall = self._step_wall(global_step, walltime)
         head = scalar_head(clean_tag(main_tag, "main_tag"))
         for sub, value in tag_scalar_dict.items():
-            key = safe_subdir(self.logdir, [main_tag, sub], "tag_scalar_dict")
-            if _values.is_device_tensor(value):
-                raise TypeError(
-                    "tag_scalar_dict: device tensors are not accepted here (they would need a "
-                    "sync for export_scalars_to_json); pass floats or use add_scalar"
-                )
-            v = _values.to_float(value, f"tag_scalar_dict[{sub!r}]")
-            data = scalar_event(head, v, wall, step)
-            self._put(key, data, len(data))
-            self.scalar_dict.setdefault(os.path.join(self.logdir, main_tag, sub), []).append(
-                [wall, step, v]
-            )
+            key = safe_subdir(self._logdir, [main_tag, sub], "tag_scalar_dict")
+            row = [wall, step, None]
+            if _values.is_device_tensor(value):  # as add_scalar: no sync, framed later
+                self._put_device_scalar(head, value, wall, step, key, row)
+                self._scalar_pending.append(row)
+            else:
+                row[2] = _values.to_float(value, f"tag_scalar_dict[{sub!r}]")
+                data = scalar_event(head, row[2], wall, step)
+                self._put(key, data, len(data))
+            self._sub_writer(key)
+            self._scalar_dict.setdefault(os.path.join(self._logdir, main_tag, sub), []).append(row)
+
+    @property
+    def scalar_dict(self) -> dict[str, list]:
+        """What ``add_scalars`` logged, ``{run/tag: [[walltime, step, value], ...]}`` (as in
+        tensorboardX). Values of device tensors are read here, waiting for their copies."""
+        pending = self._scalar_pending
+        for row in pending:
+            copy = row[2]
+            if type(copy) is not float:  # the writer thread has not written it yet
+                (arr,) = copy.arrays()
+                row[2] = float(arr.reshape(()))
+        pending.clear()
+        return self._scalar_dict
+
+    @scalar_dict.setter
+    def scalar_dict(self, value: dict) -> None:
+        self._scalar_dict = value
+        self._scalar_pending: list[list] = []  # rows whose value is a device scalar
 
     def export_scalars_to_json(self, path):
         """Write what ``add_scalars`` logged, ``{run/tag: [[walltime, step, value], ...]}``, to

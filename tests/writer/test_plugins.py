@@ -338,11 +338,6 @@ def test_hparams_tensor_and_numpy_scalars_are_numbers():
 @given(
     st.sampled_from(
         [
-            ({"x": [1, 2]}, {}, "hparam_dict\\['x'\\]"),
-            ({"x": {"a": 1}}, {}, "hparam_dict\\['x'\\]"),
-            ({"x": float("nan")}, {}, "hparam_dict\\['x'\\]"),
-            ({"x": float("inf")}, {}, "hparam_dict\\['x'\\]"),
-            ({"x": torch.ones(3)}, {}, "hparam_dict\\['x'\\]"),
             ({1: 0.1}, {}, "hparam_dict"),
             ([("x", 1)], {}, "hparam_dict"),
             ({}, {"m": "high"}, "metric_dict\\['m'\\]"),
@@ -354,7 +349,7 @@ def test_hparams_tensor_and_numpy_scalars_are_numbers():
     )
 )
 def test_hparams_bad_inputs_raise(case):
-    """Unsupported hparam values, non-finite numbers and non-numeric metrics raise naming keys."""
+    """Non-str keys, non-dicts and non-numeric metrics raise, naming the argument."""
     hparam_dict, metric_dict, pattern = case
     with pytest.raises(BAD, match=pattern):
         hparams.hparams_values(hparam_dict, metric_dict)

@@ -76,8 +76,8 @@ def test_add_image_with_boxes(logdir):
     img = np.zeros((3, 32, 32))
     with SummaryWriter(logdir) as w:
         w.add_image_with_boxes("bx", img, np.array([[2, 2, 20, 20]]), 0, labels=["cat"])
-        with pytest.raises(ValueError, match="labels"):
-            w.add_image_with_boxes("bx", img, np.array([[2, 2, 20, 20]]), 0, labels=["a", "b"])
+        with pytest.raises(TypeError, match="labels"):
+            w.add_image_with_boxes("bx", img, np.array([[2, 2, 20, 20]]), 0, labels=[1])
     (e,) = accumulate(logdir).Images("bx")
     px = _pixels(e.encoded_image_string)
     assert px.shape[:2] == (32, 32) and px[..., :3].max() > 0
