@@ -83,6 +83,10 @@ class StepState:
         self.events: dict[tuple[str, str, str], Event] = {}
         self.grad_seq: dict[str, int] = {}
         self.grads: dict[str, torch.Tensor] = {}  # accumulated grads seen by the hooks
+        self.grad_tasks: set[int] = set()  # backward passes with an end callback queued
+        # (names, rows, histograms or None) of the gradients reduced at the end of the last
+        # backward pass (``pack.reduce_grads``)
+        self.grads_taken: tuple | None = None
         self.slots: dict[int, Slot] = {}
         self.act_hists: dict[str, kernels.Histogram | None] = {}
         self.thumbs: dict[str, tuple[torch.Tensor, tuple, str]] = {}
@@ -231,5 +235,6 @@ class StepState:
                 s.handle = None
         self.slots = {}
         self.grads = {}
+        self.grads_taken = None
         self.act_keep = {}
         self._hist_queue = []

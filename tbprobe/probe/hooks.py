@@ -21,12 +21,17 @@ that raises disables itself (see ``HookSet.fail``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
 import torch
 
 from tbprobe.probe.collect import StepState
+from tbprobe.probe.pack import reduce_grads
 from tbprobe.probe.selection import floating_tensors
+
+_ENGINE = torch.autograd.Variable._execution_engine
 
 
 def _in_backward() -> bool:
@@ -262,6 +267,39 @@ class HookSet:
                 st.flush(self.owner.cfg.hist_bins)
             if name not in st.grad_seq:
                 st.grad_seq[name] = st.next_seq()
-            # The accumulated grad is reduced at the step boundary; keep the tensor so that a
-            # zero_grad(set_to_none=True) before a manual probe.step() does not lose it.
+            # Reduced at the end of the backward pass (see _end_backward), else at the step
+            # boundary: the tensor is kept, so a zero_grad(set_to_none=True) before a manual
+            # probe.step() does not lose it.
             st.grads[name] = param.grad
+            task = torch._C._current_graph_task_id()
+            if task not in st.grad_tasks and self.owner._dist is None:
+                st.grad_tasks.add(task)
+                # (outside a backward pass it raises: the grads are read at the boundary)
+                with contextlib.suppress(RuntimeError):
+                    _ENGINE.queue_callback(functools.partial(self._end_backward, st, task))
+
+    def _end_backward(self, st: StepState, task: int) -> None:
+        """The end of a backward pass that accumulated gradients (an autograd final
+        callback: it must not raise). Queues the reduction behind the callbacks queued so far
+        (DistributedDataParallel's, which write the reduced gradients), unless this is a
+        nested backward (reentrant activation checkpointing, inside a node of the outer
+        one): the outer one's end comes later."""
+        st.grad_tasks.discard(task)
+        if torch._C._current_autograd_node() is not None:
+            return
+        try:
+            _ENGINE.queue_callback(functools.partial(self._grads_done, st))
+        except Exception as exc:
+            self.fail("grad", "<end of backward>", exc)
+
+    def _grads_done(self, st: StepState) -> None:
+        """Reduce the step's gradients now, before anything between the backward pass and
+        the optimizer step changes them in place: gradient clipping (the norms are the
+        gradients' own, as ``clip_grad_norm_`` returns them), ``zero_grad`` before a manual
+        ``probe.step()``. With gradient accumulation, the last backward's reduction counts."""
+        if st is not self.owner.state or ("grad", "<end of backward>") in self.disabled:
+            return
+        try:
+            reduce_grads(self.owner, st)
+        except Exception as exc:  # a final callback that raises would fail the backward
+            self.fail("grad", "<end of backward>", exc)

@@ -22,13 +22,19 @@ def _powers(device: torch.device) -> torch.Tensor:
     return p
 
 
+def _enabled(scaler) -> bool:
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return not callable(is_enabled) or bool(is_enabled())
+
+
 class AmpScale:
     """Unscales gradient statistics by ``scaler._scale`` on the device (no ``get_scale()``,
     which syncs), unless the scaler already unscaled the gradients in place."""
 
     def __init__(self, scaler, optimizer):
-        if scaler is not None and not (
-            callable(getattr(scaler, "update", None)) and hasattr(scaler, "_scale")
+        if scaler is not None and not (  # a disabled GradScaler has no _scale: no scaling
+            callable(getattr(scaler, "update", None))
+            and (hasattr(scaler, "_scale") or not _enabled(scaler))
         ):
             raise TypeError(f"scaler: expected a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.scaler, self.optimizer = scaler, optimizer

@@ -33,36 +33,76 @@ def pack_step(probe, st: StepState):
     return pk.finish(st.step, meta)
 
 
+def step_grads(probe, st: StepState) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, gradient)]`` of step ``st``, in the order their hooks first fired: the
+    parameters whose post-accumulate-grad hook fired in the step (a ``.grad`` left from an
+    earlier step, by ``zero_grad(set_to_none=False)`` on a parameter this step did not
+    reach, is not this step's gradient); when no hook fired at all (gradients assigned by
+    hand), every ``.grad`` there is."""
+    if st.grads:
+        return [(n, g) for n, g in st.grads.items() if g is not None]
+    return [(n, p.grad) for n, p in probe._params if p.grad is not None]
+
+
+def reduce_grads(probe, st: StepState) -> None:
+    """Reduce the gradients of step ``st`` now (at the end of a backward pass: see
+    ``hooks.HookSet._grads_done``), unscaled, with their histograms on a histogram step;
+    :func:`_pack_local` packs these unless the gradients changed hands since."""
+    if not (st.checked or st.scheduled or st.hist):
+        return
+    grads = step_grads(probe, st)
+    if not grads:
+        return
+    gs = _stat_views([g.detach() for _, g in grads])
+    rows = probe.amp.unscale(probe_stats(gs, extremes=False))
+    hists = None
+    if st.hist:
+        hists = kernels.histogram_many(probe.amp.unscaled(gs), bins=probe.cfg.hist_bins)
+    st.grads_taken = ([n for n, _ in grads], rows, hists)
+
+
 def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     """The step's rows, gradient/parameter statistics and histograms, as on one device."""
     cfg = probe.cfg
     st.flush(cfg.hist_bins)
-    seen = st.grads
-    grads = [(n, seen.get(n, p.grad)) for n, p in probe._params]
-    grads = [(n, g) for n, g in grads if g is not None]
+    grads: list = []
+    taken = None
+    if st.checked or st.scheduled or st.hist:
+        grads = step_grads(probe, st)
+        taken = st.grads_taken
+        if taken is not None and taken[0] != [n for n, _ in grads]:
+            taken = None  # hooks fired after the last backward's end: reduce them now
     gs: list = []
-    if grads and (st.checked or st.scheduled or st.hist):
+    if grads:
         order = st.grad_seq
-        grads.sort(key=lambda ng: order.get(ng[0], 1 << 60))
-        gs = _stat_views([g.detach() for _, g in grads])
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
+        if taken is None:
+            gs = _stat_views([g.detach() for _, g in grads])
     ps, upd = _params_and_updates(probe, st, meta)
-    rows = None
+    rows = grows = None
     if gs or ps:  # one call: norms and non-finite counts (on CUDA one launch per dtype)
         rows = probe_stats(gs + ps + upd, extremes=False)
         if gs:
-            pk.add("grad", probe.amp.unscale(rows[: len(gs)]))
+            grows = probe.amp.unscale(rows[: len(gs)])
         if ps:
             pk.add("param", rows[len(gs) : len(gs) + len(ps)])
         if upd:
             pk.add("upd", rows[len(gs) + len(ps) :])
-    if not _clean_on_host(st, meta, rows, len(gs)):
+    if taken is not None:
+        grows = taken[1]
+    if grows is not None:
+        pk.add("grad", grows)
+    if not _clean_on_host(st, meta, grows):
         pack_events(st, pk, meta)
     hists: list = []
     if st.hist:
-        if grads:
+        names = [n for n, _ in grads]
+        if taken is not None and taken[2] is not None:
+            hists.extend(taken[2])
+            meta.hists.extend(f"grad_hist/{n}" for n in names)
+        elif grads:
             gs = _stat_views([g.detach() for _, g in grads])
-            _hists(probe, meta, hists, "grad_hist", [n for n, _ in grads], gs, unscale=True)
+            _hists(probe, meta, hists, "grad_hist", names, gs, unscale=True)
         trainable = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
         if trainable:
             names, ts = zip(*trainable, strict=True)
@@ -74,15 +114,16 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     _pack_hists(pk, hists)
 
 
-def _clean_on_host(st: StepState, meta: StepMeta, rows, n_grads: int) -> bool:
+def _clean_on_host(st: StepState, meta: StepMeta, grad_rows) -> bool:
     """True for a checked step (counts only) whose every hooked tensor was reduced on the
-    host, with no NaN/±Inf there nor in the gradients: its events would only say "0", and
-    the record of such a step has none (``emit._clean_check``), so they are not packed."""
+    host, with no NaN/±Inf there nor in the gradients (``grad_rows``): its events would only
+    say "0", and the record of such a step has none (``emit._clean_check``), so they are not
+    packed."""
     if st.scheduled or st.full or not meta.grads or not st.rows.all_host() or st.rows.bad:
         return False
-    if rows is None or rows.device.type != "cpu":
+    if grad_rows is None or grad_rows.device.type != "cpu":
         return False
-    return not host_stats.any_nonfinite(rows[:n_grads])
+    return not host_stats.any_nonfinite(grad_rows)
 
 
 def pack_events(st: StepState, pk: Packer, meta: StepMeta) -> None:
@@ -118,9 +159,15 @@ def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, lis
     meta.params = [n for n, _ in named]
     ps = [p for _, p in named]
     prev = probe._prev
-    if prev is None or prev[0] != meta.params:
+    if prev is None:
         return _stat_views(ps), []
-    torch._foreach_sub_(prev[1], ps)  # -Δw, in place
+    cur = ps
+    if prev[0] != meta.params:  # the probed optimizer's own parameters (or a changed model)
+        at = {n: i for i, n in enumerate(meta.params)}
+        if any(n not in at for n in prev[0]):
+            return _stat_views(ps), []
+        cur = [ps[at[n]] for n in prev[0]]
+    torch._foreach_sub_(prev[1], cur)  # -Δw, in place
     meta.updates = list(prev[0])
     return _stat_views(ps), _stat_views(list(prev[1]))
 

@@ -134,7 +134,9 @@ class Probe:
         self.modules = select_modules(base, self.cfg.modules, self.cfg.exclude)
         if every_default:  # every rank schedules rank 0's steps (after the checks that raise)
             self.cfg.every = agreed_every(self.cfg.every, self._dist)
-        self._params = list(base.named_parameters())
+        # A compiled submodule (``model.x = torch.compile(model.x)``) names its parameters
+        # through the wrapper's ``_orig_mod``: tags use the module's own name.
+        self._params = [(n.replace("._orig_mod.", "."), p) for n, p in base.named_parameters()]
         lazy = [n for n, p in self._params if isinstance(p, nn.parameter.UninitializedParameter)]
         if lazy:
             raise ValueError(
@@ -179,6 +181,8 @@ class Probe:
             raise
         self._attached = True
         self.state = self._new_state(self._step)
+        if optimizer is None and self.state.scheduled and "params" in self.cfg.track:
+            self._prev = self._copy_params()  # the first step's updates (see _close_step)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -246,7 +250,7 @@ class Probe:
     def _pre_opt(self, optimizer, args, kwargs) -> None:
         st = self.state
         if st.scheduled and "params" in self.cfg.track:
-            self._prev = self._copy_params()
+            self._prev = self._copy_params(optimizer)
 
     def _post_opt(self, optimizer, args, kwargs) -> None:
         self._close_step()
@@ -265,11 +269,11 @@ class Probe:
                 self._hooks.fail("step", "pack", exc)
             else:  # every rank must join every later step's gather: warn once, keep packing
                 self._hooks.note("step", "pack", exc)
-        finally:
-            self._learned = self._learned or (st.learn and bool(st.events))
-            st.close()
-            prev, self._prev = self._prev, None
-        self._step += 1
+        except BaseException:  # KeyboardInterrupt: the step ends all the same, so the
+            self._end(st)  # probe's steps stay the optimizer's
+            self.state = self._new_state(self._step)
+            raise
+        prev = self._end(st)
         self._take_requests()
         self.state = self._new_state(self._step)
         # Consecutive scheduled steps (every=1) copy into the same buffers: a fresh copy of
@@ -277,6 +281,14 @@ class Probe:
         self._spare = prev if self.state.scheduled else None
         if self.optimizer is None and self.state.scheduled and "params" in self.cfg.track:
             self._prev = self._copy_params()
+
+    def _end(self, st: StepState):
+        """Close step ``st`` and count it; the parameter copies it took, for reuse."""
+        self._learned = self._learned or (st.learn and bool(st.events))
+        prev, self._prev = self._prev, None
+        self._step += 1
+        st.close()
+        return prev
 
     def _after_step(self) -> None:
         """Write the steps that have landed; react to their anomalies (may raise)."""
@@ -341,8 +353,14 @@ class Probe:
         except Exception as exc:
             self._hooks.fail("requests", "watcher", exc)
 
-    def _copy_params(self):
+    def _copy_params(self, optimizer=None):
+        """Copies of the trainable parameters before an update: ``(names, copies)``. With an
+        ``optimizer``, of its parameters only: another optimizer's step would read as no
+        update at all."""
         named = [(n, p) for n, p in self._params if p.requires_grad]
+        if optimizer is not None:
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            named = [(n, p) for n, p in named if id(p) in owned]
         if not named:
             return None
         ts = [p.detach() for _, p in named]
