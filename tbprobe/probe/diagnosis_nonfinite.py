@@ -62,7 +62,9 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
     A parameter gradient is reported as its module's backward when that module's
     ``grad_input`` is non-finite too (parameter hooks fire before the module's backward
     hook). A propagator (non-finite inputs) is replaced by its innermost enclosing module
-    whose inputs were finite: the value was made inside it, outside any hooked child.
+    whose inputs were finite: the value was made inside it, outside any hooked child. So is
+    a module's non-finite ``grad_output`` that came from no hooked consumer, when an
+    enclosing module's own ``grad_output`` was finite (see ``_made_in_backward``).
 
     Example::
 
@@ -96,6 +98,10 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
         )
         if enclosing is not None:
             chosen, producer = enclosing, True
+    elif producer is None and chosen.pass_ == "backward" and chosen.tensor == "grad_output":
+        made = _made_in_backward(chosen, events, bad)
+        if made is not None:
+            chosen, producer = made, True
     module = owner_module(chosen.module) if chosen.pass_ == "grad" else chosen.module
     name = chosen.module or "<root>"
     msg = (
@@ -117,6 +123,32 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
         module=module,
         producer=producer,
     )
+
+
+def _made_in_backward(chosen: TensorEvent, events, bad) -> TensorEvent | None:
+    """For a first non-finite ``grad_output`` of a module (no hooked consumer passed it on:
+    its ``grad_input`` would have come first), the ``grad_input`` event of the innermost
+    enclosing module whose own ``grad_output`` was finite: the gradient turned non-finite
+    inside that module's backward, in its own code (``torch.sqrt`` at 0 between two hooked
+    children), or None."""
+    finite_in = [
+        e
+        for e in events
+        if e.pass_ == "backward"
+        and e.tensor == "grad_output"
+        and e.nonfinite == 0
+        and _is_ancestor(e.module, chosen.module)
+    ]
+    for anc in sorted(finite_in, key=lambda e: -len(e.module)):
+        return next(
+            (
+                e
+                for e in bad
+                if e.pass_ == "backward" and e.module == anc.module and e.tensor == "grad_input"
+            ),
+            None,
+        )
+    return None
 
 
 def grad_norm_anomaly(step: int, grad_norms: Mapping[str, float]) -> Anomaly:

@@ -102,6 +102,7 @@ class HookSet:
         self.disabled: set = set()
         self.errors: list[tuple[str, str, BaseException]] = []
         self._module_keys: dict[str, _Keys] = {}
+        self._warned_gone = False  # see _grad_gone
 
     # ---------------------------------------------------------------- failure policy
     def fail(self, kind: str, where: str, exc: BaseException) -> None:
@@ -270,13 +271,27 @@ class HookSet:
             # Reduced at the end of the backward pass (see _end_backward), else at the step
             # boundary: the tensor is kept, so a zero_grad(set_to_none=True) before a manual
             # probe.step() does not lose it.
-            st.grads[name] = param.grad
+            g = st.grads[name] = param.grad
+            if g is None and not self._warned_gone:
+                self._grad_gone(name)
             task = torch._C._current_graph_task_id()
             if task not in st.grad_tasks and self.owner._dist is None:
                 st.grad_tasks.add(task)
                 # (outside a backward pass it raises: the grads are read at the boundary)
                 with contextlib.suppress(RuntimeError):
                     _ENGINE.queue_callback(functools.partial(self._end_backward, st, task))
+
+    def _grad_gone(self, name: str) -> None:
+        """A post-accumulate-grad hook registered before the probe's took the gradient
+        (an optimizer step inside the backward that sets ``.grad`` to None): say so once."""
+        self._warned_gone = True
+        warnings.warn(
+            f"tbprobe: the gradient of {name!r} was already gone when the probe's hook ran "
+            "(an optimizer step inside the backward pass, hooked before the probe?): its "
+            "gradient statistics are missing; attach the probe before registering such hooks",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _end_backward(self, st: StepState, task: int) -> None:
         """The end of a backward pass that accumulated gradients (an autograd final

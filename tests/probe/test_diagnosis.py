@@ -113,6 +113,30 @@ def test_param_grad_first_is_attributed_to_module_backward():
     assert (b.where, b.module, b.pass_, b.producer) == ("l1.bias", "l1", "grad", True)
 
 
+def test_backward_nan_made_in_a_blocks_own_code_names_the_block():
+    """blk = fc2(relu(fc1(x) + sqrt(0 * ...))): the backward NaN first shows in fc1's
+    grad_output, with no hooked consumer passing it on (fc2's grad_input is finite) while
+    blk's own grad_output is finite: blk's backward made it."""
+    events = [
+        ev(0, "blk", "backward", "grad_output", 0, None),
+        ev(1, "blk.fc2", "backward", "grad_output", 0, None),
+        ev(2, "blk.fc2", "backward", "grad_input", 0, 0),
+        ev(3, "blk.fc1", "backward", "grad_output", 32, None),
+        ev(4, "blk.fc1", "backward", "grad_input", 32, 32),
+        ev(5, "blk", "backward", "grad_input", 32, 0),
+    ]
+    (a,) = Diagnosis().feed(rec(0, events))
+    assert (a.where, a.pass_, a.tensor, a.producer) == ("blk", "backward", "grad_input", True)
+    assert "first non-finite hooked tensor: backward grad_output of blk.fc1" in a.message
+    # The gradient reaching the block from above was non-finite already: not refined
+    above = [ev(0, "blk", "backward", "grad_output", 8, None), *events[1:]]
+    (b,) = Diagnosis().feed(rec(0, above))
+    assert (b.where, b.tensor, b.producer) == ("blk", "grad_output", None)
+    # No enclosing hooked module: fc1's grad_output stays, producer unknown
+    (c,) = Diagnosis().feed(rec(0, events[1:5]))
+    assert (c.where, c.tensor, c.producer) == ("blk.fc1", "grad_output", None)
+
+
 def test_nonfinite_episode_reported_once_and_again_after_recovery():
     """NaN that persists is one report; a finite step ends the episode; a new NaN reports."""
     nan = [ev(0, "l0", nonfinite=1)]

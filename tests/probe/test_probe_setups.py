@@ -210,3 +210,27 @@ def test_compiled_submodule_parameters_are_named_without_orig_mod(tmp_path):
     tags = read_run(tmp_path)["scalars"]
     assert {"grad_norm/2.weight", "param_norm/2.bias", "update_ratio/2.weight"} <= set(tags)
     assert not any("_orig_mod" in t for t in tags)
+
+
+def test_optimizer_step_in_backward_hooked_first_is_reported(tmp_path):
+    """PyTorch's optimizer-step-in-backward recipe, registered before the probe, takes each
+    gradient before the probe's hook sees it: one warning says so."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opts = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+
+    def step_in_backward(p):
+        opts[p].step()
+        opts[p].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step_in_backward)
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(model, writer, every=1, watch_requests=False)
+    with pytest.warns(RuntimeWarning, match="gradient of '(weight|bias)' was already gone"):
+        for _ in range(2):
+            model(torch.randn(8, 4)).sum().backward()
+            probe.step()
+    probe.detach()
+    writer.close()
+    assert "param_norm/weight" in read_run(tmp_path)["scalars"]
