@@ -157,10 +157,7 @@ def _parts(probe, st, plan: _Plan) -> None:
     plan.grads = [(n, seen.get(n, p.grad)) for n, p in plan.named]
     plan.pparts = [part_of(p) for _, p in plan.trainable]
     empty = torch.empty(0, device=plan.device)
-    plan.gparts = []
-    for (_, gr), merged in zip(plan.grads, plan.gmerged, strict=True):
-        part = Part(empty, merged, False) if gr is None else part_of(gr)
-        plan.gparts.append(Part(part.local, merged, part.contributes))
+    plan.gparts = _grad_parts([gr for _, gr in plan.grads], plan.gmerged, plan.device)
     if not st.hist:
         return
     grads = zip(plan.grads, plan.gparts, strict=True)
@@ -177,6 +174,32 @@ def _parts(probe, st, plan: _Plan) -> None:
         raise RuntimeError(f"histograms: {len(plan.glob)} binned over the ranks, planned otherwise")
 
 
+def _grad_parts(grads: list, gmerged: list[bool], device) -> list[Part]:
+    """The local parts of the gradients (an empty one for a gradient this rank lacks)."""
+    empty = torch.empty(0, device=device)
+    parts = []
+    for gr, merged in zip(grads, gmerged, strict=True):
+        part = Part(empty, merged, False) if gr is None else part_of(gr)
+        parts.append(Part(part.local, merged, part.contributes))
+    return parts
+
+
+def reduce_grads_distributed(probe, st) -> None:
+    """``pack.reduce_grads`` on a distributed probe: this rank's gradient rows, taken at the
+    end of the backward pass (after DistributedDataParallel's reduction, before any
+    clipping), keyed on the gradient tensors they read; :func:`_local` uses them when the
+    step boundary finds the same tensors (FSDP2 may assign its sharded gradients later:
+    then they are reduced at the boundary)."""
+    if not (st.checked or st.scheduled or st.hist) or not probe._params:
+        return
+    seen = st.grads
+    grads = [seen.get(n, p.grad) for n, p in probe._params]
+    gmerged = [p.requires_grad and is_dtensor(p) for _, p in probe._params]
+    parts = _grad_parts(grads, gmerged, probe._params[0][1].device)
+    rows = probe.amp.unscale(local_rows(parts, _norm_rows))
+    st.grads_taken = ([None if g is None else id(g) for g in grads], rows, None)
+
+
 def _local(probe, st, plan: _Plan) -> _Local:
     """This rank's partials of every planned slot (device work, no host sync)."""
     cfg, loc = probe.cfg, _Local()
@@ -187,7 +210,11 @@ def _local(probe, st, plan: _Plan) -> _Local:
         loc.slots.update(loc.events.slots)
     gparts, pparts = plan.gparts, plan.pparts
     if plan.grad_rows:
-        loc.grows = probe.amp.unscale(local_rows(gparts, _norm_rows))
+        taken = st.grads_taken
+        if taken is not None and taken[0] == [None if g is None else id(g) for _, g in plan.grads]:
+            loc.grows = taken[1]  # the end of the backward pass's (reduce_grads_distributed)
+        else:
+            loc.grows = probe.amp.unscale(local_rows(gparts, _norm_rows))
         loc.slots["grad"] = _select(loc.grows, _idx(plan.gmerged))
     if plan.params:
         loc.prow = local_rows(pparts, _norm_rows)

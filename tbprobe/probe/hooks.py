@@ -275,7 +275,7 @@ class HookSet:
             if g is None and not self._warned_gone:
                 self._grad_gone(name)
             task = torch._C._current_graph_task_id()
-            if task not in st.grad_tasks and self.owner._dist is None:
+            if task not in st.grad_tasks:
                 st.grad_tasks.add(task)
                 # (outside a backward pass it raises: the grads are read at the boundary)
                 with contextlib.suppress(RuntimeError):

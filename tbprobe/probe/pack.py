@@ -48,6 +48,11 @@ def reduce_grads(probe, st: StepState) -> None:
     """Reduce the gradients of step ``st`` now (at the end of a backward pass: see
     ``hooks.HookSet._grads_done``), unscaled, with their histograms on a histogram step;
     :func:`_pack_local` packs these unless the gradients changed hands since."""
+    if probe._dist is not None:
+        from tbprobe.probe.dist_pack import reduce_grads_distributed
+
+        reduce_grads_distributed(probe, st)
+        return
     if not (st.checked or st.scheduled or st.hist):
         return
     grads = step_grads(probe, st)

@@ -65,6 +65,7 @@ class Scenario:
     break_pack: tuple[int, int] | None = None  # (step, rank): its packing raises there
     branch: int | None = None  # the rank whose BranchLM takes its branch (every step)
     fail_hook: tuple[str, int, int] | None = None  # (module, step, rank): its hook raises
+    clip: float | None = None  # clip_grad_norm_ to this after each backward
 
 
 PLANT = ("blocks.1.fc1", 1, 1)
@@ -102,9 +103,20 @@ LAYOUT_SCENARIOS = (
         "fsdp_hook_fail", "fsdp", probe_kwargs={"reduce_activations": True}, fail_hook=HOOK_FAIL
     ),
 )
+# Gradient clipping between the backward and the step (its captures hold clipped grads)
+CLIP_SCENARIOS = (
+    Scenario("ddp_clip", "ddp", probe_kwargs={"histogram_every": 100}, clip=1e-3),
+    Scenario(
+        "fsdp_clip",
+        "fsdp",
+        probe_kwargs={"reduce_activations": True, "histogram_every": 100},
+        clip=1e-3,
+    ),
+)
 BASE_NAMES = tuple(sc.name for sc in SCENARIOS)
 LAYOUT_NAMES = tuple(sc.name for sc in LAYOUT_SCENARIOS)
-SCENARIOS += LAYOUT_SCENARIOS
+CLIP_NAMES = tuple(sc.name for sc in CLIP_SCENARIOS)
+SCENARIOS += LAYOUT_SCENARIOS + CLIP_SCENARIOS
 SCENARIO = {sc.name: sc for sc in SCENARIOS}
 COLLECTIVES = Collectives()
 
@@ -270,6 +282,11 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
             lm_loss(wrapped, rank_batch(step, rank)).backward()
             if step == 0:
                 dump["grad_layout"] = _grad_layout(params)
+            if sc.clip is not None:
+                total = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), sc.clip)
+                if hasattr(total, "full_tensor"):  # FSDP2: a DTensor
+                    total = total.full_tensor()
+                dump.setdefault("preclip", []).append(float(total))
             opt.step()
             opt.zero_grad()
     if probe is not None:
