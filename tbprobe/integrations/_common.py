@@ -43,16 +43,20 @@ class ProbeSession:
     def writer(self):
         return self._writer
 
-    def start(self, model, optimizer, default_logdir=None) -> None:
-        """Attach the probe to ``model``; its step follows ``optimizer`` when there is one."""
+    def start(self, model, optimizer, default_logdir=None, start_step: int = 0) -> None:
+        """Attach the probe to ``model``; its step follows ``optimizer`` when there is one and
+        starts at ``start_step`` (the framework's step: a resumed run goes on where it was),
+        unless the probe's keyword arguments name one. A probe left attached by a run that
+        raised (a framework without an exception callback) is detached first."""
         from tbprobe import Probe, SummaryWriter
 
         if self.probe is not None:
-            return
+            self.stop()
         if self._writer is None:
             self._writer = SummaryWriter(self._logdir or default_logdir)
         opt = torch_optimizer(optimizer)
-        self.probe = Probe(model, self._writer, optimizer=opt, **self.probe_kwargs)
+        kwargs = {"start_step": start_step, **self.probe_kwargs}
+        self.probe = Probe(model, self._writer, optimizer=opt, **kwargs)
 
     def stop(self) -> None:
         """Detach every hook, write what is pending, close the writer if this session made it."""

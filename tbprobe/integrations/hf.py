@@ -29,7 +29,10 @@ def _build():
         arguments have none), and closed at the end of training. Other
         keyword arguments go to ``tbprobe.Probe`` (``every``, ``histogram_every``, ...). The
         probe's step follows the Trainer's optimizer steps (its step post-hook), so gradient
-        accumulation is handled. Only the main process writes.
+        accumulation is handled, and is numbered as the Trainer numbers its logs (the first
+        optimizer step is 1; a resumed run goes on from its checkpoint's step). Only the main
+        process writes. The Trainer calls no callback when ``train()`` raises: the probe then
+        stays attached until the next ``train()`` or ``callback.probe.detach()``.
         """
 
         def __init__(self, writer=None, logdir=None, **probe_kwargs):
@@ -44,7 +47,8 @@ def _build():
             if not state.is_world_process_zero or model is None:
                 return
             default = getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs")
-            self._session.start(model, optimizer, default_logdir=default)
+            # The Trainer logs an optimizer step's values at global_step after the step
+            self._session.start(model, optimizer, default, start_step=state.global_step + 1)
 
         def on_train_end(self, args, state, control, **kwargs):
             self._session.stop()

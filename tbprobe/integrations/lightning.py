@@ -36,8 +36,9 @@ def _build():
 
         ``logdir``: where a tbprobe ``SummaryWriter`` is made (default: the trainer's
         ``log_dir``, else ``lightning_logs``), or pass ``writer=``. Other keyword arguments go
-        to ``tbprobe.Probe``. The probe's step follows the first optimizer's steps. Only global
-        rank 0 writes.
+        to ``tbprobe.Probe``. The probe's step follows the first optimizer's steps, numbered
+        as ``trainer.global_step`` (a resumed run goes on from its checkpoint's step). Only
+        global rank 0 writes.
         """
 
         def __init__(self, logdir=None, *, writer=None, **probe_kwargs):
@@ -49,12 +50,13 @@ def _build():
             """The attached ``tbprobe.Probe`` while fitting, else None."""
             return self._session.probe
 
-        def on_fit_start(self, trainer, pl_module):
+        def on_train_start(self, trainer, pl_module):
+            # Not on_fit_start: a resumed run's global_step is restored after it
             if trainer.global_rank != 0:
                 return
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             default = trainer.log_dir or "lightning_logs"
-            self._session.start(pl_module, optimizer, default_logdir=default)
+            self._session.start(pl_module, optimizer, default, start_step=trainer.global_step)
 
         def on_fit_end(self, trainer, pl_module):
             self._session.stop()

@@ -90,6 +90,14 @@ class ProbeConfig:
             raise ValueError(
                 f"thumbnail_size: expected at least 8 pixels, got {self.thumbnail_size}"
             )
+        from tbprobe.kernels.thumbnail import SEP, grid_shape
+
+        side = max(grid_shape(self.max_tiles))  # a pixel per tile at least, and separators
+        if self.thumbnail_size < side * (1 + SEP) - SEP:
+            raise ValueError(
+                f"thumbnail_size: {self.thumbnail_size} pixels cannot hold the grid of "
+                f"max_tiles={self.max_tiles} tiles (at least {side * (1 + SEP) - SEP})"
+            )
         self.modules = _patterns("modules", self.modules)
         self.exclude = _patterns("exclude", self.exclude)
         track = (self.track,) if isinstance(self.track, str) else self.track

@@ -217,8 +217,11 @@ class HookSet:
         snap = st.snap is not None and name in st.snap
         if (st.hist or snap) and name not in st.act_hists:
             st.add_hist(name, outs[0], self.owner.cfg.hist_bins)
-        if snap and name not in st.thumbs:
-            st.thumbs[name] = self.owner.snapshots.capture(outs[0], name)
+        if snap and name not in st.thumbs and ("snapshot", name) not in self.disabled:
+            try:  # a failed thumbnail must not take the module's statistics with it
+                st.thumbs[name] = self.owner.snapshots.capture(outs[0], name)
+            except Exception as exc:
+                self.fail("snapshot", name, exc)
 
     def _watch_grads(self, st: StepState, name, outs, ins) -> None:
         one = self._keys(name).one

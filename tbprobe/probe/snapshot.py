@@ -40,6 +40,8 @@ def _thumb_input(x: torch.Tensor, name: str = "") -> tuple[torch.Tensor, str]:
         return x, "sequence"
     if x.ndim > 4:
         x = x.reshape(*x.shape[:3], -1)
+    if x.shape[2] * x.shape[3] == 1:  # (B, C, 1, 1): one pixel per map, blank as tiles
+        return x.reshape(x.shape[0], -1), "heatmap"  # samples x channels
     return x, "conv"
 
 

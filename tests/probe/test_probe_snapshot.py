@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import tbprobe
 from tbprobe.kernels.thumbnail import thumbnail_shape
@@ -276,3 +277,47 @@ def test_attention_maps_are_drawn_as_heads():
     assert _thumb_input(x, "encoder.layer.1.attention.self")[1] == "attention"
     assert _thumb_input(x, "features.3")[1] == "conv"
     assert _thumb_input(x[0], "blocks.0.attn.probs")[1] == "sequence"  # 3-D: not attention
+
+
+def test_one_pixel_feature_maps_are_drawn_as_a_samples_by_channels_heatmap():
+    """(B, C, 1, 1) outputs (squeeze-excitation, pooled heads) would be blank tiles: they
+    are drawn as one (B, C) heatmap instead, whose pixels follow the values."""
+    from tbprobe import kernels
+    from tbprobe.probe.snapshot import _thumb_input
+
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 16, 1, 1)
+    view, kind = _thumb_input(x, "se.fc")
+    assert kind == "heatmap" and view.shape == (2, 16)
+    img = kernels.thumbnail(view, kind=kind)
+    assert len(img.unique()) > 8  # not one grey level
+
+
+def test_a_failing_thumbnail_leaves_the_modules_statistics(tmp_path, monkeypatch):
+    """A thumbnail that raises disables snapshots of that module only: its activation
+    statistics keep being written."""
+    from tbprobe.probe import snapshot as snap_mod
+
+    def broken(self, x, name=""):
+        raise RuntimeError("planted thumbnail failure")
+
+    monkeypatch.setattr(snap_mod.Snapshots, "capture", broken)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(model, writer, every=1, watch_requests=False)
+    probe.snapshot()
+    with pytest.warns(RuntimeWarning, match="snapshot hook of '0' failed"):
+        for _ in range(3):
+            model(torch.randn(2, 3, 4, 4)).sum().backward()
+            probe.step()
+    probe.detach()
+    writer.close()
+    assert [(k, w) for k, w, _ in probe.errors] == [("snapshot", "0")]
+    assert set(read_run(tmp_path)["scalars"]["act_rms/0"]) == {0, 1, 2}
+
+
+def test_thumbnail_size_too_small_for_max_tiles_is_refused():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="thumbnail_size: 8 pixels cannot hold the grid"):
+        tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), thumbnail_size=8)
+    tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), thumbnail_size=8,
+                  max_tiles=16).detach()  # fmt: skip
