@@ -214,6 +214,9 @@ def thumbnail_reference(
     return grid.reshape(rows * (th + SEP), cols * (tw + SEP))[: rows * (th + SEP) - SEP, :-SEP]
 
 
+_TRITON_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # triton_thumbnail._FP8_DECODE's
+
+
 def _triton_launcher(x: torch.Tensor):
     """``thumbnail_triton`` when this call should use Triton, else None (the reference)."""
     if not use_triton(x.device):
@@ -264,6 +267,10 @@ def thumbnail(
             background=background,
         )
     # The Triton path reads x in place through its strides: no view or detach per call.
+    if x.is_neg():  # a lazily negated view (e.g. .conj().imag): its memory holds -x
+        x = x.resolve_neg()
+    if x.element_size() == 1 and x.is_floating_point() and x.dtype not in _TRITON_FP8:
+        x = x.float()  # fp8 variants the kernel cannot decode (fnuz, e8m0): exact in fp32
     _check_background(background)
     layout = _layout(x.shape, kind, max_tiles, tile, max_size)
     _check_sample(x, layout[0], sample)

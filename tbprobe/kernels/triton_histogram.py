@@ -206,8 +206,13 @@ def _flat(x, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():
         raise TypeError(f"{name}: complex tensors are not supported (got {x.dtype})")
-    if x.dtype not in _ELEMENT:
-        raise TypeError(f"{name}: unsupported dtype {x.dtype}")
+    if x.dtype not in _ELEMENT:  # rarer dtypes: widened exactly, as the oracle reads them
+        if x.dtype.is_floating_point:
+            if x.element_size() != 1:
+                raise TypeError(f"{name}: unsupported dtype {x.dtype}")
+            x = x.float()  # fp8 variants (fnuz, e8m0): every value is an fp32
+        else:
+            x = x.double()  # uint16/32/64: np.histogram(x.double(), ...) is the contract
     return x.detach().reshape(-1).contiguous()
 
 

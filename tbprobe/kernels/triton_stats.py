@@ -87,12 +87,13 @@ def _decode(b_raw, ACC: tl.constexpr, DECODE: tl.constexpr):
 
 @triton.jit
 def _accumulate(b_raw, m_x, s_sum, s_sq, b_min, b_max, n_special, n_zero, ACC, DECODE):
-    """One block ``x`` (lanes ``m_x``) into the running state: ``s_sum += sum x``, ``s_sq +=
-    sum x^2`` over finite x (a tree in ACC, added in fp64), lane-wise min/max, packed counts."""
+    """One block ``x`` (lanes ``m_x``) into the running state: ``s_sum += sum x`` (in fp64:
+    a sum can cancel, so narrower partials would cost relative accuracy), ``s_sq += sum x^2``
+    over finite x (a tree in ACC, added in fp64), lane-wise min/max, packed counts."""
     b_x = _decode(b_raw, ACC, DECODE)
     m_fin = m_x & (tl.abs(b_x) < float("inf"))  # False for NaN and ±Inf
     b_f = tl.where(m_fin, b_x, 0.0)
-    b_s = tl.sum(b_f, axis=0).to(tl.float64)
+    b_s = tl.sum(b_f.to(tl.float64), axis=0)
     b_q = tl.sum(b_f * b_f, axis=0).to(tl.float64)
     # The outer `if` is resolved at compile time (ACC is a constexpr), the inner at run time.
     if ACC == tl.float32:  # noqa: SIM102, SIM300 - see above; ACC is a parameter, not a constant
@@ -151,11 +152,13 @@ def _chunk_exact(p_x, start, end, ACC: tl.constexpr, DECODE: tl.constexpr, BLOCK
 @triton.jit
 def _chunk_fast(p_x, start, end, DECODE: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """Sums, min, max and #zeros of ``x = t[start:end]`` assuming every element finite and
-    ``2^-50 <= |x| <= 2^60`` or 0: per-lane fp32 sums over ``UNROLL`` blocks (loads in flight
-    together), added into per-lane fp64 sums; no per-element masks. ``ok`` is 0 when the
-    assumption fails (a NaN/Inf reaches the sums, or the extremes fall outside the range);
-    the caller then redoes the chunk with ``_chunk_exact``. Error of a sum: below ``UNROLL *
-    2^-24`` of the sum of magnitudes, as the fp32 terms are exact products of narrow inputs."""
+    ``2^-50 <= |x| <= 2^60`` or 0: per-lane fp64 sums of x (a sum can cancel: fp32 partials
+    would be off by ``2^-24`` of the sum of magnitudes, far more than 1e-6 of a zero-mean
+    tensor's sum), per-lane fp32 sums of squares over ``UNROLL`` blocks (loads in flight
+    together; non-negative terms: within ``UNROLL * 2^-24`` relative) added into fp64; no
+    per-element masks. ``ok`` is 0 when the assumption fails (a NaN/Inf reaches the sums, or
+    the extremes fall outside the range); the caller then redoes the chunk with
+    ``_chunk_exact``."""
     d_s = tl.zeros((BLOCK,), tl.float64)
     d_q = tl.zeros((BLOCK,), tl.float64)
     b_min = tl.full((BLOCK,), float("inf"), tl.float32)
@@ -164,17 +167,15 @@ def _chunk_fast(p_x, start, end, DECODE: tl.constexpr, BLOCK: tl.constexpr, UNRO
     o_b = tl.arange(0, BLOCK)
     n_groups = ((end - start) // (BLOCK * UNROLL)).to(tl.int32)
     for i in range(0, n_groups):
-        f_s = tl.zeros((BLOCK,), tl.float32)
         f_q = tl.zeros((BLOCK,), tl.float32)
         for u in tl.static_range(UNROLL):
             b_raw = tl.load(p_x + (start + (i * UNROLL + u) * BLOCK + o_b))
             b_x = _decode(b_raw, tl.float32, DECODE)
-            f_s += b_x
+            d_s += b_x.to(tl.float64)
             f_q += b_x * b_x
             b_min = tl.minimum(b_min, b_x)
             b_max = tl.maximum(b_max, b_x)
             n_zero += (b_x == 0).to(tl.int32)
-        d_s += f_s.to(tl.float64)
         d_q += f_q.to(tl.float64)
     n_blocks = tl.cdiv(end - start, BLOCK).to(tl.int32)
     for k in range(n_groups * UNROLL, n_blocks):  # the last blocks, the tail masked

@@ -413,3 +413,16 @@ def test_tensorflow_counts_next_to_zero_of_both_signs():
     edges = kernels.tensorflow_edges()
     got = th.bin_counts(x, edges, "tensorflow")
     np.testing.assert_array_equal(got.numpy(), np.histogram(x.double(), edges.numpy())[0])
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz],
+    ids=str,
+)
+def test_rarer_dtypes_widened_exactly(dtype):
+    """Dtypes the kernel does not read directly are widened (integers to float64, fp8
+    variants to fp32: exact) and counted as numpy counts x.double()."""
+    x = (torch.arange(200) % 61).to(dtype)
+    for bins, range_ in ((7, None), ("tensorflow", None), (5, (3.0, 40.0))):
+        _assert_matches_numpy(th.histogram(x, bins, range=range_), x, bins, range_)

@@ -416,3 +416,20 @@ def test_layout_cache_keeps_types():
         thumbnail_shape((2, 3, 4, 4), max_tiles=True, tile=2)
     with pytest.raises(TypeError, match="tile"):
         thumbnail_shape((2, 3, 4, 4), max_tiles=1, tile=2.0)
+
+
+@needs_triton
+def test_triton_negated_view_and_rarer_fp8():
+    """A lazily negated view (``.conj().imag``) is read as its values, not its memory; fp8
+    variants the kernel cannot decode are widened: both equal the reference."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.complex(
+        torch.randn(2, 3, 5, 5, generator=gen), torch.randn(2, 3, 5, 5, generator=gen)
+    )
+    neg = z.conj().imag
+    assert neg.is_neg()
+    torch.testing.assert_close(_triton(neg), thumbnail_reference(neg.resolve_neg()), rtol=0, atol=1)
+    base = torch.tensor([[0.5, 1.0], [2.0, 4.0]])
+    for dtype in (torch.float8_e4m3fnuz, torch.float8_e8m0fnu):
+        x = base.to(dtype)
+        assert torch.equal(_triton(x), thumbnail_reference(x)), dtype
