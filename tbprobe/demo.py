@@ -131,10 +131,25 @@ def _summary(anomalies) -> list[str]:
     return lines or ["no anomaly found"]
 
 
+def _logdir_problem(logdir: str) -> str | None:
+    """Why ``logdir`` cannot be the run directory (it is created if missing), or None."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        return "exists and is not a directory"
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def run_demo(logdir: str | None = None, scale: float = 1.0) -> int:
     """The whole demo; ``scale`` shortens it (tests use a small one)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logdir = logdir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    problem = _logdir_problem(logdir)
+    if problem:  # before minutes of training, not after
+        print(f"tbprobe demo: --logdir {logdir}: {problem}", file=sys.stderr)
+        return 2
     print(f"tbprobe demo on {device}; run directory {logdir}")
     t0 = time.perf_counter()
     with warnings.catch_warnings():

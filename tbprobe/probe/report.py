@@ -20,7 +20,13 @@ from collections import defaultdict
 from tbprobe.probe.anomaly import fmt_number, parse_markdown
 from tbprobe.probe.diagnosis import Diagnosis
 from tbprobe.probe.records import StepRecord
-from tbprobe.writer.reader import event_files, read_events
+from tbprobe.writer.reader import (
+    NOT_AN_EVENT,
+    EventFileError,
+    EventFileWarning,
+    event_files,
+    file_events,
+)
 
 __all__ = ["diagnose_logdir", "diagnose_run", "format_report", "run_report"]
 
@@ -31,11 +37,14 @@ _TEXT_ROWS = 20  # rows per section in the text form; --json has them all
 
 def _runs(logdir: str) -> dict[str, list[str]]:
     """{run name: its event files}; a run is a directory holding event files."""
+    if os.path.isfile(logdir) and "tfevents" not in os.path.basename(logdir):
+        raise ValueError("not an event file (its name has no 'tfevents')")
     files = event_files(logdir, recursive=True)
     runs: dict[str, list[str]] = defaultdict(list)
-    root = logdir if os.path.isdir(logdir) else os.path.dirname(logdir)
+    # "" is the dirname of a bare file name: the current directory
+    root = logdir if os.path.isdir(logdir) else os.path.dirname(logdir) or os.curdir
     for f in files:
-        name = os.path.relpath(os.path.dirname(f), root)
+        name = os.path.relpath(os.path.dirname(f) or os.curdir, root)
         runs["." if name == os.curdir else name].append(f)
     return dict(sorted(runs.items()))
 
@@ -56,8 +65,13 @@ def _read_run(files: list[str]):
     anomalies, notes, n_events = [], [], 0
     for path in files:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for event in read_events(path, errors="warn"):
+            warnings.simplefilter("always", EventFileWarning)
+            try:
+                events = file_events(path, errors="warn")
+            except OSError as e:  # e.g. a dangling symlink: the other files still count
+                notes.append(f"{path}: skipped, cannot be read ({e.strerror or e})")
+                continue
+            for event in events:
                 n_events += 1
                 for v in event.summary.value:
                     if v.tag == _ANOMALY_TAG and v.WhichOneof("value") == "tensor":
@@ -69,8 +83,21 @@ def _read_run(files: list[str]):
                     if x is not None:
                         scalars[v.tag][int(event.step)] = x  # a later file wins a step
         for w in caught:
-            notes.append(f"{w.message} (read up to there: a run still being written, or killed)")
+            if isinstance(w.message, EventFileWarning):
+                notes.append(_damage_note(w.message.error))
+            else:  # not ours: pass it on
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return scalars, anomalies, notes, n_events
+
+
+def _damage_note(err: EventFileError) -> str:
+    if err.reason == NOT_AN_EVENT:
+        return f"{err} (skipped; the records after it are read)"
+    if err.reason.startswith("truncated"):
+        return f"{err} (read up to there: a run still being written, or killed)"
+    if err.data_after:  # reading a file stops at a CRC failure: its length may be garbage
+        return f"{err} (damage inside the file: read up to there, the rest of it is skipped)"
+    return f"{err} (the last record is damaged: read up to there)"
 
 
 def _records(scalars) -> list[StepRecord]:
@@ -100,17 +127,12 @@ def _json_float(x: float) -> float | str:
 def _trend(tag: str, series: dict[int, float]) -> dict:
     steps = sorted(series)
     finite = [(s, series[s]) for s in steps if math.isfinite(series[s])]
-    out = {
-        "tag": tag,
-        "points": len(steps),
-        "nonfinite": len(steps) - len(finite),
-        "first_step": steps[0],
-        "last_step": steps[-1],
-    }
-    if finite:
-        v0, v1 = finite[0][1], finite[-1][1]
+    out = {"tag": tag, "points": len(steps), "nonfinite": len(steps) - len(finite)}
+    if finite:  # first/last are the finite ends, at their own steps
+        (s0, v0), (s1, v1) = finite[0], finite[-1]
         smax, vmax = max(finite, key=lambda p: p[1])
-        out.update(first=v0, last=v1, min=min(v for _, v in finite), max=vmax, max_step=smax)
+        out.update(first=v0, first_step=s0, last=v1, last_step=s1)
+        out.update(min=min(v for _, v in finite), max=vmax, max_step=smax)
         out["growth"] = _json_float(v1 / v0) if v0 != 0 else (1.0 if v1 == 0 else "inf")
     return out
 
@@ -156,7 +178,9 @@ def diagnose_logdir(path: str, diagnosis_kwargs: dict | None = None) -> dict:
     event file), as a JSON-ready dict ``{"logdir": path, "runs": {name: diagnosis}}``.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` when it holds no event
-    file. ``diagnosis_kwargs`` configure the :class:`Diagnosis` (e.g. ``spike_factor``).
+    file or is a file whose name has no ``tfevents``. A file that cannot be read (a dangling
+    symlink) or damaged records become the run's ``notes``.
+    ``diagnosis_kwargs`` configure the :class:`Diagnosis` (e.g. ``spike_factor``).
 
     Example::
 
@@ -224,6 +248,10 @@ def format_report(report: dict) -> str:
         lines += _section(
             "spikes (recomputed from the norms)", [_row_text(a) for a in run["spikes"]]
         )
+        lines += _section(
+            "non-finite norms (recomputed from the norms)",
+            [_row_text(a) for a in run["nonfinite_norms"]],
+        )
         lines += _section("warnings", [_row_text(a) for a in run["warnings"]])
         lines += _section(
             "anomalies logged by the probe", [_row_text(a) for a in run["logged_anomalies"]]
@@ -253,10 +281,10 @@ def _trend_order(t: dict) -> tuple:
 
 def run_report(args) -> int:
     """``tbprobe report LOGDIR [--json]``: print the diagnosis; 0 when produced (anomalies
-    or not), 2 when LOGDIR is missing or holds no event file."""
+    or not), 2 when LOGDIR is missing, holds no event file or is a file that is not one."""
     try:
         report = diagnose_logdir(args.logdir)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"tbprobe report: {args.logdir}: {e}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):

@@ -99,9 +99,11 @@ class AsyncEventWriter:
         self._closed = False
         self._init_process_state()
         _install_process_hooks(_forked_child)
-        _writers.add(self)
         self._files[None] = EventFile(logdir, filename_suffix, header)  # may raise OSError
         self._start_thread()
+        # registered (for the exit close and SIGTERM flush) only once whole: a writer whose
+        # file could not be created must not be closed at exit
+        _writers.add(self)
 
     # ------------------------------------------------------------------ producer side
     def _init_process_state(self) -> None:

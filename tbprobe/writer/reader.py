@@ -1,6 +1,7 @@
 """Reading event files back: records, CRC checks, truncated tails.
 
-Used by the tests and the CLI, and independent of TensorBoard's own readers.
+Used by the tests and the CLI, and independent of TensorBoard's own readers. Files are read
+record by record, so memory stays bounded by the largest record, not the file.
 """
 
 from __future__ import annotations
@@ -10,27 +11,44 @@ import struct
 import warnings
 from collections.abc import Iterator
 
+from google.protobuf.message import DecodeError
+
 from tbprobe.writer.proto import event_pb2
 from tbprobe.writer.record import FOOTER_SIZE, HEADER_SIZE, masked_crc
 
 _ERRORS = ("raise", "warn", "ignore")
+_READ_BUFFER = 1 << 20  # bytes buffered per read() from the OS; records are sliced from it
+NOT_AN_EVENT = "record is not an Event proto"
 
 
 class EventFileError(Exception):
-    """A damaged event file: ``path``, the byte ``offset`` of the bad record, and ``reason``."""
+    """A damaged event file: ``path``, the byte ``offset`` of the bad record, and ``reason``.
 
-    def __init__(self, path: str, offset: int, reason: str):
+    For a CRC failure, ``data_after`` is True when the file holds bytes after the bad record
+    (damage inside the file, rather than a last record cut or garbled by a kill).
+    """
+
+    def __init__(self, path: str, offset: int, reason: str, *, data_after: bool = False):
         super().__init__(f"{path}: {reason} at byte offset {offset}")
         self.path = path
         self.offset = offset
         self.reason = reason
+        self.data_after = data_after
+
+
+class EventFileWarning(RuntimeWarning):
+    """The warning form of an :class:`EventFileError` (``errors="warn"``); ``error`` is it."""
+
+    def __init__(self, error: EventFileError):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _report(err: EventFileError, errors: str) -> None:
     if errors == "raise":
         raise err
     if errors == "warn":
-        warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+        warnings.warn(EventFileWarning(err), stacklevel=3)
 
 
 def iter_records(path: str, errors: str = "warn") -> Iterator[bytes]:
@@ -42,34 +60,63 @@ def iter_records(path: str, errors: str = "warn") -> Iterator[bytes]:
     """
     if errors not in _ERRORS:
         raise ValueError(f"errors: expected one of {_ERRORS}, got {errors!r}")
-    with open(path, "rb") as f:  # opened now: a missing file raises here, not at iteration
-        data = f.read()
-    return _records(path, data, errors)
+    return (data for _, data in _checked_records(path, errors))
 
 
-def _records(path: str, data: bytes, errors: str) -> Iterator[bytes]:
-    offset, end = 0, len(data)
-    while offset < end:
-        if end - offset < HEADER_SIZE:
-            _report(EventFileError(path, offset, "truncated record header"), errors)
-            return
-        header = data[offset : offset + 8]
-        (length,) = struct.unpack("<Q", header)
-        (length_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
-        if masked_crc(header) != length_crc:
-            _report(EventFileError(path, offset, "record length CRC mismatch"), errors)
-            return
-        body_end = offset + HEADER_SIZE + length
-        if body_end + FOOTER_SIZE > end:
-            _report(EventFileError(path, offset, "truncated record"), errors)
-            return
-        body = data[offset + HEADER_SIZE : body_end]
-        (body_crc,) = struct.unpack("<I", data[body_end : body_end + FOOTER_SIZE])
-        if masked_crc(body) != body_crc:
-            _report(EventFileError(path, offset, "record data CRC mismatch"), errors)
-            return
-        yield body
-        offset = body_end + FOOTER_SIZE
+def _checked_records(path: str, errors: str) -> Iterator[tuple[int, bytes]]:
+    """``(offset, data)`` of each record of ``path``; opened at the call, read lazily."""
+    open(path, "rb").close()  # a missing or unreadable file raises here, not at iteration
+    return _records(path, errors)
+
+
+def _records(path: str, errors: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
+        offset = 0
+        while True:
+            header = f.read(HEADER_SIZE)
+            if not header:
+                return
+            if len(header) < HEADER_SIZE:
+                _report(EventFileError(path, offset, "truncated record header"), errors)
+                return
+            (length,) = struct.unpack_from("<Q", header)
+            (length_crc,) = struct.unpack_from("<I", header, 8)
+            if masked_crc(header[:8]) != length_crc:
+                err = EventFileError(
+                    path, offset, "record length CRC mismatch", data_after=bool(f.read(1))
+                )
+                _report(err, errors)
+                return
+            # a damaged length passes its CRC once in 2^32: read in pieces, never trusting it
+            # for an allocation larger than what the file holds
+            body = _read_exactly(f, length + FOOTER_SIZE)
+            if len(body) < length + FOOTER_SIZE:
+                _report(EventFileError(path, offset, "truncated record"), errors)
+                return
+            data = body[:length]
+            (body_crc,) = struct.unpack_from("<I", body, length)
+            if masked_crc(data) != body_crc:
+                err = EventFileError(
+                    path, offset, "record data CRC mismatch", data_after=bool(f.read(1))
+                )
+                _report(err, errors)
+                return
+            yield offset, data
+            offset += HEADER_SIZE + length + FOOTER_SIZE
+
+
+def _read_exactly(f, n: int) -> bytes:
+    """Up to ``n`` bytes of ``f`` (fewer only at the end of the file)."""
+    if n <= _READ_BUFFER:
+        return f.read(n)
+    parts, left = [], n
+    while left:
+        part = f.read(min(left, _READ_BUFFER))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def event_files(path: str, recursive: bool = False) -> list[str]:
@@ -109,5 +156,25 @@ def read_events(
 
 def _events(paths: list[str], errors: str) -> Iterator[event_pb2.Event]:
     for path in paths:
-        for data in iter_records(path, errors):
-            yield event_pb2.Event.FromString(data)
+        yield from file_events(path, errors)
+
+
+def file_events(path: str, errors: str = "warn") -> Iterator[event_pb2.Event]:
+    """Yield the ``Event`` protos of one event file, reporting damage like :func:`iter_records`.
+
+    A CRC-valid record that does not decode as an ``Event`` is damage too, reported with its
+    offset (reason :data:`NOT_AN_EVENT`); its framing is intact, so reading goes on after it.
+    """
+    if errors not in _ERRORS:
+        raise ValueError(f"errors: expected one of {_ERRORS}, got {errors!r}")
+    return _decoded(path, _checked_records(path, errors), errors)
+
+
+def _decoded(path: str, records, errors: str) -> Iterator[event_pb2.Event]:
+    for offset, data in records:
+        try:
+            event = event_pb2.Event.FromString(data)
+        except DecodeError:
+            _report(EventFileError(path, offset, NOT_AN_EVENT), errors)
+            continue
+        yield event

@@ -11,6 +11,8 @@ from tbprobe.cli import main
 from tbprobe.probe.anomaly import format_markdown
 from tbprobe.probe.diagnosis import Diagnosis
 from tbprobe.probe.report import diagnose_logdir
+from tbprobe.writer.proto import event_pb2, summary_pb2
+from tbprobe.writer.record import frame
 
 from .faults import Fault, train
 
@@ -148,3 +150,100 @@ def test_run_without_probe_tags(tmp_path, capsys):
     run = report_json(capsys, tmp_path / "run")["runs"]["."]
     assert run["spikes"] == [] and run["trends"] == []
     assert run["first_nonfinite"] == {"anomaly": None, "scalars": None}
+
+
+def test_trend_ends_are_the_finite_values_at_their_steps(tmp_path, capsys):
+    """A series with non-finite ends reports its first and last finite values with their own
+    steps, in text and JSON."""
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for step, x in enumerate([float("nan"), 1.0, 2.0, 4.0, float("nan")]):
+            w.add_scalar("grad_norm/fc.weight", x, step)
+    run = report_json(capsys, tmp_path / "run")["runs"]["."]
+    (trend,) = run["trends"]
+    assert (trend["first"], trend["first_step"], trend["last"], trend["last_step"]) == (1, 1, 4, 3)
+    assert trend["nonfinite"] == 2
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "first 1 (step 1) → last 4 (step 3)" in capsys.readouterr().out
+
+
+def test_text_report_shows_nonfinite_norms(tmp_path, capsys):
+    """The text form lists the recomputed non-finite norms, the same rows as the JSON."""
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for step, x in enumerate([float("nan"), 1.0, 2.0, 4.0, float("inf")]):
+            w.add_scalar("grad_norm/fc.weight", x, step)
+    run = report_json(capsys, tmp_path / "run")["runs"]["."]
+    assert [a["step"] for a in run["nonfinite_norms"]] == [0, 4]
+    assert main(["report", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    section = text.split("non-finite norms")[1].split("warnings:")[0]
+    for a in run["nonfinite_norms"]:
+        assert f"step {a['step']}: nonfinite at fc.weight" in section
+        assert a["message"] in section
+
+
+def test_bare_event_file_name_in_cwd(tmp_path, monkeypatch, capsys):
+    """`tbprobe report events.out.tfevents.X` from the file's directory reads that file."""
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        w.add_scalar("train/loss", 1.0, 3)
+    (name,) = os.listdir(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    report = report_json(capsys, name)
+    assert list(report["runs"]) == ["."] and report["runs"]["."]["steps"] == [3, 3]
+
+
+def test_file_that_is_not_an_event_file_exits_2(tmp_path, capsys):
+    """A path to a file whose name has no "tfevents" is a one-line error, exit 2."""
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert main(["report", str(tmp_path / "notes.txt")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "not an event file" in err
+
+
+def test_record_that_is_not_an_event_is_a_note(tmp_path, capsys):
+    """A CRC-valid record that is not an Event proto is noted, and the records after it read."""
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        w.add_scalar("train/loss", 1.0, 1)
+    (path,) = [tmp_path / "run" / f for f in os.listdir(tmp_path / "run")]
+    offset = path.stat().st_size
+    after = event_pb2.Event(
+        step=2,
+        summary=summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag="train/loss", simple_value=0.5)]
+        ),
+    )
+    with open(path, "ab") as f:
+        f.write(frame(b"\xff\xff\xff\x07garbage") + frame(after.SerializeToString()))
+    run = report_json(capsys, tmp_path / "run")["runs"]["."]
+    (note,) = run["notes"]
+    assert f"record is not an Event proto at byte offset {offset}" in note
+    assert run["steps"] == [1, 2]
+
+
+def test_crc_note_says_where_the_damage_is(tmp_path, capsys):
+    """A CRC failure mid-file is not worded as a run still being written; one in the last
+    record says it is the last record."""
+    with SummaryWriter(str(tmp_path / "src")) as w:
+        for i in range(5):
+            w.add_scalar("x", float(i), i)
+    (src,) = [tmp_path / "src" / f for f in os.listdir(tmp_path / "src")]
+    data = src.read_bytes()
+    for where, expected in ((len(data) // 2, "damage inside the file"), (-1, "last record")):
+        run_dir = tmp_path / f"run{where}"
+        run_dir.mkdir()
+        damaged = bytearray(data)
+        damaged[where] ^= 0x20
+        (run_dir / src.name).write_bytes(bytes(damaged))
+        (note,) = report_json(capsys, run_dir)["runs"]["."]["notes"]
+        assert "CRC mismatch" in note and expected in note
+        assert "still being written" not in note
+
+
+def test_dangling_symlink_is_skipped_with_a_note(tmp_path, capsys):
+    """A dangling *tfevents* symlink in a run directory is a note; the other files are read."""
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        w.add_scalar("train/loss", 1.0, 1)
+    os.symlink(tmp_path / "gone", tmp_path / "run" / "events.out.tfevents.zzz.dangling")
+    run = report_json(capsys, tmp_path / "run")["runs"]["."]
+    (note,) = run["notes"]
+    assert "events.out.tfevents.zzz.dangling" in note and "skipped" in note
+    assert run["steps"] == [1, 1]
