@@ -64,8 +64,8 @@ def _check_bins(bins, range_):
                 f"bins: expected 'tensorflow', an int or a sequence of edges, got {bins!r}"
             )
         return "edges", _tensorflow_edges_np()
-    if isinstance(bins, (bool, np.bool_)):
-        raise TypeError("bins: expected 'tensorflow', an int or edges, got a bool")
+    if isinstance(bins, (bool, np.bool_, float, np.floating)):
+        raise TypeError(f"bins: expected 'tensorflow', an int or edges, got {bins!r}")
     if isinstance(bins, (int, np.integer)):
         if bins < 1:
             raise ValueError(f"bins: the number of bins must be at least 1, got {bins}")
@@ -78,13 +78,17 @@ def _check_bins(bins, range_):
                 raise ValueError(f"range: must be finite, got {range_!r}")
             if lo > hi:
                 raise ValueError(f"range: max must not be below min, got {range_!r}")
+            if not math.isfinite(hi - lo):
+                raise ValueError(f"range: max - min overflows float64, got {range_!r}")
         return "linear", int(bins)
     if isinstance(bins, torch.Tensor):
         bins = bins.detach().cpu().double().numpy()  # sync-ok: user-given edges, tiny
     try:
-        edges = np.asarray(bins, dtype=np.float64).reshape(-1)
+        edges = np.asarray(bins, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"bins: expected 'tensorflow', an int or edges, got {bins!r}") from None
+    if edges.ndim != 1:
+        raise ValueError(f"bins: edges must be 1-D, got shape {edges.shape}")
     if edges.size < 2:
         raise ValueError(f"bins: expected at least 2 edges, got {edges.size}")
     if np.isnan(edges).any() or np.any(edges[:-1] > edges[1:]):
@@ -133,7 +137,7 @@ def histogram_many(tensors, bins="tensorflow", range=None) -> list[Histogram]:  
 
         hs = histogram_many([p.grad for p in model.parameters()], bins=64)
     """
-    tensors = list(tensors)
+    tensors = _tensor_list(tensors)
     if not tensors:
         raise ValueError("tensors: expected at least one tensor")
     first = tensors[0]
@@ -141,7 +145,24 @@ def histogram_many(tensors, bins="tensorflow", range=None) -> list[Histogram]:  
         from tbprobe.kernels import triton_histogram
 
         return triton_histogram.histogram_many(tensors, bins, range)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"tensors[{i}]: expected a torch.Tensor or numpy array, got {type(t).__name__}"
+            )
     return [histogram(t, bins, range) for t in tensors]
+
+
+def _tensor_list(tensors) -> list:
+    """``tensors`` as a list; a lone tensor or a non-iterable is refused, naming it."""
+    if isinstance(tensors, (torch.Tensor, np.ndarray)):
+        raise TypeError("tensors: expected a list of tensors, got one tensor (wrap it in a list)")
+    try:
+        return list(tensors)
+    except TypeError:
+        raise TypeError(
+            f"tensors: expected a list of tensors, got {type(tensors).__name__}"
+        ) from None
 
 
 def tensor_stats(tensors) -> torch.Tensor:
@@ -156,12 +177,15 @@ def tensor_stats(tensors) -> torch.Tensor:
 
         rows = tensor_stats([p.grad for p in model.parameters()])  # (n_params, 10)
     """
-    tensors = list(tensors)
+    tensors = _tensor_list(tensors)
     if tensors and isinstance(tensors[0], torch.Tensor) and use_triton(tensors[0].device):
         from tbprobe.kernels import triton_stats
 
         return triton_stats.tensor_stats(tensors)
-    if tensors and isinstance(tensors[0], torch.Tensor) and tensors[0].device.type == "cpu":
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+    if tensors and tensors[0].device.type == "cpu":
         from tbprobe.kernels import host_stats
 
         return host_stats.tensor_stats(tensors)

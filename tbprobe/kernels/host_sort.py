@@ -16,11 +16,11 @@ from tbprobe.kernels.host_sums import Stats
 
 def round_out_f32(e: np.ndarray, up: bool) -> np.ndarray:
     """For fp32 x: ``x < e`` iff ``x < ceil32(e)`` and ``x <= e`` iff ``x <= floor32(e)``."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # beyond fp32: ±inf, and nextafter of the maximum
         f = e.astype(np.float32)
-    if up:
-        return np.where(f.astype(np.float64) < e, np.nextafter(f, np.float32(np.inf)), f)
-    return np.where(f.astype(np.float64) > e, np.nextafter(f, np.float32(-np.inf)), f)
+        if up:
+            return np.where(f.astype(np.float64) < e, np.nextafter(f, np.float32(np.inf)), f)
+        return np.where(f.astype(np.float64) > e, np.nextafter(f, np.float32(-np.inf)), f)
 
 
 class SortPlan:

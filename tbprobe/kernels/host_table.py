@@ -53,7 +53,8 @@ def _bits(f: np.ndarray) -> np.ndarray:
 def _up32(a: np.ndarray) -> np.ndarray:
     """The smallest fp32 above each ``a >= 0`` (``inf`` stays ``inf``)."""
     f = round_out_f32(a, up=True)
-    return np.where(f.astype(np.float64) == a, np.nextafter(f, np.float32(np.inf)), f)
+    with np.errstate(over="ignore"):  # nextafter of the fp32 maximum is inf
+        return np.where(f.astype(np.float64) == a, np.nextafter(f, np.float32(np.inf)), f)
 
 
 def _thresholds(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

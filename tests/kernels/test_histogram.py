@@ -250,3 +250,25 @@ def test_host_parallel_chunks_match_one_thread(monkeypatch):
     one = kernels.histogram(x)
     np.testing.assert_array_equal(many.counts.numpy(), one.counts.numpy())
     np.testing.assert_allclose(many.stats.numpy(), one.stats.numpy(), rtol=1e-12)
+
+
+def test_bins_and_range_that_numpy_refuses_are_refused():
+    """A float bin count, 2-D edges and a range whose width overflows float64 raise, naming
+    the argument, instead of giving NaN edges or flattened ones; the fp32 maximum as data
+    bins without a warning."""
+    import warnings
+
+    from tbprobe import kernels
+
+    x = torch.ones(3)
+    with pytest.raises(TypeError, match=r"bins: expected 'tensorflow', an int or edges, got 2.5"):
+        kernels.histogram(x, bins=2.5)
+    with pytest.raises(ValueError, match=r"bins: edges must be 1-D"):
+        kernels.histogram(x, bins=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"range: max - min overflows float64"):
+        kernels.histogram(x, bins=4, range=(-1.7e308, 1.7e308))
+    fm = torch.finfo(torch.float32).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = kernels.histogram(torch.tensor([fm, -fm, 0.0]), bins=7)
+    assert h.counts.tolist() == [1, 0, 0, 1, 0, 0, 1]

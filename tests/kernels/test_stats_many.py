@@ -219,3 +219,18 @@ def test_bad_input():
         many.tensor_stats([[1.0, 2.0]])
     with pytest.raises(ValueError, match=r"tensors\[1\]"):
         many.tensor_stats([torch.ones(2), torch.ones(2, device="meta")])
+
+
+def test_bad_tensor_lists_name_the_argument():
+    """A lone tensor, a non-iterable and a non-tensor element are refused naming them (the
+    host path too, whose large float tensors take their own way)."""
+    from tbprobe import kernels
+
+    with pytest.raises(TypeError, match=r"tensors: expected a list of tensors, got one tensor"):
+        kernels.tensor_stats(torch.ones(3))
+    with pytest.raises(TypeError, match=r"tensors: expected a list of tensors, got NoneType"):
+        kernels.tensor_stats(None)
+    with pytest.raises(TypeError, match=r"tensors\[1\]: expected a torch.Tensor, got str"):
+        kernels.tensor_stats([torch.ones(40000), "x"])
+    with pytest.raises(TypeError, match=r"tensors\[1\]: expected a torch.Tensor or numpy"):
+        kernels.histogram_many([torch.ones(3), 5])
