@@ -14,7 +14,11 @@
 #      lengths of "tensor_stats by chunk length" (the "auto" row is chunk_blocks_for's pick:
 #      _PER_SM and _MAX_CHUNK_BLOCKS in tbprobe/kernels/triton_stats.py) and the grid of
 #      "histogram by programs per SM" (PROGRAMS_PER_SM in triton_histogram.py);
-#      profile_probe's tables say which kernels the probe adds to a GPT-2 step.
+#      profile_probe's tables say which kernels the probe adds to a GPT-2 step. tensor_stats
+#      adds x in fp64 per element since 2026-12-07 (fp32 partials missed the issue's 1e-6
+#      relative sums): compare its fp32/bf16 GB/s with the 2026-11-27 table; if bf16 fell
+#      well below it, the extra conversion made it issue-bound (a compensated fp32 sum is
+#      the cheaper alternative).
 #
 # Usage: bash benchmarks/gpu_check.sh [--dry-run] [--quick]      (or: make gpu-check)
 #   --dry-run  no GPU needed: every step runs on the CPU (CI runs this through
