@@ -234,3 +234,28 @@ def test_optimizer_step_in_backward_hooked_first_is_reported(tmp_path):
     probe.detach()
     writer.close()
     assert "param_norm/weight" in read_run(tmp_path)["scalars"]
+
+
+def test_amp_unscale_then_clip_reports_the_unscaled_norm_before_clipping(tmp_path):
+    """GradScaler, scaler.unscale_(opt), clip_grad_norm_: grad_norm is the unscaled norm
+    before clipping (clip_grad_norm_'s return), not the scaled or the clipped one."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(model, writer, opt, scaler=scaler, every=1, watch_requests=False)
+    want = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(8, 16)).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        want.append(float(nn.utils.clip_grad_norm_(model.parameters(), 1e-3)))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    probe.detach()
+    writer.close()
+    assert probe.errors == [] and min(want) > 1e-2
+    got = read_run(tmp_path)["scalars"]["grad_norm/_total"]
+    assert [got[s] for s in range(3)] == pytest.approx(want, rel=1e-5)
