@@ -56,58 +56,49 @@ def reduce_grads(probe, st: StepState) -> None:
     if not (st.checked or st.scheduled or st.hist):
         return
     grads = step_grads(probe, st)
-    if not grads:
-        return
+    if grads:
+        st.grads_taken = _grad_results(probe, st, grads)
+
+
+def _grad_results(probe, st: StepState, grads: list) -> tuple:
+    """``(names, rows, histograms or None)`` of ``grads`` ``[(name, gradient)]``: unscaled
+    stats rows (norms and non-finite counts), and their histograms on a histogram step."""
     gs = _stat_views([g.detach() for _, g in grads])
     rows = probe.amp.unscale(probe_stats(gs, extremes=False))
     hists = None
     if st.hist:
         hists = kernels.histogram_many(probe.amp.unscaled(gs), bins=probe.cfg.hist_bins)
-    st.grads_taken = ([n for n, _ in grads], rows, hists)
+    return [n for n, _ in grads], rows, hists
 
 
 def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     """The step's rows, gradient/parameter statistics and histograms, as on one device."""
     cfg = probe.cfg
     st.flush(cfg.hist_bins)
-    grads: list = []
+    grads = step_grads(probe, st) if st.checked or st.scheduled or st.hist else []
     taken = None
-    if st.checked or st.scheduled or st.hist:
-        grads = step_grads(probe, st)
-        taken = st.grads_taken
-        if taken is not None and taken[0] != [n for n, _ in grads]:
-            taken = None  # hooks fired after the last backward's end: reduce them now
-    gs: list = []
     if grads:
+        taken = st.grads_taken
+        if taken is None or taken[0] != [n for n, _ in grads]:
+            # no backward pass reduced them (gradients set by hand), or hooks fired after
+            # the last one's end: reduce them now
+            taken = _grad_results(probe, st, grads)
         order = st.grad_seq
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
-        if taken is None:
-            gs = _stat_views([g.detach() for _, g in grads])
+        pk.add("grad", taken[1])
     ps, upd = _params_and_updates(probe, st, meta)
-    rows = grows = None
-    if gs or ps:  # one call: norms and non-finite counts (on CUDA one launch per dtype)
-        rows = probe_stats(gs + ps + upd, extremes=False)
-        if gs:
-            grows = probe.amp.unscale(rows[: len(gs)])
-        if ps:
-            pk.add("param", rows[len(gs) : len(gs) + len(ps)])
+    if ps:  # one call: norms of both (on CUDA one launch per dtype)
+        rows = probe_stats(ps + upd, extremes=False)
+        pk.add("param", rows[: len(ps)])
         if upd:
-            pk.add("upd", rows[len(gs) + len(ps) :])
-    if taken is not None:
-        grows = taken[1]
-    if grows is not None:
-        pk.add("grad", grows)
-    if not _clean_on_host(st, meta, grows):
+            pk.add("upd", rows[len(ps) :])
+    if not _clean_on_host(st, meta, None if taken is None else taken[1]):
         pack_events(st, pk, meta)
     hists: list = []
     if st.hist:
-        names = [n for n, _ in grads]
-        if taken is not None and taken[2] is not None:
+        if taken is not None:  # a histogram step's results hold the histograms
             hists.extend(taken[2])
-            meta.hists.extend(f"grad_hist/{n}" for n in names)
-        elif grads:
-            gs = _stat_views([g.detach() for _, g in grads])
-            _hists(probe, meta, hists, "grad_hist", names, gs, unscale=True)
+            meta.hists.extend(f"grad_hist/{n}" for n in taken[0])
         trainable = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
         if trainable:
             names, ts = zip(*trainable, strict=True)
@@ -201,8 +192,6 @@ def _stat_view(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _hists(probe, meta, out, family, names, tensors, unscale=False) -> None:
-    if unscale:
-        tensors = probe.amp.unscaled(tensors)
+def _hists(probe, meta, out, family, names, tensors) -> None:
     out.extend(kernels.histogram_many(list(tensors), bins=probe.cfg.hist_bins))
     meta.hists.extend(f"{family}/{name}" for name in names)
