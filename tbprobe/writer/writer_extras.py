@@ -45,15 +45,8 @@ class ExtrasMixin:
             return
         tag = self._clean(tag)
         step, wall = self._step_wall(global_step, walltime)
-        if batched and isinstance(img, (list, tuple)) and any(map(_values.is_device_tensor, img)):
-            hwc = image.images_to_uint8_hwc_torch(img, dataformats)  # a list of device images
-
-            def build(arr):
-                return [image.image_value(tag, arr)]
-
-            self._emit_deferred([hwc], build, step, wall)
-            return
-        if _values.is_device_tensor(img):
+        listed = batched and isinstance(img, (list, tuple))  # a list of images is a batch
+        if _values.is_device_tensor(img) or (listed and any(map(_values.is_device_tensor, img))):
             to_hwc = image.images_to_uint8_hwc_torch if batched else image.to_uint8_hwc_torch
             hwc = to_hwc(img, dataformats)
 
