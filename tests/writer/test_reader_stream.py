@@ -95,3 +95,13 @@ def test_crc_failure_says_whether_data_follows(tmp_path):
             list(iter_records(str(path), errors="raise"))
         assert info.value.reason == "record data CRC mismatch"
         assert info.value.data_after is data_after
+
+
+def test_damage_warning_and_file_reader_are_public(tmp_path):
+    """A user filtering the reader's damage warnings imports them from ``tbprobe.writer``."""
+    from tbprobe.writer import EventFileWarning, file_events
+
+    path = _write(tmp_path, [_event(1), NOT_EVENT_PAYLOAD, _event(2)])
+    with pytest.warns(EventFileWarning, match="offset"):
+        steps = [e.step for e in file_events(path, errors="warn")]
+    assert steps == [1, 2]
