@@ -12,14 +12,16 @@ cannot desync whatever ran on each of them:
 - gradients, parameters and updates of the trainable parameters held as DTensors (FSDP2)
   contribute the stats rows of their local shards (identity rows for an empty shard, a
   replica counted elsewhere or a gradient this rank does not hold); plain tensors (DDP:
-  replicated, gradients already averaged) are this rank's own;
+  replicated, gradients already averaged) are this rank's own. Updates are those of the
+  probed optimizer's parameters (another optimizer's step is not seen), as on one device;
 - on a histogram step, every tensor histogrammed over all ranks (DTensors, and with
   ``reduce_activations`` every hooked module's activation) contributes its local part's stats
   row and its bin counts on TensorBoard's fixed "tensorflow" edges (:data:`GLOBAL_BINS`),
   which every rank knows before anything is binned: the counts add up exactly and the merged
   stats row gives the written histogram's min, max, num, sum and sum of squares (a tensor no
   rank held has no elements and is not written). Rank-local tensors keep ``hist_bins`` linear
-  bins over their own range, as on one device;
+  bins over their own range, as on one device. Gradients are binned, like their rows, at
+  the end of the backward pass (:mod:`tbprobe.probe.dist_grads`), before any clipping;
 - a flag: 1 from a rank that failed to compute its partials.
 
 All of the above go through **one** :class:`PackedGather` per step, histogram steps included.
@@ -41,8 +43,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tbprobe import kernels
-from tbprobe.probe.batch import index_on, probe_stats
+from tbprobe.probe.batch import index_on
 from tbprobe.probe.dist_events import EventLayout, declare, event_layout, local_events, write_events
+from tbprobe.probe.dist_grads import grad_parts, norm_rows, reduce_grads_distributed, taken_for
 from tbprobe.probe.dist_slots import GLOBAL_BINS, Gather, Part, global_bins, local_rows, part_of
 from tbprobe.probe.distributed import collective_device, identity_rows, is_dtensor
 from tbprobe.probe.pack import pack_events
@@ -55,6 +58,7 @@ __all__ = [
     "local_rows",
     "pack_distributed",
     "part_of",
+    "reduce_grads_distributed",  # tbprobe.probe.dist_grads': pack.reduce_grads calls it here
 ]
 
 _WHERE = "distributed pack"  # probe.errors' "where" of a failure to pack this rank's partials
@@ -84,7 +88,8 @@ class _Plan:
     trainable: list = field(default_factory=list)  # [(name, param)]
     pmerged: list = field(default_factory=list)  # per trainable param: merged over ranks
     params: bool = False  # param rows this step
-    updates: bool = False  # update rows (a pre-step copy of the same params exists)
+    updated: list = field(default_factory=list)  # trainable indices of the pre-step copies
+    umerged: list = field(default_factory=list)  # per updated param: merged over ranks
     acts: list = field(default_factory=list)  # modules whose activations are binned globally
     n_glob: int = 0  # histograms binned over all ranks
     gather: Gather = field(default_factory=Gather)
@@ -94,6 +99,8 @@ class _Plan:
     pparts: list = field(default_factory=list)  # [Part], as ``trainable``
     items: list = field(default_factory=list)  # [(tag, Part, unscale)] histogrammed
     glob: list = field(default_factory=list)  # indices into items binned over all ranks
+    taken: tuple | None = None  # the end of the backward pass's results for these grads
+    binned: dict = field(default_factory=dict)  # {index into items: its Histogram}, taken
     device: torch.device | None = None
 
 
@@ -136,10 +143,9 @@ def _plan(probe, st) -> _Plan:
     if st.scheduled and "params" in cfg.track and plan.trainable:
         plan.params = True
         g.rows("param", sum(plan.pmerged))
-        prev = probe._prev
-        plan.updates = prev is not None and prev[0] == [n for n, _ in plan.trainable]
-        if plan.updates:
-            g.rows("upd", sum(plan.pmerged))
+        plan.updated = _updated(probe._prev, plan.trainable)
+        plan.umerged = [plan.pmerged[i] for i in plan.updated]
+        g.rows("upd", sum(plan.umerged))
     if st.hist:
         plan.acts = modules if st.keep_hists else []
         plan.n_glob = sum(plan.gmerged) + sum(plan.pmerged) + len(plan.acts)
@@ -150,6 +156,18 @@ def _plan(probe, st) -> _Plan:
     return plan
 
 
+def _updated(prev, trainable: list) -> list[int]:
+    """Indices into ``trainable`` of the parameters that ``prev`` ``(names, copies)`` holds
+    pre-step copies of (the probed optimizer's, in its order; the same on every rank); none
+    without copies or when one of them is not trainable here."""
+    if prev is None:
+        return []
+    at = {n: i for i, (n, _) in enumerate(trainable)}
+    if any(n not in at for n in prev[0]):
+        return []
+    return [at[n] for n in prev[0]]
+
+
 def _parts(probe, st, plan: _Plan) -> None:
     """This rank's local parts of the planned tensors (host bookkeeping; a gradient this rank
     does not hold is an empty part that does not contribute)."""
@@ -157,11 +175,17 @@ def _parts(probe, st, plan: _Plan) -> None:
     plan.grads = [(n, seen.get(n, p.grad)) for n, p in plan.named]
     plan.pparts = [part_of(p) for _, p in plan.trainable]
     empty = torch.empty(0, device=plan.device)
-    plan.gparts = _grad_parts([gr for _, gr in plan.grads], plan.gmerged, plan.device)
+    plan.gparts = grad_parts([gr for _, gr in plan.grads], plan.gmerged, plan.device)
+    plan.taken = taken_for(st, [gr for _, gr in plan.grads])  # at the end of the backward
     if not st.hist:
         return
-    grads = zip(plan.grads, plan.gparts, strict=True)
-    items = [(f"grad_hist/{n}", p, True) for (n, gr), p in grads if p.merged or gr is not None]
+    hists = plan.taken[2] if plan.taken is not None else None
+    items = []
+    for i, ((n, gr), p) in enumerate(zip(plan.grads, plan.gparts, strict=True)):
+        if p.merged or gr is not None:
+            if hists is not None and hists[i] is not None:
+                plan.binned[len(items)] = hists[i]
+            items.append((f"grad_hist/{n}", p, True))
     params = zip(plan.trainable, plan.pparts, strict=True)
     items += [(f"param_hist/{n}", p, False) for (n, _), p in params]
     keep = st.act_keep  # binned in the hooks already
@@ -174,32 +198,6 @@ def _parts(probe, st, plan: _Plan) -> None:
         raise RuntimeError(f"histograms: {len(plan.glob)} binned over the ranks, planned otherwise")
 
 
-def _grad_parts(grads: list, gmerged: list[bool], device) -> list[Part]:
-    """The local parts of the gradients (an empty one for a gradient this rank lacks)."""
-    empty = torch.empty(0, device=device)
-    parts = []
-    for gr, merged in zip(grads, gmerged, strict=True):
-        part = Part(empty, merged, False) if gr is None else part_of(gr)
-        parts.append(Part(part.local, merged, part.contributes))
-    return parts
-
-
-def reduce_grads_distributed(probe, st) -> None:
-    """``pack.reduce_grads`` on a distributed probe: this rank's gradient rows, taken at the
-    end of the backward pass (after DistributedDataParallel's reduction, before any
-    clipping), keyed on the gradient tensors they read; :func:`_local` uses them when the
-    step boundary finds the same tensors (FSDP2 may assign its sharded gradients later:
-    then they are reduced at the boundary)."""
-    if not (st.checked or st.scheduled or st.hist) or not probe._params:
-        return
-    seen = st.grads
-    grads = [seen.get(n, p.grad) for n, p in probe._params]
-    gmerged = [p.requires_grad and is_dtensor(p) for _, p in probe._params]
-    parts = _grad_parts(grads, gmerged, probe._params[0][1].device)
-    rows = probe.amp.unscale(local_rows(parts, _norm_rows))
-    st.grads_taken = ([None if g is None else id(g) for g in grads], rows, None)
-
-
 def _local(probe, st, plan: _Plan) -> _Local:
     """This rank's partials of every planned slot (device work, no host sync)."""
     cfg, loc = probe.cfg, _Local()
@@ -210,30 +208,25 @@ def _local(probe, st, plan: _Plan) -> _Local:
         loc.slots.update(loc.events.slots)
     gparts, pparts = plan.gparts, plan.pparts
     if plan.grad_rows:
-        taken = st.grads_taken
-        if taken is not None and taken[0] == [None if g is None else id(g) for _, g in plan.grads]:
-            loc.grows = taken[1]  # the end of the backward pass's (reduce_grads_distributed)
+        if plan.taken is not None:
+            loc.grows = plan.taken[1]
         else:
-            loc.grows = probe.amp.unscale(local_rows(gparts, _norm_rows))
+            loc.grows = probe.amp.unscale(local_rows(gparts, norm_rows))
         loc.slots["grad"] = _select(loc.grows, _idx(plan.gmerged))
     if plan.params:
-        loc.prow = local_rows(pparts, _norm_rows)
+        loc.prow = local_rows(pparts, norm_rows)
         loc.slots["param"] = _select(loc.prow, _idx(plan.pmerged))
-    if plan.updates:
-        prev = probe._prev[1]
-        torch._foreach_sub_(prev, [p.local for p in pparts])  # -Δw, in place
-        uparts = [Part(d, p.merged, p.contributes) for d, p in zip(prev, pparts, strict=True)]
-        loc.urow = local_rows(uparts, _norm_rows)
-        loc.slots["upd"] = _select(loc.urow, _idx(plan.pmerged))
+    if plan.updated:
+        prev, ups = probe._prev[1], [pparts[i] for i in plan.updated]
+        torch._foreach_sub_(prev, [p.local for p in ups])  # -Δw, in place
+        uparts = [Part(d, p.merged, p.contributes) for d, p in zip(prev, ups, strict=True)]
+        loc.urow = local_rows(uparts, norm_rows)
+        loc.slots["upd"] = _select(loc.urow, _idx(plan.umerged))
     if plan.items:
         loc.hists, hstats, hcounts = _hist_partials(probe, plan)
         if plan.glob:
             loc.slots["hstats"], loc.slots["hcounts"] = hstats, hcounts
     return loc
-
-
-def _norm_rows(tensors):
-    return probe_stats(tensors, extremes=False)
 
 
 def _select(rows: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -245,22 +238,29 @@ def _hist_partials(probe, plan: _Plan):
     device), and of the global ones their local ``(G, 10)`` stats rows and ``(G, bins)``
     float64 counts on :data:`GLOBAL_BINS` (identity rows and zeros where a part is empty or
     counted on another rank)."""
-    items = plan.items
-    scaled = [i for i, (_, p, unscale) in enumerate(items) if unscale]
+    items, binned = plan.items, plan.binned  # binned: at the end of the backward pass
+    scaled = [i for i, (_, p, unscale) in enumerate(items) if unscale and i not in binned]
     tensors = [p.local for _, p, _ in items]
     if scaled:
         for i, t in zip(scaled, probe.amp.unscaled([tensors[i] for i in scaled]), strict=True):
             tensors[i] = t
     out: list = [None] * len(items)
     local = [i for i, (_, p, _) in enumerate(items) if not p.merged]
-    if local:
-        hs = kernels.histogram_many([tensors[i] for i in local], bins=probe.cfg.hist_bins)
-        for i, h in zip(local, hs, strict=True):
-            out[i] = h
+    todo = [i for i in local if i not in binned]
+    done = dict(binned)
+    if todo:
+        hs = kernels.histogram_many([tensors[i] for i in todo], bins=probe.cfg.hist_bins)
+        done.update(zip(todo, hs, strict=True))
+    for i in local:
+        out[i] = done[i]
     glob = plan.glob
     if not glob:
         return out, None, None
-    parts = [Part(tensors[i], True, items[i][1].contributes, items[i][1].hist) for i in glob]
+    parts = []
+    for i in glob:
+        p = items[i][1]
+        hist = done.get(i) if p.hist is None else p.hist  # binned in a hook or at backward's end
+        parts.append(Part(tensors[i], True, p.contributes, hist))
     live = [j for j, p in enumerate(parts) if p.live]
     stats = identity_rows(len(glob), plan.device)
     counts = torch.zeros(len(glob), global_bins(), dtype=torch.float64, device=plan.device)
@@ -345,11 +345,10 @@ def _write_back(probe, st, plan: _Plan, loc: _Local, merged: dict, pk, meta) -> 
         )
     else:
         _local_events(st, pk, meta)
-    gidx, pidx = _idx(plan.gmerged), _idx(plan.pmerged)
     for key, dst, idx in (
-        ("grad", loc.grows, gidx),
-        ("param", loc.prow, pidx),
-        ("upd", loc.urow, pidx),
+        ("grad", loc.grows, _idx(plan.gmerged)),
+        ("param", loc.prow, _idx(plan.pmerged)),
+        ("upd", loc.urow, _idx(plan.umerged)),
     ):
         if key in merged:
             dst.index_copy_(0, index_on(idx, dst.device), merged[key])

@@ -19,7 +19,10 @@ the probe's code (:class:`Collectives`), and a scenario may make one rank's pack
 one step (``break_pack``), to check that the other ranks are not left waiting. The ranks of a
 layout scenario record different keys: a :class:`~tests.probe.dist_model.BranchLM` runs its
 hooked ``branch`` on one rank only (``branch``), or one rank's hook of a module raises at one
-step and is disabled there (``fail_hook``).
+step and is disabled there (``fail_hook``). A scenario may accumulate ``micro`` backward passes
+per step, clip the gradients after the last one (``clip``; the dump then holds the full
+gradients before clipping, ``preclip_grads``) and step a second, unprobed optimizer after
+the probed one (``second_opt``). The scenarios are in :mod:`tests.probe.dist_scenarios`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import math
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,74 +52,19 @@ from tests.probe.dist_model import (  # noqa: F401 (the tests use them as H.*)
     module_names,
     rank_batch,
 )
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One training run of the spawn: wrapper, steps, extra Probe options, a planted NaN."""
-
-    name: str
-    wrap: str  # "ddp" | "fsdp"
-    steps: int = 3
-    probe_kwargs: dict = field(default_factory=dict)
-    plant: tuple[str, int, int] | None = None  # (module, step, rank): NaN in its output
-    per_rank: bool = False
-    break_pack: tuple[int, int] | None = None  # (step, rank): its packing raises there
-    branch: int | None = None  # the rank whose BranchLM takes its branch (every step)
-    fail_hook: tuple[str, int, int] | None = None  # (module, step, rank): its hook raises
-    clip: float | None = None  # clip_grad_norm_ to this after each backward
-
-
-PLANT = ("blocks.1.fc1", 1, 1)
-BREAK = (2, 1)  # rank 1's packing raises at step 2, a histogram step of "fsdp_broken"
-BREAK_MESSAGE = "planted pack failure"
-SCENARIOS = (
-    Scenario("ddp", "ddp"),
-    Scenario("fsdp", "fsdp", probe_kwargs={"reduce_activations": True}),
-    Scenario("ddp_nan", "ddp", steps=2, plant=PLANT),
-    Scenario("fsdp_nan", "fsdp", steps=2, plant=PLANT),
-    Scenario("ddp_per_rank", "ddp", steps=2, probe_kwargs={"per_rank": True}, per_rank=True),
-    Scenario(
-        "fsdp_broken",
-        "fsdp",
-        steps=4,
-        probe_kwargs={"reduce_activations": True, "histogram_every": 2},
-        break_pack=BREAK,
-    ),
+from tests.probe.dist_scenarios import (  # noqa: F401 (the tests use them as H.*)
+    BASE_NAMES,
+    BREAK_MESSAGE,
+    CLIP_NAMES,
+    HOOK_FAIL,
+    HOOK_FAIL_MESSAGE,
+    LAYOUT_NAMES,
+    SCENARIO,
+    SCENARIOS,
+    TWO_OPT_NAMES,
+    Scenario,
 )
-# Ranks whose hooks record different keys: the packed gather's layout must not depend on it.
-HOOK_FAIL = ("blocks.0.fc2", 1, 1)  # rank 1's forward hook of fc2 raises at step 1
-HOOK_FAIL_MESSAGE = "planted hook failure"
-LAYOUT_SCENARIOS = (
-    Scenario(
-        "ddp_branch",
-        "ddp",
-        steps=2,
-        probe_kwargs={"every": 2, "histogram_every": 2},  # step 1: non-finite counts only
-        plant=PLANT,
-        branch=1,
-    ),
-    Scenario("fsdp_branch", "fsdp", steps=2, probe_kwargs={"reduce_activations": True}, branch=1),
-    Scenario("ddp_hook_fail", "ddp", fail_hook=HOOK_FAIL),
-    Scenario(
-        "fsdp_hook_fail", "fsdp", probe_kwargs={"reduce_activations": True}, fail_hook=HOOK_FAIL
-    ),
-)
-# Gradient clipping between the backward and the step (its captures hold clipped grads)
-CLIP_SCENARIOS = (
-    Scenario("ddp_clip", "ddp", probe_kwargs={"histogram_every": 100}, clip=1e-3),
-    Scenario(
-        "fsdp_clip",
-        "fsdp",
-        probe_kwargs={"reduce_activations": True, "histogram_every": 100},
-        clip=1e-3,
-    ),
-)
-BASE_NAMES = tuple(sc.name for sc in SCENARIOS)
-LAYOUT_NAMES = tuple(sc.name for sc in LAYOUT_SCENARIOS)
-CLIP_NAMES = tuple(sc.name for sc in CLIP_SCENARIOS)
-SCENARIOS += LAYOUT_SCENARIOS + CLIP_SCENARIOS
-SCENARIO = {sc.name: sc for sc in SCENARIOS}
+
 COLLECTIVES = Collectives()
 
 
@@ -204,6 +151,16 @@ def _wrap(sc: Scenario, model: nn.Module):
     return model
 
 
+def _optimizers(sc: Scenario, params) -> list:
+    """SGD optimizers, stepped in order: the probed one first; with ``sc.second_opt`` a
+    second one takes the parameters under that prefix."""
+    if sc.second_opt is None:
+        return [torch.optim.SGD([p for _, p in params], lr=LR)]
+    first = [p for n, p in params if not n.startswith(sc.second_opt)]
+    second = [p for n, p in params if n.startswith(sc.second_opt)]
+    return [torch.optim.SGD(first, lr=LR), torch.optim.SGD(second, lr=LR)]
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
 
@@ -245,7 +202,8 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
     names = module_names(model)
     wrapped = _wrap(sc, model)
     params = list(model.named_parameters())
-    opt = torch.optim.SGD(wrapped.parameters(), lr=LR)
+    opts = _optimizers(sc, params)
+    opt = opts[0]  # the probed one
     cap = Capture([(n, model.get_submodule(n)) for n in names], params, rank)
     handles = [plant_nan(model.get_submodule(sc.plant[0]), cap, *sc.plant[1:])] if sc.plant else []
     handles += [
@@ -279,16 +237,20 @@ def _run_scenario(rank: int, sc: Scenario, out: str) -> None:
     with fault:
         for step in range(sc.steps):
             _progress(out, rank, f"{sc.name}: step {step}")
-            lm_loss(wrapped, rank_batch(step, rank)).backward()
+            for i in range(sc.micro):
+                lm_loss(wrapped, rank_batch(step * sc.micro + i, rank)).backward()
             if step == 0:
                 dump["grad_layout"] = _grad_layout(params)
             if sc.clip is not None:
+                dump.setdefault("preclip_grads", {})[step] = {n: _full(p.grad) for n, p in params}
                 total = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), sc.clip)
                 if hasattr(total, "full_tensor"):  # FSDP2: a DTensor
                     total = total.full_tensor()
                 dump.setdefault("preclip", []).append(float(total))
-            opt.step()
-            opt.zero_grad()
+            for o in opts:
+                o.step()
+            for o in opts:
+                o.zero_grad()
     if probe is not None:
         _progress(out, rank, f"{sc.name}: detach")
         probe.detach()

@@ -24,16 +24,18 @@ _SYNCS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", 
 # the Triton kernels), its host kernels' modules, and the host copy of the fixed edges.
 _HOST_ONLY = ("_histogram_host", "global_edges")
 _HOST_MODULES = ("tbprobe.kernels.host",)  # and its submodules host_table, host_sums...
-_STEP = ("_close_step", "_pre_opt", "_forward", "_backward", "_grad")  # not _after_step
+# The training step's entry points (not _after_step); _grads_done: the end of a backward pass.
+_STEP = ("_close_step", "_pre_opt", "_forward", "_backward", "_grad", "_grads_done")
 
 
 class Collectives:
     """Records every torch.distributed collective called from inside the probe's code (its
-    hooks, optimizer hooks and step boundary) as ``(entry point, probe step, collective)``,
-    and in ``syncs`` every host-sync call on a tensor made in the training step (hooks and
-    step boundary, not the landing of earlier steps in ``_after_step``); collectives of DDP or
-    FSDP2 themselves (outside the probe's code) are not recorded. :meth:`install` patches
-    the module attributes once per process, before any Probe."""
+    hooks, the end of a backward pass, optimizer hooks and step boundary) as ``(entry point,
+    probe step, collective)``, and in ``syncs`` every host-sync call on a tensor made in the
+    training step (those entry points, not the landing of earlier steps in
+    ``_after_step``); collectives of DDP or FSDP2 themselves (outside the probe's code) are
+    not recorded. :meth:`install` patches the module attributes once per process, before
+    any Probe."""
 
     def __init__(self):
         self.calls: list[tuple[str, int, str]] = []
@@ -54,7 +56,7 @@ class Collectives:
                     setattr(mod, name, self._counted(name, fn))
         for name in ("_close_step", "_after_step", "_pre_opt"):
             setattr(Probe, name, self._entry(name, getattr(Probe, name), lambda p: p))
-        for name in ("_forward", "_backward", "_grad"):
+        for name in ("_forward", "_backward", "_grad", "_grads_done"):
             setattr(HookSet, name, self._entry(name, getattr(HookSet, name), lambda h: h.owner))
         for name in _SYNCS:
             setattr(torch.Tensor, name, self._sync(name, getattr(torch.Tensor, name)))
