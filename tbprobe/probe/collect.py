@@ -84,8 +84,9 @@ class StepState:
         self.grad_seq: dict[str, int] = {}
         self.grads: dict[str, torch.Tensor] = {}  # accumulated grads seen by the hooks
         self.grad_tasks: set[int] = set()  # backward passes with an end callback queued
-        # (names, rows, histograms or None) of the gradients reduced at the end of the last
-        # backward pass (``pack.reduce_grads``)
+        # (keys, rows, histograms or None) of the gradients reduced at the end of the last
+        # backward pass (``pack.reduce_grads``): keys are the parameters' names on one
+        # device, the gradient tensors' ids on the distributed path (``dist_grads``)
         self.grads_taken: tuple | None = None
         self.slots: dict[int, Slot] = {}
         self.act_hists: dict[str, kernels.Histogram | None] = {}
