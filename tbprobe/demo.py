@@ -114,11 +114,14 @@ def _finetune(cnn, opt, writer, probe, device, first_step, scale):
 def _summary(anomalies) -> list[str]:
     """The lines that answer: which layer blew up, at which step, forward or backward."""
     lines = []
-    spikes = [a for a in anomalies if a.kind == "spike"]
-    if spikes:
-        a = spikes[0]
+    first: dict = {}  # the first spike of each series: gradient norms, update sizes
+    for a in anomalies:
+        if a.kind == "spike":
+            first.setdefault(a.pass_, a)
+    for a in sorted(first.values(), key=lambda a: a.step):
+        what = "gradients exploded" if a.pass_ == "grad" else "updates ‖Δw‖ exploded"
         top = ", ".join(f"{n} ×{r:.0f}" for n, r in (a.top or ())[:3])
-        lines.append(f"gradients exploded at step {a.step}: {a.where} first ({top})")
+        lines.append(f"{what} at step {a.step}: {a.where} first ({top})")
     for kind, what in (("nonfinite", "first non-finite value"), ("vanishing", "then vanishing")):
         found = [a for a in anomalies if a.kind == kind]
         if found:

@@ -85,3 +85,16 @@ def test_demo_oserror_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--logdir", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Not a directory" in err
+
+
+def test_python_dash_m_tbprobe_is_the_command(tmp_path):
+    """`python -m tbprobe report DIR` runs the same command as `tbprobe report DIR`."""
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        w.add_scalar("grad_norm/fc.weight", 1.0, 0)
+    child = subprocess.run(
+        [PY, "-m", "tbprobe", "report", "--json", str(tmp_path / "run")],
+        capture_output=True,
+        timeout=CHILD_TIMEOUT,
+    )
+    assert child.returncode == 0, child.stderr.decode()
+    assert child.stdout.decode().lstrip().startswith("{")

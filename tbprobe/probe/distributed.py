@@ -36,8 +36,11 @@ __all__ = [
 ]
 
 _COL = {name: i for i, name in enumerate(STAT_NAMES)}
-_MIN_COLS = [_COL["min"]]
-_MAX_COLS = [_COL["max"], _COL["abs_max"]]
+# Slices, not lists: a list index on a CUDA tensor is copied there from pageable memory (a
+# sync on every merge).
+_MIN_COLS = slice(_COL["min"], _COL["min"] + 1)
+_MAX_COLS = slice(_COL["max"], _COL["max"] + 2)
+assert _COL["abs_max"] == _COL["max"] + 1  # the max-merged columns are adjacent
 # The identity of the merge: no elements, min +inf, max -inf (abs_max 0, as for no elements).
 IDENTITY_ROW = tuple(
     math.inf if n == "min" else -math.inf if n == "max" else 0.0 for n in STAT_NAMES

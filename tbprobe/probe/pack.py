@@ -53,7 +53,7 @@ def reduce_grads(probe, st: StepState) -> None:
 
         reduce_grads_distributed(probe, st)
         return
-    if not (st.checked or st.scheduled or st.hist):
+    if not (st.checked or st.scheduled or st.hist or st.snap):
         return
     grads = step_grads(probe, st)
     if grads:
@@ -62,20 +62,42 @@ def reduce_grads(probe, st: StepState) -> None:
 
 def _grad_results(probe, st: StepState, grads: list) -> tuple:
     """``(names, rows, histograms or None)`` of ``grads`` ``[(name, gradient)]``: unscaled
-    stats rows (norms and non-finite counts), and their histograms on a histogram step."""
+    stats rows (norms and non-finite counts), and their histograms on a histogram step (on a
+    snapshot step, of the snapshot modules' parameters only; None for the others)."""
     gs = _stat_views([g.detach() for _, g in grads])
     rows = probe.amp.unscale(probe_stats(gs, extremes=False))
     hists = None
     if st.hist:
         hists = kernels.histogram_many(probe.amp.unscaled(gs), bins=probe.cfg.hist_bins)
+    elif st.snap:
+        at = [i for i, (n, _) in enumerate(grads) if in_modules(n, st.snap)]
+        if at:
+            hists = [None] * len(grads)
+            some = kernels.histogram_many(
+                probe.amp.unscaled([gs[i] for i in at]), bins=probe.cfg.hist_bins
+            )
+            for i, h in zip(at, some, strict=True):
+                hists[i] = h
     return [n for n, _ in grads], rows, hists
+
+
+def in_modules(param: str, modules: frozenset) -> bool:
+    """Whether parameter ``param`` (a dotted name) belongs to one of ``modules`` or to a
+    submodule of one: a snapshot's parameters.
+
+    Example::
+
+        in_modules("layers.0.attn.weight", frozenset({"layers.0"}))  # True
+    """
+    parts = param.split(".")
+    return any(".".join(parts[:k]) in modules for k in range(len(parts)))
 
 
 def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     """The step's rows, gradient/parameter statistics and histograms, as on one device."""
     cfg = probe.cfg
     st.flush(cfg.hist_bins)
-    grads = step_grads(probe, st) if st.checked or st.scheduled or st.hist else []
+    grads = step_grads(probe, st) if st.checked or st.scheduled or st.hist or st.snap else []
     taken = None
     if grads:
         taken = st.grads_taken
@@ -95,11 +117,17 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
     if not _clean_on_host(st, meta, None if taken is None else taken[1]):
         pack_events(st, pk, meta)
     hists: list = []
-    if st.hist:
-        if taken is not None:  # a histogram step's results hold the histograms
-            hists.extend(taken[2])
-            meta.hists.extend(f"grad_hist/{n}" for n in taken[0])
-        trainable = [(n, p.detach()) for n, p in probe._params if p.requires_grad]
+    if st.hist or st.snap:  # a snapshot: its modules' parameters' histograms
+        if taken is not None and taken[2] is not None:  # binned with the gradients' rows
+            for n, h in zip(taken[0], taken[2], strict=True):
+                if h is not None:
+                    hists.append(h)
+                    meta.hists.append(f"grad_hist/{n}")
+        trainable = [
+            (n, p.detach())
+            for n, p in probe._params
+            if p.requires_grad and (st.hist or in_modules(n, st.snap))
+        ]
         if trainable:
             names, ts = zip(*trainable, strict=True)
             _hists(probe, meta, hists, "param_hist", names, _stat_views(list(ts)))
@@ -184,7 +212,9 @@ def _stat_views(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _stat_view(t: torch.Tensor) -> torch.Tensor:
     if t.layout is torch.sparse_coo:
-        t = t.coalesce().values()
+        # Coalesced, or a repeated index would count twice in the norm; on CUDA that counts
+        # the unique indices on the host: a sync, for sparse gradients only.
+        t = t.coalesce().values()  # sync-ok: sparse CUDA gradients (see above)
     elif t.layout is not torch.strided:  # compressed sparse layouts, nested tensors
         t = t.values()
     if t.is_complex():

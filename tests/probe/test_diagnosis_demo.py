@@ -123,3 +123,24 @@ def test_demo_cnn_finetune_explosion_is_reported_at_once():
     for a in spikes[:2]:
         assert a.value > 50 * a.baseline
         assert len(a.top) >= 3 and all(r >= 10 for _, r in a.top)
+
+
+def test_demo_summary_names_the_series_that_spiked():
+    """The demo's summary says "updates" for a spike of ‖Δw‖ and "gradients" for one of the
+    gradient norms, each series' first spike in step order (the fine-tune's update spike
+    comes a step before its gradients')."""
+    from tbprobe.demo import _summary
+    from tbprobe.probe.anomaly import Anomaly
+
+    def spike(step, pass_, where, ratio):
+        tensor = "grad norm" if pass_ == "grad" else "update"
+        return Anomaly(step, "spike", where, tensor, 1.0, 0.1, "m", pass_=pass_,
+                       top=((where, ratio),))  # fmt: skip
+
+    lines = _summary([spike(160, "update", "conv2.weight", 140.0),
+                      spike(161, "grad", "head.weight", 312.0),
+                      spike(162, "grad", "conv1.weight", 20.0)])  # fmt: skip
+    assert lines == [
+        "updates ‖Δw‖ exploded at step 160: conv2.weight first (conv2.weight ×140)",
+        "gradients exploded at step 161: head.weight first (head.weight ×312)",
+    ]

@@ -63,6 +63,44 @@ def test_snapshot_writes_decodable_images_histograms_and_stats(tmp_path):
     assert "act_rms/head" not in run["scalars"] or 2 not in run["scalars"]["act_rms/head"]
 
 
+def test_snapshot_writes_its_modules_gradient_and_parameter_histograms(tmp_path):
+    """A snapshot's step also writes grad_hist and param_hist of its modules' parameters
+    (the tag table: "every histogram_every steps and on snapshot"), of the gradient before
+    clipping and the parameter after the update; no other parameter's."""
+    from tbprobe.probe.pack import in_modules
+
+    model = models.make("cnn")
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = tbprobe.Probe(model, writer, opt, every=100, watch_requests=False)
+    gen = torch.Generator().manual_seed(0)
+    seen = {}
+    for step in range(3):
+        if step == 1:
+            probe.snapshot(modules="features.0")
+        models.loss_for("cnn", model, models.batch_for("cnn", gen)).backward()
+        if step == 1:
+            seen["grad"] = model.features[0].weight.grad.clone()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        if step == 1:
+            seen["param"] = model.features[0].weight.detach().clone()
+        opt.zero_grad()
+    probe.detach()
+    writer.close()
+    histos = read_run(str(tmp_path))["histos"]
+    mine = [n for n, p in model.named_parameters() if n.startswith("features.0.")]
+    assert mine and not in_modules("features.2.weight", frozenset({"features.0"}))
+    for fam in ("grad_hist", "param_hist"):
+        assert {t for t in histos if t.startswith(fam + "/")} == {f"{fam}/{n}" for n in mine}
+        assert all(list(histos[f"{fam}/{n}"]) == [1] for n in mine)
+    for fam, key in (("grad_hist", "grad"), ("param_hist", "param")):
+        h, t = histos[f"{fam}/features.0.weight"][1], seen[key].double()
+        assert h.num == t.numel() and sum(h.bucket) == t.numel()
+        assert (h.min, h.max) == (t.min().item(), t.max().item())
+        assert h.sum_squares == pytest.approx(float((t * t).sum()), rel=1e-6)
+
+
 def test_snapshot_every_schedules_snapshots_of_all_hooked_modules(tmp_path):
     """snapshot_every=2 captures every hooked module at steps 0 and 2; sequence outputs
     of the transformer become token x feature images."""
