@@ -81,6 +81,34 @@ def check_model(name: str) -> dict:
     }
 
 
+def check_helpers() -> dict:
+    """Device helpers a model check may not reach with its cache cold: AMP's column powers
+    (built at the first scaled step; a GradScaler's own step syncs, so no AMP model runs
+    under "error") and the ranks' row merge (distributed only)."""
+    from tbprobe.probe.distributed import merge_rows
+    from tbprobe.probe.optional import _POWERS, _powers
+
+    _POWERS.clear()
+    gathered = torch.randn(2, 3, 10, dtype=torch.float64, device=DEV)
+    _wait()
+    err = None
+    _sync_mode("error")
+    try:
+        powers, merged = _powers(torch.device(DEV)), merge_rows(gathered)
+    except Exception as exc:
+        err = repr(exc)[:400]
+    finally:
+        _sync_mode(0)
+    ok = err is None
+    if ok:
+        want = torch.tensor([0, 1, 2, 1, 1, 1, 0, 0, 0, 0], dtype=torch.float64)
+        g = gathered.cpu()
+        ok = torch.equal(powers.cpu(), want) and torch.equal(
+            merged.cpu()[:, 4:6], g[:, :, 4:6].amax(0)
+        )
+    return {"sync_error": err, "probe_errors": [], "param_norm_ok": ok}
+
+
 def bench(kind: str) -> float:
     """Mean step time in ms over BENCH_N steps, after 10 warm-up steps."""
     torch.manual_seed(0)
@@ -115,6 +143,7 @@ def nn_block() -> torch.nn.Module:
 
 if __name__ == "__main__":
     out = {name: check_model(name) for name in ("cnn", "nested", "twice", "structured")}
+    out["helpers"] = check_helpers()
     if DEV == "cuda":
         out["bench_ms"] = {k: round(bench(k), 3) for k in ("none", "stats", "hist", "none")}
     print(json.dumps(out, indent=1))
