@@ -143,6 +143,7 @@ class Probe:
                 f"model: {lazy[0]!r} is an uninitialized lazy parameter (nn.Lazy* modules get "
                 "their shapes at the first forward): run one forward pass, then attach the probe"
             )
+        _one_device(self._params)
         first = self._params[0][1] if self._params else None
         self._rows_always = first is not None and first.device.type == "cuda"
         self.anomalies: list = []
@@ -408,6 +409,22 @@ class Probe:
             restore, self._restore_signal = getattr(self, "_restore_signal", None), None
             if restore is not None:
                 restore()
+
+
+def _one_device(params: list) -> None:
+    """ValueError naming two parameters on different devices: one process's tensors are
+    reduced and packed on one device (a model split over GPUs, e.g. ``device_map="auto"``,
+    is not supported; DDP/FSDP hold each rank's parameters on its own device)."""
+    at: dict = {}
+    for n, p in params:
+        at.setdefault(p.device, n)
+    if len(at) > 1:
+        (d0, n0), (d1, n1) = list(at.items())[:2]
+        raise ValueError(
+            f"model: parameters on more than one device ({n0!r} on {d0}, {n1!r} on {d1}); "
+            "tbprobe reduces and packs a process's tensors on one device, so a model split "
+            "over devices is not supported: use one device per process (DDP/FSDP)"
+        )
 
 
 def attach(model: nn.Module, writer, optimizer=None, **kwargs) -> Probe:

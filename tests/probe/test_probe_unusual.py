@@ -231,6 +231,18 @@ def test_multihead_attention_is_hooked_by_default():
     _close(writer, probe)
 
 
+def test_model_split_over_devices_gets_a_clear_error():
+    """A model whose parameters sit on two devices (``device_map="auto"`` style; here the CPU
+    and the meta device) is refused at attach time, naming a parameter on each, instead of
+    disabling itself at the first step."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, device="meta"))
+    with pytest.raises(
+        ValueError,
+        match=r"model: parameters on more than one device \('0.weight' on cpu, '1.weight' on meta",
+    ):
+        tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False))
+
+
 def test_lazy_module_gets_a_clear_error():
     model = nn.Sequential(nn.LazyLinear(4))
     with pytest.raises(ValueError, match=r"model: '0.weight' is an uninitialized lazy"):
