@@ -12,7 +12,7 @@ running baselines in :mod:`tbprobe.probe.diagnosis_baseline`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from tbprobe.probe.diagnosis_nonfinite import (
     grad_norm_anomaly,
     has_nonfinite,
     owner_module,
+    param_anomaly,
 )
 from tbprobe.probe.records import StepRecord, TensorEvent
 
@@ -43,7 +44,11 @@ class Diagnosis:
       One report per episode: a run stays in it while non-finite values persist, and a later,
       new episode is reported again. On a step whose optimizer step an AMP ``GradScaler``
       skipped (``record.skipped``), non-finite gradients are a normal overflow, not reported;
-      non-finite forward outputs still are.
+      non-finite forward outputs still are. An overflow the scaler's backoff does not cure
+      (``max_skipped`` skipped steps in a row: a NaN made in the backward pass on every
+      step) is reported at the first step of the run of skips. A parameter that the
+      optimizer step made non-finite from finite gradients is reported at that step, pass
+      ``"update"``.
     - **spike**: a gradient norm (per parameter or ``_total``) or an update size ‖Δw‖ at
       least ``spike_factor`` × its baseline, the median of its last ``window`` finite values
       (the first ``warmup`` observations of a series are skipped, and at least ``min_history``
@@ -54,7 +59,8 @@ class Diagnosis:
       training often grows its gradients 10–100× over tens of steps, noisily; an explosion
       climbs that far within ``rise`` observations. A parameter counts only when its value
       reaches ``min_share`` × the baseline of the total (``_total``; for updates, the
-      root-sum-square of all ‖Δw‖). Reported once per episode (it lasts while some series
+      root-sum-square of all ‖Δw‖; its baseline restarts when a series joins it, e.g. a
+      backbone unfrozen mid-run). Reported once per episode (it lasts while some series
       stays ``spike_factor`` × above its baseline), with the ``top_k`` offenders by ratio.
     - **vanishing** (warning): a gradient norm at most ``vanishing`` × its baseline (exactly 0
       included) for ``patience`` observations in a row.
@@ -80,6 +86,7 @@ class Diagnosis:
     patience: int = 3
     min_share: float = 0.1
     top_k: int = 5
+    max_skipped: int = 8
     check_nonfinite: bool = True
     check_spikes: bool = True
     check_warnings: bool = True
@@ -91,6 +98,7 @@ class Diagnosis:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         ints = ("window", "warmup", "min_history", "rise", "recent", "patience", "top_k")
+        ints += ("max_skipped",)
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -132,6 +140,7 @@ class Diagnosis:
             "act_seen": {},  # module -> scheduled forward observations
             "dead": set(),
             "grad_top": None,  # (names, largest stored grad norms) from the last observation
+            "skips": (0, None),  # AMP-skipped steps in a row, the first one's attribution
         }
 
     def feed(self, record: StepRecord) -> list[Anomaly]:
@@ -146,11 +155,12 @@ class Diagnosis:
         skipped = getattr(record, "skipped", False) is True  # an AMP-skipped optimizer step
         found: list[Anomaly] = []
         broken = has_nonfinite(record.events, record.grad_norms)
+        bad_params = not broken and not all(math.isfinite(v) for v in record.param_norms.values())
         if self.check_nonfinite:
             found += self._check_nonfinite(record, skipped, broken)
         if self.check_warnings:
             found += self._check_dead(record)
-        if broken:
+        if broken or bad_params:
             return found  # its norms are those of a broken step: no baseline, no spike
         grads = _items(record.grad_norms)
         # A skipped optimizer step made no update: its zero ‖Δw‖ is no observation.
@@ -168,9 +178,19 @@ class Diagnosis:
     def _check_nonfinite(self, record: StepRecord, skipped: bool, broken: bool) -> list[Anomaly]:
         """``broken``: :func:`has_nonfinite` of the whole record."""
         events, grad_norms = record.events, record.grad_norms
+        persistent = self._skips(record, skipped, broken)
+        if persistent is not None:
+            return [persistent]
         if skipped and broken:  # an AMP overflow in the gradients is normal; the forward is not
             events, grad_norms = tuple(e for e in events if e.pass_ == "forward"), {}
             broken = has_nonfinite(events, grad_norms)
+        if not broken and not skipped:
+            made = param_anomaly(record.step, record.param_norms, grad_norms)
+            if made is not None:  # an episode while the parameters stay non-finite
+                if self._state["in_nonfinite"]:
+                    return []
+                self._state["in_nonfinite"] = True
+                return [made]
         if not broken:
             if events or grad_norms:  # a step that was checked and is clean ends an episode
                 self._state["in_nonfinite"] = False
@@ -182,11 +202,38 @@ class Diagnosis:
             return [attribute(record.step, events)]
         return [grad_norm_anomaly(record.step, grad_norms)]
 
+    def _skips(self, record: StepRecord, skipped: bool, broken: bool) -> Anomaly | None:
+        """Count AMP-skipped steps in a row; on the ``max_skipped``-th, the first one's
+        attribution, unless an episode is already reported. A scaler's backoff cures an
+        overflow in a step or a few; a NaN the backward pass makes on every step never is."""
+        n, first = self._state["skips"]
+        if not skipped:
+            self._state["skips"] = (0, None)
+            return None
+        if first is None and broken:
+            if any(e.nonfinite > 0 for e in record.events):
+                first = attribute(record.step, record.events)
+            else:
+                first = grad_norm_anomaly(record.step, record.grad_norms)
+        self._state["skips"] = (n + 1, first)
+        if n + 1 != self.max_skipped or first is None or self._state["in_nonfinite"]:
+            return None
+        self._state["in_nonfinite"] = True
+        msg = (
+            f"{first.message}; the GradScaler then skipped {self.max_skipped} optimizer steps "
+            f"in a row (to step {record.step}): not an overflow its backoff cures"
+        )
+        return replace(first, message=msg)
+
     # ------------------------------------------------------------------ spikes
     def _observe(self, family: str, items: tuple[list[str], np.ndarray]) -> tuple:
         base: Baselines = self._state[family]
         names, values = items
-        med, peak, top = base.observe(base.rows(names), values, self.rise - 1, self.recent)
+        known = len(base.index)
+        rows = base.rows(names)
+        if known and len(base.index) > known and "_total" in base.index:
+            base.forget("_total")  # a new series joins the total (a layer unfrozen)
+        med, peak, top = base.observe(rows, values, self.rise - 1, self.recent)
         if family == "grad":  # for _check_vanishing, which follows on the same series
             self._state["grad_top"] = (names, top)
         return names, values, med, peak

@@ -59,6 +59,13 @@ class Baselines:
         self._last = (list(names), rows, span)
         return rows
 
+    def forget(self, name: str) -> None:
+        """Restart series ``name`` (it has changed meaning): warm-up and history anew."""
+        i = self.index.get(name)
+        if i is not None:
+            self.buf[i] = np.nan
+            self.seen[i] = self.stored[i] = 0
+
     def _at(self, rows: np.ndarray):
         """``rows`` as an index: the slice of the usual case, else the array."""
         _, last_rows, span = self._last

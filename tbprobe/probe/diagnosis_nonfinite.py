@@ -13,7 +13,13 @@ from collections.abc import Mapping, Sequence
 from tbprobe.probe.anomaly import Anomaly
 from tbprobe.probe.records import TensorEvent
 
-__all__ = ["attribute", "grad_norm_anomaly", "has_nonfinite", "owner_module"]
+__all__ = [
+    "attribute",
+    "grad_norm_anomaly",
+    "has_nonfinite",
+    "owner_module",
+    "param_anomaly",
+]
 
 _ORIGIN = {
     True: "produced here: its inputs were finite",
@@ -171,4 +177,30 @@ def grad_norm_anomaly(step: int, grad_norms: Mapping[str, float]) -> Anomaly:
         "counts on this step)",
         pass_="grad",
         module=owner_module(where) if where != "_total" else "",
+    )
+
+
+def param_anomaly(step: int, param_norms: Mapping[str, float], grad_norms) -> Anomaly | None:
+    """The report for a step whose optimizer step made a parameter non-finite while every
+    hooked tensor and gradient was finite (its state or learning rate went bad), or None.
+
+    Example: ``param_anomaly(4, {"fc.weight": nan}, {"fc.weight": 0.3}).pass_`` -> ``"update"``.
+    """
+    bad = [k for k, v in param_norms.items() if not math.isfinite(v)]
+    if not bad:
+        return None
+    where, value = bad[0], param_norms[bad[0]]
+    grad = grad_norms.get(where)
+    why = "its gradient was finite" if grad is not None else "its gradient was not measured"
+    return Anomaly(
+        step,
+        "nonfinite",
+        where,
+        "param",
+        value,
+        None,
+        f"{where} is non-finite after the optimizer step ({why}): the optimizer's state or "
+        f"learning rate made it; {len(bad)} parameter(s) in all",
+        pass_="update",
+        module=owner_module(where),
     )

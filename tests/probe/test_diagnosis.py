@@ -251,6 +251,86 @@ def test_amp_skipped_step_gradients_are_not_an_episode():
     assert (b.step, b.pass_, b.where) == (5, "forward", "l0")
 
 
+def test_amp_skips_that_never_end_are_reported_at_the_first_one():
+    """A NaN made in the backward pass on every step: the GradScaler skips every step and its
+    scale falls without end. After ``max_skipped`` skips in a row it is reported, at the first
+    skipped step, pass and module of that step's attribution; a few skips in a row (the
+    scaler's backoff at work) and skips broken by a clean step are not."""
+    nan_bwd = (
+        ev(0, "l0"),
+        ev(1, "l1"),
+        ev(2, "l1", "backward", "grad_output", 0, None),
+        ev(3, "l1", "backward", "grad_input", 8, 0),
+        ev(4, "l0.weight", "grad", "grad", 8, None),
+    )
+    bad = {"l0.weight": float("nan"), "_total": float("nan")}
+
+    def skipped(step):
+        return StepRecord(step=step, scheduled=False, skipped=True, events=nan_bwd, grad_norms=bad)
+
+    clean = [rec(s, [ev(0, "l0"), ev(1, "l1")], grads={"l0.weight": 1.0, "_total": 1.0})
+             for s in range(10)]  # fmt: skip
+    diag = Diagnosis(max_skipped=4)
+    assert feed_all(diag, clean) == []
+    assert feed_all(diag, [skipped(10), skipped(11), skipped(12)]) == []  # backoff at work
+    assert feed_all(diag, [rec(13, [ev(0, "l0")], grads={"l0.weight": 1.0, "_total": 1.0})]) == []
+    found = feed_all(diag, [skipped(s) for s in range(14, 30)])
+    (a,) = found
+    assert (a.step, a.kind, a.pass_, a.where, a.producer) == (
+        14,
+        "nonfinite",
+        "backward",
+        "l1",
+        True,
+    )
+    assert "skipped 4 optimizer steps in a row (to step 17)" in a.message
+    with pytest.raises(TypeError, match="max_skipped"):
+        Diagnosis(max_skipped=2.5)
+
+
+def test_parameter_made_nonfinite_by_the_optimizer_step():
+    """Finite gradients, then a NaN parameter norm (the optimizer's state went bad): reported
+    at that step, pass "update", at the parameter; the next step's NaN forward output is the
+    same episode, not a second report blaming the forward."""
+    fwd = [ev(0, "l0"), ev(1, "l1")]
+    grads = {"l0.weight": 1.0, "l1.weight": 1.0, "_total": 1.4}
+    recs = [rec(s, fwd, grads=grads, params={"l0.weight": 3.0, "l1.weight": 2.0})
+            for s in range(20)]  # fmt: skip
+    recs.append(rec(20, fwd, grads=grads, params={"l0.weight": 3.0, "l1.weight": float("nan")}))
+    recs.append(rec(21, [ev(0, "l0"), ev(1, "l1", nonfinite=4, inputs=0)], grads=grads))
+    (a,) = feed_all(Diagnosis(), recs)
+    assert (a.step, a.kind, a.pass_, a.where, a.module) == (
+        20,
+        "nonfinite",
+        "update",
+        "l1.weight",
+        "l1",
+    )
+    assert "gradient was finite" in a.message
+
+
+def test_total_baseline_restarts_when_a_layer_is_unfrozen():
+    """A backbone unfrozen mid-run adds its gradients and updates to ``_total``: that jump is
+    no spike (the total's baseline restarts), while a later real spike still is one."""
+    head = {"head.weight": 1.0}
+    recs = []
+    for i in range(60):
+        g = {k: v * (1 + 0.1 * RNG.standard_normal()) for k, v in head.items()}
+        u = {"head.weight": 1e-3 * (1 + 0.1 * RNG.standard_normal())}
+        if i >= 30:  # unfrozen: 30 parameters with gradients 5x the head's and updates alike
+            g.update(
+                {f"body.{j}.weight": 5.0 * (1 + 0.1 * RNG.standard_normal()) for j in range(30)}
+            )
+            u.update({f"body.{j}.weight": 1e-3 for j in range(30)})
+        if i == 55:
+            g = {k: v * 1000 for k, v in g.items()}
+        g["_total"] = float(np.sqrt(sum(v * v for v in g.values())))
+        params = dict.fromkeys(u, 1.0)
+        recs.append(rec(i, grads=g, params=params, updates=u))
+    found = feed_all(Diagnosis(), recs)
+    assert [(a.step, a.kind, a.pass_) for a in found] == [(55, "spike", "grad")]
+
+
 def test_update_spike_from_ratio_times_param_norm():
     """An update ‖Δw‖ = ratio × ‖w‖ 1000x its baseline is an update spike at that parameter."""
     recs = []
