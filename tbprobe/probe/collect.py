@@ -23,14 +23,24 @@ _VERSIONS = 1 << 32  # slot keys: id(t) * _VERSIONS + t._version (ids differ by 
 
 
 class Event:
-    """One (module, pass, tensor) key of a step: its row ids and its inputs' row ids."""
+    """One (module, pass, tensor) key of a step: its row ids and its inputs' row ids, over
+    all the module's calls in the step; where it was called more than once, where each call
+    starts (the host finds the first call that went non-finite: a module run in a loop,
+    e.g. an RNN cell, is not blamed for what another module made between its calls)."""
 
-    __slots__ = ("inputs", "module", "pass_", "rows", "seq", "tensor")
+    __slots__ = ("calls", "inputs", "module", "pass_", "rows", "seq", "tensor")
 
     def __init__(self, seq: int, module: str, pass_: str, tensor: str):
         self.seq, self.module, self.pass_, self.tensor = seq, module, pass_, tensor
         self.rows: list[int] = []
         self.inputs: list[int] | None = None  # non-finite counts of what it consumed
+        self.calls: list[tuple[int, int, int]] | None = None  # (seq, first row, first input)
+
+    def new_call(self, seq: int) -> None:
+        """A later call of the module (rows and inputs are appended after this)."""
+        if self.calls is None:
+            self.calls = [(self.seq, 0, 0)]
+        self.calls.append((seq, len(self.rows), len(self.inputs) if self.inputs else 0))
 
 
 class Slot:
@@ -206,9 +216,12 @@ class StepState:
         return merge, nf
 
     def compacted(self) -> None:
-        """Row ids of single tensors are gone: forget them."""
+        """Row ids of single tensors are gone: forget them. Each event's earlier calls are
+        one merged row now: one call from here on, with the first call's seq."""
         for s in self.slots.values():
             s.row = None
+        for ev in self.events.values():
+            ev.calls = None
 
     # ---------------------------------------------------------------- slots
     def slot(self, t: torch.Tensor, create: bool = True) -> Slot | None:

@@ -31,6 +31,7 @@ class StepMeta:
     n_rows: int = 0  # row ids handed out
     event_rows: list = field(default_factory=list)  # row ids merged into each event
     event_inputs: list = field(default_factory=list)  # row ids of its inputs, or None
+    event_calls: list = field(default_factory=list)  # ``collect.Event.calls`` (or empty)
     grads: list = field(default_factory=list)  # (seq, param name)
     params: list = field(default_factory=list)  # param names
     updates: list = field(default_factory=list)  # param names with a pre-step copy
@@ -86,6 +87,29 @@ def merge_events(meta: StepMeta, data: dict) -> None:
         flat, starts = _segments([meta.event_inputs[i] for i in some])
         evin[some] = np.add.reduceat(nf[flat], starts)
     data["evin"] = evin
+    data["evseq"] = _first_bad_calls(meta, nf, evin)
+
+
+def _first_bad_calls(meta: StepMeta, nf: np.ndarray, evin: np.ndarray) -> dict:
+    """``{event index: seq}`` of the first non-finite call of each event whose module ran
+    more than once in the step; that call's inputs' count replaces the event's in ``evin``
+    (the module made the value there, or passed on what another made before it)."""
+    out: dict = {}
+    for i, calls in enumerate(meta.event_calls):
+        if calls is None:
+            continue
+        rows, ins = meta.event_rows[i], meta.event_inputs[i]
+        for k, (seq, r0, i0) in enumerate(calls):
+            last = k + 1 == len(calls)
+            r1 = len(rows) if last else calls[k + 1][1]
+            if not nf[rows[r0:r1]].any():
+                continue
+            out[i] = seq
+            if ins is not None:
+                i1 = len(ins) if last else calls[k + 1][2]
+                evin[i] = nf[ins[i0:i1]].sum()
+            break
+    return out
 
 
 def norms_of(rows: np.ndarray) -> np.ndarray:
@@ -133,7 +157,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
     clean = _clean_check(meta, data)
     if meta.events and not clean:
         merge_events(meta, data)
-        ev, evin = data["ev"], data["evin"]
+        ev, evin, evseq = data["ev"], data["evin"], data["evseq"]
         nonfinite = (ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev).tolist()
         keep = stats_on and meta.full  # rows of a fresh array: views, not copies
         for i, ((seq, module, pass_, tensor), nf_in) in enumerate(
@@ -141,7 +165,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         ):
             events.append(
                 TensorEvent(
-                    seq=seq,
+                    seq=evseq.get(i, seq),
                     module=module,
                     pass_=pass_,
                     tensor=tensor,

@@ -192,6 +192,8 @@ class HookSet:
 
     def _forward_stats(self, st: StepState, name, outs, ins, now=False) -> None:
         ev = st.event_at(self._keys(name).forward)
+        if ev.rows:  # called before in this step
+            ev.new_call(st.next_seq())
         if len(outs) == 1:  # one slot: found or made once (its backward hook reuses it)
             s = st.slot(outs[0])
             if s.row is None:
@@ -251,12 +253,17 @@ class HookSet:
         rid = st.add(grad)
         for m in slot.consumers:  # the gradient w.r.t. m's input: m produced it
             ev = st.event_at(self._keys(m).grad_input)
+            if ev.rows:
+                ev.new_call(st.next_seq())
             ev.rows.append(rid)
             gout = st.pending_gout.pop(m, None)
             if gout is not None:
                 ev.inputs = gout if ev.inputs is None else ev.inputs + gout
         for m in slot.producers:  # the gradient w.r.t. m's output: m consumes it next
-            st.event_at(self._keys(m).grad_output).rows.append(rid)
+            ev = st.event_at(self._keys(m).grad_output)
+            if ev.rows:
+                ev.new_call(st.next_seq())
+            ev.rows.append(rid)
             gout = st.pending_gout.get(m)
             if gout is None:
                 st.pending_gout[m] = [rid]
@@ -269,8 +276,10 @@ class HookSet:
             if not st.in_backward:
                 st.in_backward = True
                 st.flush(self.owner.cfg.hist_bins)
-            if name not in st.grad_seq:
-                st.grad_seq[name] = st.next_seq()
+            # The last accumulation's place in execution order: a gradient accumulated over
+            # micro-batches is read once, after the last one (a NaN the forward made in a
+            # later micro-batch comes before it).
+            st.grad_seq[name] = st.next_seq()
             # Reduced at the end of the backward pass (see _end_backward), else at the step
             # boundary: the tensor is kept, so a zero_grad(set_to_none=True) before a manual
             # probe.step() does not lose it.

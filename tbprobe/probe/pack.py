@@ -161,6 +161,7 @@ def pack_events(st: StepState, pk: Packer, meta: StepMeta) -> None:
     meta.events = [(e.seq, e.module, e.pass_, e.tensor) for e in evs]
     meta.event_rows = [e.rows for e in evs]
     meta.event_inputs = [e.inputs for e in evs]
+    meta.event_calls = [e.calls for e in evs]
 
 
 def _pack_hists(pk: Packer, hists: list) -> None:

@@ -247,3 +247,55 @@ def test_lazy_module_gets_a_clear_error():
     model = nn.Sequential(nn.LazyLinear(4))
     with pytest.raises(ValueError, match=r"model: '0.weight' is an uninitialized lazy"):
         tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False))
+
+
+class _Mix(nn.Module):
+    """Between two calls of a shared cell: finite in, NaN out in the forward of step
+    ``fire_fwd``; finite forward and grad_output, NaN grad_input in step ``fire_bwd``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(8))
+        self.fire_fwd = self.fire_bwd = False
+
+    def forward(self, h):
+        if self.fire_fwd:
+            h = h.masked_fill(torch.arange(h.shape[0])[:, None] == 0, float("nan"))
+        if self.fire_bwd:
+            h = h + torch.sqrt((h * 0).pow(2))  # forward: + 0; backward: 0 * inf = NaN
+        return torch.tanh(h * self.w)
+
+
+class _Loop(nn.Module):
+    """A decoder loop: one ``cell`` called at every time step, ``mix`` after each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.mix = nn.Linear(8, 8), _Mix()
+
+    def forward(self, x):  # (B, T, 8)
+        h = torch.zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            h = self.mix(self.cell(x[:, t] + h))
+        return h
+
+
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+def test_module_called_in_a_loop_is_not_blamed_for_another_modules_nan(pass_):
+    """A NaN made by ``mix`` between two calls of the shared ``cell`` is reported at ``mix``
+    (the producer), not at ``cell``, whose later call only passed it on: the host finds each
+    module's first non-finite call, in execution order."""
+    torch.manual_seed(0)
+    model, gen = _Loop(), torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), opt,
+                          watch_requests=False, on_anomaly=lambda a: None)  # fmt: skip
+    for step in range(6):
+        model.mix.fire_fwd = pass_ == "forward" and step == 4
+        model.mix.fire_bwd = pass_ == "backward" and step == 4
+        model(torch.randn(4, 3, 8, generator=gen)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    probe.detach()
+    a = probe.anomalies[0]
+    assert (a.step, a.kind, a.pass_, a.module, a.producer) == (4, "nonfinite", pass_, "mix", True)
