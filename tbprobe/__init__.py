@@ -5,7 +5,7 @@ Importing the package is cheap: the writer, the probe (and torch) load on first 
 """
 
 __version__ = "0.1.0"
-__all__ = ["Probe", "SummaryWriter", "__version__", "attach"]
+__all__ = ["AnomalyError", "Probe", "SummaryWriter", "__version__", "attach"]
 
 
 def __getattr__(name):
@@ -13,7 +13,7 @@ def __getattr__(name):
         from tbprobe.writer import SummaryWriter
 
         return SummaryWriter
-    if name in ("Probe", "attach"):
+    if name in ("Probe", "attach", "AnomalyError"):
         from tbprobe.probe import probe
 
         return getattr(probe, name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 
 import torch
 
@@ -44,6 +45,12 @@ class _Guarded:
 
     __slots__ = ("bound", "fn", "key", "owner")
 
+    def __deepcopy__(self, memo):  # see _Inert
+        return _Inert()
+
+    def __reduce__(self):
+        return _Inert, ()
+
     def __init__(self, owner, key, fn, bound):
         self.owner, self.key, self.fn, self.bound = owner, key, fn, bound
 
@@ -57,7 +64,57 @@ class _Guarded:
         return None
 
 
-class _SlotHook:
+class _Inert:
+    """What a copied or pickled hook becomes: the copy of a probed module or parameter
+    (``copy.deepcopy(model)``, ``AveragedModel``, ``torch.save(model)``) is not probed, and
+    copying the probe with it would copy its writer."""
+
+    __slots__ = ()
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+def _inert(*args):
+    return _Inert()
+
+
+class _CopiesInert:
+    """Mixin: a hook whose deep copy and pickle are :class:`_Inert`."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo):
+        return _Inert()
+
+    def __reduce__(self):
+        return _Inert, ()
+
+
+class _WeakGuarded(_CopiesInert):
+    """:class:`_Guarded` for a parameter's post-accumulate-grad hook, holding its
+    :class:`HookSet` weakly: torch does not show those hooks to the garbage collector, so a
+    strong reference would keep a model dropped without ``detach()`` (and its probe) alive
+    for good. The probe lives as long as its forward hooks' module, or its user's reference.
+    """
+
+    __slots__ = ("bound", "fn", "key", "ref")
+
+    def __init__(self, owner, key, fn, bound):
+        self.ref, self.key, self.fn, self.bound = weakref.ref(owner), key, fn, bound
+
+    def __call__(self, *args):
+        owner = self.ref()
+        if owner is None or self.key in owner.disabled:
+            return None
+        try:
+            self.fn(owner, *self.bound, *args)
+        except Exception as exc:  # a probe failure must never stop training
+            owner.fail(*self.key, exc)
+        return None
+
+
+class _SlotHook(_CopiesInert):
     """The backward tensor hook of one :class:`~tbprobe.probe.collect.Slot`: ``_Guarded``
     without a bound method and argument tuple, and with its key shared by every hook of the
     module. One is made per hooked tensor per step, and whatever lives through the step is
@@ -103,6 +160,7 @@ class HookSet:
         self.errors: list[tuple[str, str, BaseException]] = []
         self._module_keys: dict[str, _Keys] = {}
         self._warned_gone = False  # see _grad_gone
+        self._frozen: list = []  # [(name, parameter)] frozen at attach: no grad hook yet
 
     # ---------------------------------------------------------------- failure policy
     def fail(self, kind: str, where: str, exc: BaseException) -> None:
@@ -147,10 +205,33 @@ class HookSet:
             self.handles.append(m.register_forward_hook(fn, with_kwargs=True))
         for name, p in params:
             if p.requires_grad:
-                fn = self._guarded("grad", name, self._grad, name)
-                self.handles.append(p.register_post_accumulate_grad_hook(fn))
+                self._hook_grad(name, p)
+            else:
+                self._frozen.append((name, p))
+
+    def _hook_grad(self, name: str, p) -> None:
+        fn = _WeakGuarded(self, ("grad", name), HookSet._grad, (name,))
+        self.handles.append(p.register_post_accumulate_grad_hook(fn))
+
+    def hook_unfrozen(self, st: StepState | None = None) -> None:
+        """Hook the gradients of parameters frozen at attach that require grad now (a
+        backbone unfrozen mid-run): a look at the frozen ones at each step boundary and at
+        the end of each backward pass, whose step ``st`` takes the gradients they already
+        have (their hook was not there to fire)."""
+        frozen = self._frozen
+        if frozen and any(p.requires_grad for _, p in frozen):
+            self._frozen = []
+            for name, p in frozen:
+                if not p.requires_grad:
+                    self._frozen.append((name, p))
+                    continue
+                self._hook_grad(name, p)
+                if st is not None and st.active and p.grad is not None:
+                    st.grads[name] = p.grad
+                    st.grad_seq[name] = st.next_seq()
 
     def remove(self) -> None:
+        self._frozen = []
         handles, self.handles = self.handles, []
         for h in handles:
             h.remove()
@@ -327,6 +408,7 @@ class HookSet:
         if st is not self.owner.state or ("grad", "<end of backward>") in self.disabled:
             return
         try:
+            self.hook_unfrozen(st)
             reduce_grads(self.owner, st)
         except Exception as exc:  # a final callback that raises would fail the backward
             self.fail("grad", "<end of backward>", exc)

@@ -8,8 +8,11 @@ late. ``detach()``/``close()`` wait for everything still in flight.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import operator
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -19,6 +22,7 @@ from tbprobe.probe.config import TRACK, ProbeConfig
 from tbprobe.probe.distributed import local_part
 from tbprobe.probe.hooks import HookSet
 from tbprobe.probe.landing import AnomalyError, poll, react
+from tbprobe.probe.lifecycle import flush_at_exit, one_device, watch_other_optimizers
 from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
 from tbprobe.probe.pack import pack_step
 from tbprobe.probe.ranks import agreed_every, dist_context, output_writer, unwrap
@@ -106,6 +110,8 @@ class Probe:
             raise TypeError(
                 f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        if not isinstance(start_step, bool) and hasattr(start_step, "__index__"):
+            start_step = operator.index(start_step)  # numpy and tensor ints, as the writer
         every_default = every is None
         if every_default:
             lf = getattr(writer, "log_freq", 1)
@@ -143,7 +149,7 @@ class Probe:
                 f"model: {lazy[0]!r} is an uninitialized lazy parameter (nn.Lazy* modules get "
                 "their shapes at the first forward): run one forward pass, then attach the probe"
             )
-        _one_device(self._params)
+        one_device(self._params)
         first = self._params[0][1] if self._params else None
         self._rows_always = first is not None and first.device.type == "cuda"
         self.anomalies: list = []
@@ -166,6 +172,7 @@ class Probe:
             self._hooks.attach(self.modules, self._params)
             if optimizer is not None:
                 self._extra_handles.append(optimizer.register_step_pre_hook(self._pre_opt))
+                self._extra_handles.append(watch_other_optimizers(self))
                 if not self.amp.enabled:
                     self._extra_handles.append(optimizer.register_step_post_hook(self._post_opt))
             if self.amp.enabled:
@@ -181,6 +188,7 @@ class Probe:
             self._remove_hooks()
             raise
         self._attached = True
+        atexit.register(flush_at_exit, weakref.ref(self))
         self.state = self._new_state(self._step)
         if optimizer is None and self.state.scheduled and "params" in self.cfg.track:
             self._prev = self._copy_params()  # the first step's updates (see _close_step)
@@ -275,6 +283,7 @@ class Probe:
             self.state = self._new_state(self._step)
             raise
         prev = self._end(st)
+        self._hooks.hook_unfrozen()
         self._take_requests()
         self.state = self._new_state(self._step)
         # Consecutive scheduled steps (every=1) copy into the same buffers: a fresh copy of
@@ -409,22 +418,6 @@ class Probe:
             restore, self._restore_signal = getattr(self, "_restore_signal", None), None
             if restore is not None:
                 restore()
-
-
-def _one_device(params: list) -> None:
-    """ValueError naming two parameters on different devices: one process's tensors are
-    reduced and packed on one device (a model split over GPUs, e.g. ``device_map="auto"``,
-    is not supported; DDP/FSDP hold each rank's parameters on its own device)."""
-    at: dict = {}
-    for n, p in params:
-        at.setdefault(p.device, n)
-    if len(at) > 1:
-        (d0, n0), (d1, n1) = list(at.items())[:2]
-        raise ValueError(
-            f"model: parameters on more than one device ({n0!r} on {d0}, {n1!r} on {d1}); "
-            "tbprobe reduces and packs a process's tensors on one device, so a model split "
-            "over devices is not supported: use one device per process (DDP/FSDP)"
-        )
 
 
 def attach(model: nn.Module, writer, optimizer=None, **kwargs) -> Probe:

@@ -1,0 +1,77 @@
+"""A probe's life beside the training code it watches: a model split over devices refused
+at attach, another optimizer stepping the probed parameters noticed, the steps in flight
+written at interpreter exit."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ["OTHER_STEPS", "flush_at_exit", "one_device", "watch_other_optimizers"]
+
+OTHER_STEPS = 10  # another optimizer's steps of the probed parameters in a row: warn
+
+
+def watch_other_optimizers(probe):
+    """A global optimizer step post-hook (removed at detach) that warns once when another
+    optimizer steps the probed parameters ``OTHER_STEPS`` times while the probed one does
+    not: the probe's steps follow its optimizer, so a replaced optimizer (a new training
+    phase) leaves it logging nothing. Held weakly: the hook does not keep the probe alive."""
+    ref, counts = weakref.ref(probe), {"other": 0, "warned": False}
+    overlaps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def other_step(optimizer, args, kwargs):
+        p = ref()
+        if p is None or optimizer is p.optimizer or counts["warned"]:
+            return
+        hit = overlaps.get(optimizer)
+        if hit is None:
+            mine = {id(t) for _, t in p._params}
+            groups = optimizer.param_groups
+            hit = overlaps[optimizer] = any(id(t) in mine for g in groups for t in g["params"])
+        if not hit:
+            return
+        if counts.get("at") != p._step:  # the probe's optimizer stepped since: count anew
+            counts["at"], counts["other"] = p._step, 0
+        counts["other"] += 1
+        if counts["other"] >= OTHER_STEPS:
+            counts["warned"] = True
+            warnings.warn(
+                f"tbprobe: a {type(optimizer).__name__} stepped the probed parameters "
+                f"{OTHER_STEPS} times while the probe's own optimizer did not: the probe's "
+                "steps follow the optimizer it was given, so nothing is being logged. After "
+                "replacing the optimizer, re-attach: probe.detach(); tbprobe.attach(model, "
+                "writer, new_optimizer, start_step=probe.global_step)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    return register_optimizer_step_post_hook(other_step)
+
+
+def flush_at_exit(ref) -> None:
+    """At interpreter exit (before the writer's own exit close, registered earlier): write
+    the steps still in flight of a probe left attached (on CUDA the last ones are)."""
+    p = ref()
+    if p is not None and p._attached:
+        with contextlib.suppress(Exception):  # logging never fails an exit
+            p.flush()
+
+
+def one_device(params: list) -> None:
+    """ValueError naming two parameters on different devices: one process's tensors are
+    reduced and packed on one device (a model split over GPUs, e.g. ``device_map="auto"``,
+    is not supported; DDP/FSDP hold each rank's parameters on its own device)."""
+    at: dict = {}
+    for n, p in params:
+        at.setdefault(p.device, n)
+    if len(at) > 1:
+        (d0, n0), (d1, n1) = list(at.items())[:2]
+        raise ValueError(
+            f"model: parameters on more than one device ({n0!r} on {d0}, {n1!r} on {d1}); "
+            "tbprobe reduces and packs a process's tensors on one device, so a model split "
+            "over devices is not supported: use one device per process (DDP/FSDP)"
+        )
