@@ -6,6 +6,10 @@ finds: the first non-finite value (from the probe's ``anomaly`` texts and from n
 scalars), the gradient and update spikes with their top layers (recomputed from the
 ``grad_norm/``, ``param_norm/`` and ``update_ratio/`` series by the same :class:`Diagnosis` the
 probe runs), and per-layer norm trends. No torch import: it runs anywhere the event files are.
+
+A run resumed from a checkpoint with ``SummaryWriter(purge_step=N)`` writes a
+``SessionLog.START`` at step N: what was read before it at steps >= N (the abandoned timeline,
+scalars and anomaly texts alike) is dropped, as TensorBoard drops it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections import defaultdict
 from tbprobe.probe.anomaly import fmt_number, parse_markdown
 from tbprobe.probe.diagnosis import Diagnosis
 from tbprobe.probe.records import StepRecord
+from tbprobe.writer.proto import event_pb2
 from tbprobe.writer.reader import (
     NOT_AN_EVENT,
     EventFileError,
@@ -62,8 +67,9 @@ def _scalar(value) -> float | None:
 
 def _read_run(files: list[str]):
     scalars: dict[str, dict[int, float]] = defaultdict(dict)
-    anomalies, notes, n_events = [], [], 0
-    for path in files:
+    texts: list[tuple[int, list[dict]]] = []  # (event step, its rows) of each anomaly text
+    notes, n_events = [], 0
+    for path in files:  # in name order, i.e. creation time, as TensorBoard reads them
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", EventFileWarning)
             try:
@@ -73,11 +79,16 @@ def _read_run(files: list[str]):
                 continue
             for event in events:
                 n_events += 1
+                if _is_restart(event):
+                    note = _purge(scalars, texts, int(event.step), path)
+                    if note:
+                        notes.append(note)
                 for v in event.summary.value:
                     if v.tag == _ANOMALY_TAG and v.WhichOneof("value") == "tensor":
+                        rows = []
                         for raw in v.tensor.string_val:
-                            text = raw.decode("utf-8", errors="replace")
-                            anomalies += parse_markdown(text)
+                            rows += parse_markdown(raw.decode("utf-8", errors="replace"))
+                        texts.append((int(event.step), rows))
                         continue
                     x = _scalar(v)
                     if x is not None:
@@ -87,7 +98,37 @@ def _read_run(files: list[str]):
                 notes.append(_damage_note(w.message.error))
             else:  # not ours: pass it on
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    anomalies = [a for _, rows in texts for a in rows]
     return scalars, anomalies, notes, n_events
+
+
+def _is_restart(event) -> bool:
+    """A ``SessionLog.START``: what ``SummaryWriter(purge_step=N)`` writes at step N."""
+    return event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START
+
+
+def _purge(scalars, texts, step: int, path: str) -> str | None:
+    """Drop what was read at steps >= ``step`` (the abandoned timeline), as TensorBoard does at a
+    ``SessionLog.START``: every tag, texts included. The note saying so, or None when nothing
+    was dropped (the START that opens a run's first file)."""
+    n_scalars = 0
+    for tag in list(scalars):
+        series = scalars[tag]
+        late = [s for s in series if s >= step]
+        for s in late:
+            del series[s]
+        n_scalars += len(late)
+        if not series:
+            del scalars[tag]
+    n_texts = sum(1 for s, _ in texts if s >= step)
+    texts[:] = [(s, rows) for s, rows in texts if s < step]
+    if not n_scalars and not n_texts:
+        return None
+    return (
+        f"{path}: purge_step {step} (a restart from a checkpoint): {n_scalars} scalar values "
+        f"and {n_texts} anomaly text(s) at steps >= {step} read before it are dropped, "
+        "as TensorBoard drops them"
+    )
 
 
 def _damage_note(err: EventFileError) -> str:
