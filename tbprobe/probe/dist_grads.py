@@ -52,11 +52,14 @@ def taken_for(st, grads: list) -> tuple | None:
 def reduce_grads_distributed(probe, st) -> None:
     """``pack.reduce_grads`` on a distributed probe: this rank's unscaled gradient rows and,
     on a histogram step, their histograms (:func:`_grad_hists`), keyed on the gradient
-    tensors they read. With gradient accumulation, the last backward pass's count."""
+    tensors they read. With gradient accumulation, the last backward pass's count. Each
+    parameter's ``.grad`` as it is now, not the tensor its hook saw: DDP with
+    ``gradient_as_bucket_view=True`` swaps a fresh gradient for a view into its all-reduced
+    bucket after the hooks ran (the one its hook saw is this rank's own, unreduced)."""
     if not (st.checked or st.scheduled or st.hist) or not probe._params:
         return
     seen = st.grads
-    grads = [seen.get(n, p.grad) for n, p in probe._params]
+    grads = [seen.get(n) if p.grad is None else p.grad for n, p in probe._params]
     gmerged = [p.requires_grad and is_dtensor(p) for _, p in probe._params]
     parts = grad_parts(grads, gmerged, probe._params[0][1].device)
     rows = probe.amp.unscale(local_rows(parts, norm_rows))

@@ -172,7 +172,7 @@ def _parts(probe, st, plan: _Plan) -> None:
     """This rank's local parts of the planned tensors (host bookkeeping; a gradient this rank
     does not hold is an empty part that does not contribute)."""
     seen = st.grads
-    plan.grads = [(n, seen.get(n, p.grad)) for n, p in plan.named]
+    plan.grads = [(n, seen.get(n) if p.grad is None else p.grad) for n, p in plan.named]
     plan.pparts = [part_of(p) for _, p in plan.trainable]
     empty = torch.empty(0, device=plan.device)
     plan.gparts = grad_parts([gr for _, gr in plan.grads], plan.gmerged, plan.device)

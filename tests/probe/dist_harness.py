@@ -62,6 +62,7 @@ from tests.probe.dist_scenarios import (  # noqa: F401 (the tests use them as H.
     SCENARIO,
     SCENARIOS,
     TWO_OPT_NAMES,
+    VIEW_NAMES,
     Scenario,
 )
 
@@ -140,7 +141,7 @@ def _wrap(sc: Scenario, model: nn.Module):
     if sc.wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model)
+        return DistributedDataParallel(model, gradient_as_bucket_view=sc.bucket_view)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -23,6 +23,7 @@ class Scenario:
     clip: float | None = None  # clip_grad_norm_ to this after each step's last backward
     micro: int = 1  # backward passes (micro-batches) accumulated per step
     second_opt: str | None = None  # params under this prefix: a second, unprobed optimizer
+    bucket_view: bool = False  # DDP(gradient_as_bucket_view=True): .grad becomes a bucket view
 
 
 PLANT = ("blocks.1.fc1", 1, 1)
@@ -78,9 +79,15 @@ TWO_OPT_SCENARIOS = (
     Scenario("ddp_two_opt", "ddp", second_opt=SECOND_OPT),
     Scenario("fsdp_two_opt", "fsdp", second_opt=SECOND_OPT),
 )
+# DDP swaps each fresh .grad for a view into its all-reduced bucket after the gradient hooks
+# ran: the probe must read the reduced one (with zero_grad's default set_to_none).
+VIEW_SCENARIOS = (
+    Scenario("ddp_bucket_view", "ddp", probe_kwargs={"histogram_every": 2}, bucket_view=True),
+)
 BASE_NAMES = tuple(sc.name for sc in SCENARIOS)
 LAYOUT_NAMES = tuple(sc.name for sc in LAYOUT_SCENARIOS)
 CLIP_NAMES = tuple(sc.name for sc in CLIP_SCENARIOS)
 TWO_OPT_NAMES = tuple(sc.name for sc in TWO_OPT_SCENARIOS)
-SCENARIOS += LAYOUT_SCENARIOS + CLIP_SCENARIOS + TWO_OPT_SCENARIOS
+VIEW_NAMES = tuple(sc.name for sc in VIEW_SCENARIOS)
+SCENARIOS += LAYOUT_SCENARIOS + CLIP_SCENARIOS + TWO_OPT_SCENARIOS + VIEW_SCENARIOS
 SCENARIO = {sc.name: sc for sc in SCENARIOS}

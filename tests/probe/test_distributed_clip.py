@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:tbprobe:RuntimeWarning")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist_clip"))
-    return out, H.run_scenarios(out, H.CLIP_NAMES + H.TWO_OPT_NAMES, timeout_s=90)
+    return out, H.run_scenarios(out, H.CLIP_NAMES + H.TWO_OPT_NAMES + H.VIEW_NAMES, timeout_s=120)
 
 
 def _written(runs, name: str) -> dict:
@@ -72,3 +72,16 @@ def test_update_ratio_with_a_second_optimizer(runs, name):
     bad = mismatches(got, want, families=("param_norm", "update_ratio"))
     assert not bad, report(bad, "the updates of the probed optimizer")
     assert set(got["scalars"][f"param_norm/{sc.second_opt}.weight"]) == set(range(sc.steps))
+
+
+def test_ddp_bucket_view_gradients_are_the_reduced_ones(runs):
+    """DDP(gradient_as_bucket_view=True) points each ``.grad`` at its all-reduced bucket
+    after the gradient hooks ran: grad_norm and grad_hist are of the global gradient (the
+    one the optimizer steps with), not of rank 0's local one, on every step."""
+    name = "ddp_bucket_view"
+    dumps = H.load(runs, name)
+    assert [d["probe_errors"] for d in dumps] == [[], []]
+    sc = H.SCENARIO[name]
+    want = expected(H.truth(dumps), sc.steps, [0], hist_steps=[0, 2])
+    bad = mismatches(_written(runs, name), want, families=("grad_norm", "grad_hist"))
+    assert not bad, report(bad, "the all-reduced gradients")
