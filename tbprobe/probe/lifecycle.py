@@ -10,7 +10,13 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["OTHER_STEPS", "flush_at_exit", "one_device", "watch_other_optimizers"]
+__all__ = [
+    "OTHER_STEPS",
+    "flush_at_exit",
+    "one_device",
+    "replaced_params",
+    "watch_other_optimizers",
+]
 
 OTHER_STEPS = 10  # another optimizer's steps of the probed parameters in a row: warn
 
@@ -74,4 +80,21 @@ def one_device(params: list) -> None:
             f"model: parameters on more than one device ({n0!r} on {d0}, {n1!r} on {d1}); "
             "tbprobe reduces and packs a process's tensors on one device, so a model split "
             "over devices is not supported: use one device per process (DDP/FSDP)"
+        )
+
+
+def replaced_params(base, params: list) -> None:
+    """At the first step boundary: warn when ``base``'s parameters are no longer the ones
+    the probe hooked at attach (``fully_shard`` applied after attaching, a layer swapped
+    before training): the probe would read stale tensors and miss the new gradients.
+    Returns None: the caller's reference to ``base`` is dropped after this one look."""
+    now = [id(p) for p in base.parameters()]
+    if now != [id(p) for _, p in params]:
+        warnings.warn(
+            "tbprobe: the model's parameters were replaced after the probe attached (e.g. "
+            "fully_shard or a new layer assigned after attach): the probe reads the ones it "
+            "was given, so its gradient and parameter statistics are stale. Attach the probe "
+            "after wrapping or sharding the model",
+            RuntimeWarning,
+            stacklevel=4,
         )

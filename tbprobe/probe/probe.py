@@ -22,7 +22,12 @@ from tbprobe.probe.config import TRACK, ProbeConfig
 from tbprobe.probe.distributed import local_part
 from tbprobe.probe.hooks import HookSet
 from tbprobe.probe.landing import AnomalyError, poll, react
-from tbprobe.probe.lifecycle import flush_at_exit, one_device, watch_other_optimizers
+from tbprobe.probe.lifecycle import (
+    flush_at_exit,
+    one_device,
+    replaced_params,
+    watch_other_optimizers,
+)
 from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
 from tbprobe.probe.pack import pack_step
 from tbprobe.probe.ranks import agreed_every, dist_context, output_writer, unwrap
@@ -143,6 +148,7 @@ class Probe:
         # A compiled submodule (``model.x = torch.compile(model.x)``) names its parameters
         # through the wrapper's ``_orig_mod``: tags use the module's own name.
         self._params = [(n.replace("._orig_mod.", "."), p) for n, p in base.named_parameters()]
+        self._base: nn.Module | None = base  # until the first step boundary: see lifecycle
         lazy = [n for n, p in self._params if isinstance(p, nn.parameter.UninitializedParameter)]
         if lazy:
             raise ValueError(
@@ -284,6 +290,8 @@ class Probe:
             raise
         prev = self._end(st)
         self._hooks.hook_unfrozen()
+        if self._base is not None:
+            self._base = replaced_params(self._base, self._params)
         self._take_requests()
         self.state = self._new_state(self._step)
         # Consecutive scheduled steps (every=1) copy into the same buffers: a fresh copy of

@@ -194,3 +194,24 @@ def test_start_step_takes_numpy_and_tensor_ints():
     with pytest.raises(TypeError, match="start_step"):
         tbprobe.Probe(model, _writer(), start_step=2.5, watch_requests=False)
     assert issubclass(tbprobe.AnomalyError, RuntimeError)
+
+
+def test_parameters_replaced_after_attach_are_noticed_at_the_first_step():
+    """Parameters swapped after attaching (``fully_shard`` applied after the probe, a new
+    head assigned before training) leave the probe reading stale tensors: its first step
+    says so, once; a model left as it was says nothing."""
+    model = models.make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = tbprobe.Probe(model, _writer(), opt, every=1, watch_requests=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, "mlp", 2, opt=opt)
+    probe.detach()
+    probe = tbprobe.Probe(model, _writer(), opt, every=1, watch_requests=False)
+    model[2] = nn.Linear(model[2].in_features, model[2].out_features)
+    with pytest.warns(RuntimeWarning, match="parameters were replaced after the probe attached"):
+        train(model, "mlp", 1, opt=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, "mlp", 2, opt=opt)
+    probe.detach()
