@@ -266,7 +266,7 @@ def _module_scalars(tags: list, values: list, meta: StepMeta, rows, track) -> No
             continue
         if pass_ == "forward" and ("acts" in track or module in meta.snap_modules):
             tags += (f"act_rms/{module}", f"act_absmax/{module}")
-            values += (_rms(row), float(row[ABS_MAX]))
+            values += (_rms(row), float(row[ABS_MAX]) if row[COUNT] > 0 else math.nan)
         elif tensor == "grad_output" and "outgrads" in track and meta.scheduled:
             tags.append(f"outgrad_rms/{module}")
             values.append(_rms(row))

@@ -299,3 +299,17 @@ def test_module_called_in_a_loop_is_not_blamed_for_another_modules_nan(pass_):
     probe.detach()
     a = probe.anomalies[0]
     assert (a.step, a.kind, a.pass_, a.module, a.producer) == (4, "nonfinite", pass_, "mix", True)
+
+
+def test_all_nonfinite_output_has_nan_absmax_not_zero(tmp_path):
+    """A module output with no finite element: act_rms and act_absmax are NaN (nothing to
+    measure), not the 0.0 of an all-zero output."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda m, a, out: torch.full_like(out, math.nan))
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(model, writer, every=1, watch_requests=False, on_anomaly=lambda a: None)
+    model(torch.randn(3, 4)).sum().backward()
+    probe.step()
+    _close(writer, probe)
+    scalars = read_run(str(tmp_path))["scalars"]
+    assert math.isnan(scalars["act_absmax/0"][0]) and math.isnan(scalars["act_rms/0"][0])
