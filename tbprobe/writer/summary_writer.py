@@ -182,6 +182,9 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
                     flush_secs=self._flush_secs,
                     on_error=self._on_error,
                 )
+                # Once: a writer reopened after close() must not purge the steps it wrote
+                # since (torch's writer does the same; tensorboardX purges them again).
+                self.purge_step = None
             except OSError:
                 if self._on_error == "raise":
                     raise

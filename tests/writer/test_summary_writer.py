@@ -206,6 +206,24 @@ def test_file_name_header_and_purge_step(logdir):
     assert events[3].summary.value[0].tag == "a"
 
 
+def test_purge_step_is_written_once_not_again_on_reopen(logdir):
+    """A writer reopened after close() (a later add_*) writes no second purge: the steps it
+    wrote after its purge point are not hidden from TensorBoard by itself."""
+    w = SummaryWriter(logdir, purge_step=3)
+    w.add_scalar("a", 1.0, 3)
+    w.add_scalar("a", 2.0, 4)
+    w.close()
+    w.add_scalar("a", 3.0, 5)  # reopens a new file
+    w.close()
+    starts = [e.step for e in read_events(logdir, errors="raise") if e.session_log.status == 1]
+    assert starts == [3] and w.purge_step is None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(logdir)
+    ea.Reload()
+    assert [s.step for s in ea.Scalars("a")] == [3, 4, 5]
+
+
 def test_two_writers_same_second_do_not_collide(logdir):
     """Writers created in the same second on one run dir get distinct files."""
     ws = [SummaryWriter(logdir) for _ in range(3)]
