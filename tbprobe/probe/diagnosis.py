@@ -63,7 +63,9 @@ class Diagnosis:
       backbone unfrozen mid-run). Reported once per episode (it lasts while some series
       stays ``spike_factor`` × above its baseline), with the ``top_k`` offenders by ratio.
     - **vanishing** (warning): a gradient norm at most ``vanishing`` × its baseline (exactly 0
-      included) for ``patience`` observations in a row.
+      included) for ``patience`` observations in a row; a series that vanishes again within
+      ``window`` steps of recovering (an MoE expert that gets tokens now and then) is the
+      same episode, not reported again.
     - **dead** (warning): a module's forward output all zeros on a scheduled step, after the
       module's first ``warmup`` observations.
 
@@ -137,6 +139,7 @@ class Diagnosis:
             "spiking": {"grad": False, "update": False},
             "low": {},  # grad series -> consecutive low observations
             "vanished": {},  # grad series -> baseline when reported
+            "recovered": {},  # grad series -> step its last vanishing episode ended
             "act_seen": {},  # module -> scheduled forward observations
             "dead": set(),
             "grad_top": None,  # (names, largest stored grad norms) from the last observation
@@ -305,6 +308,7 @@ class Diagnosis:
         if not names:
             return []
         low, vanished, found = self._state["low"], self._state["vanished"], []
+        recovered = self._state["recovered"]
         seen = self._state["grad_top"]
         # The median below also holds this step's value, so it is at most the largest value
         # stored before it or this value: a value above vanishing × that largest one (or NaN)
@@ -330,6 +334,7 @@ class Diagnosis:
             if name in vanished:
                 if v > self.vanishing * vanished[name]:
                     del vanished[name]
+                    recovered[name] = step
                 continue
             if not (m > 0 and v <= self.vanishing * m):
                 low.pop(name, None)
@@ -339,6 +344,9 @@ class Diagnosis:
                 continue
             del low[name]
             vanished[name] = float(m)
+            back = recovered.pop(name, None)
+            if back is not None and step - back < self.window + self.patience:
+                continue  # vanishing again soon after a brief recovery: the same episode
             state = "exactly 0" if v == 0 else f"{v / m:.3g}× its baseline"
             found.append(
                 Anomaly(
