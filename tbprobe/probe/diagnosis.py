@@ -170,7 +170,7 @@ class Diagnosis:
         updates = _NO_SERIES if skipped else _update_sizes(record)
         if self.check_spikes:
             found += self._check_spikes(record.step, "grad", grads)
-            found += self._check_spikes(record.step, "update", updates)
+            found += self._lr_note(self._check_spikes(record.step, "update", updates), record)
         else:
             self._observe("grad", grads)
         if self.check_warnings:
@@ -270,6 +270,24 @@ class Diagnosis:
         if was or not sudden.any():
             return []
         return [self._spike(step, family, names, values, med, peak, ratio, hit, sudden, total)]
+
+    def _lr_note(self, found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
+        """Say so in an update spike's message when its parameter's learning rate rose since
+        the last step that measured updates (a schedule's warm restart, a planted spike):
+        the likely cause. Remembers this step's learning rates."""
+        lrs = getattr(record, "lrs", None) or {}
+        prev = self._state.get("lrs") or {}
+        if lrs:
+            self._state["lrs"] = lrs
+        out = []
+        for a in found:
+            now, before = lrs.get(a.where), prev.get(a.where)
+            if now is not None and before is not None and before >= 0 and now > 2 * before:
+                rise = f"×{now / before:.3g}" if before > 0 else "from 0"
+                note = f"; its learning rate rose {rise} (to {fmt_number(now)}) since the last"
+                a = replace(a, message=a.message + note + " measured update")
+            out.append(a)
+        return out
 
     def _spike(self, step, family, names, values, med, peak, ratio, hit, sudden, total):
         params = [i for i in range(len(names)) if i != total and np.isfinite(ratio[i])]

@@ -35,6 +35,7 @@ class StepMeta:
     grads: list = field(default_factory=list)  # (seq, param name)
     params: list = field(default_factory=list)  # param names
     updates: list = field(default_factory=list)  # param names with a pre-step copy
+    lrs: dict = field(default_factory=dict)  # {param name: its group's learning rate}
     hists: list = field(default_factory=list)  # tags
     ghists: list = field(default_factory=list)  # tags binned over all ranks, fixed edges
     thumbs: list = field(default_factory=list)  # (module, shape, kind)
@@ -211,6 +212,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         grad_norms=grad_norms,
         param_norms=param_norms,
         update_ratios=ratios,
+        lrs=meta.lrs,
     )
 
 

@@ -194,7 +194,29 @@ def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, lis
         cur = [ps[at[n]] for n in prev[0]]
     torch._foreach_sub_(prev[1], cur)  # -Δw, in place
     meta.updates = list(prev[0])
+    if probe.optimizer is not None:
+        meta.lrs = group_lrs(probe.optimizer, probe._params)
     return _stat_views(ps), _stat_views(list(prev[1]))
+
+
+def group_lrs(optimizer, params: list) -> dict:
+    """``{name: learning rate}`` of ``params`` ``[(name, parameter)]`` that ``optimizer``'s
+    groups hold with a number (or CPU tensor) as ``lr``: the diagnosis says when an update
+    spike came with a learning-rate jump. A CUDA tensor ``lr`` is skipped (no sync)."""
+    names = {id(p): n for n, p in params}
+    out = {}
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            if lr.device.type != "cpu" or lr.numel() != 1:
+                continue
+            lr = float(lr)  # sync-ok: a CPU tensor
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            for p in group["params"]:
+                n = names.get(id(p))
+                if n is not None:
+                    out[n] = float(lr)
+    return out
 
 
 def _stat_views(ts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -53,9 +53,10 @@ class StepRecord:
 
     ``events`` are sorted by ``seq``. ``grad_norms`` maps parameter names (and ``"_total"``)
     to the L2 norm of the accumulated, unscaled gradient; ``param_norms`` and
-    ``update_ratios`` (‖Δw‖/‖w‖) likewise. A mapping is empty on a step where it was not
-    computed. ``scheduled`` is True on the steps the probe logs (``every``), where the events
-    carry full ``stats``. ``skipped`` is True when an AMP ``GradScaler`` found Inf/NaN
+    ``update_ratios`` (‖Δw‖/‖w‖) likewise, and ``lrs`` the learning rate of each updated
+    parameter's optimizer group. A mapping is empty on a step where it was not computed.
+    ``scheduled`` is True on the steps the probe logs (``every``), where the events carry
+    full ``stats``. ``skipped`` is True when an AMP ``GradScaler`` found Inf/NaN
     gradients and skipped this step's optimizer step (AMP's normal overflow steps).
     """
 
@@ -66,3 +67,4 @@ class StepRecord:
     grad_norms: Mapping[str, float] = field(default_factory=dict)
     param_norms: Mapping[str, float] = field(default_factory=dict)
     update_ratios: Mapping[str, float] = field(default_factory=dict)
+    lrs: Mapping[str, float] = field(default_factory=dict)  # learning rate per updated param

@@ -51,5 +51,7 @@ def test_probe_reports_planted_fault(arch, kind, tmp_path):
     first = anomalies[0]
     assert (first.module, first.pass_, first.step) == fault.expected, str(first)
     assert seen == anomalies  # on_anomaly got each one
+    if kind == "lr_spike":  # the cause, in the message: its group's learning rate jumped
+        assert "its learning rate rose ×" in first.message, first.message
     logged = diagnose_logdir(str(tmp_path / "run"))["runs"]["."]["logged_anomalies"]
     assert (logged[0]["step"], logged[0]["kind"]) == (first.step, first.kind)

@@ -350,6 +350,28 @@ def test_update_spike_from_ratio_times_param_norm():
     )
 
 
+def test_update_spike_says_when_its_learning_rate_rose():
+    """An update spike whose parameter's learning rate rose since the last measured update
+    (a warm restart, an LR spike) says so, with the factor; one at an unchanged rate does
+    not."""
+    recs = []
+    for i in range(40):
+        lr = 1e-3 if i in (25, 26) else 1e-6 if i >= 24 else 1e-3
+        updates = {"a.weight": 1e-3 * (1 + 0.2 * RNG.standard_normal()), "b.weight": 2e-3}
+        if i == 25:
+            updates["a.weight"] = 1.0
+        if i == 35:
+            updates["b.weight"] = 5.0
+        recs.append(
+            StepRecord(step=i, scheduled=True, param_norms={"a.weight": 1.0, "b.weight": 1.0},
+                       update_ratios=updates, lrs={"a.weight": lr, "b.weight": 1e-3})
+        )  # fmt: skip
+    a, b = feed_all(Diagnosis(), recs)
+    assert (a.step, a.where) == (25, "a.weight")
+    assert "its learning rate rose ×1e+03 (to 0.001)" in a.message
+    assert (b.step, b.where) == (35, "b.weight") and "learning rate" not in b.message
+
+
 def test_vanishing_after_patience_once():
     """A gradient that drops to exactly 0 warns after `patience` steps, once, until it recovers
     for good: vanishing again within `window` steps of a recovery (an MoE expert that gets
