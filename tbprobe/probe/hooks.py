@@ -35,6 +35,9 @@ from tbprobe.probe.selection import floating_tensors
 _ENGINE = torch.autograd.Variable._execution_engine
 
 
+_compiling = torch.compiler.is_compiling
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward graph: a checkpoint recompute is happening."""
     return torch._C._current_graph_task_id() != -1
@@ -55,7 +58,9 @@ class _Guarded:
         self.owner, self.key, self.fn, self.bound = owner, key, fn, bound
 
     def __call__(self, *args, **kwargs):
-        if self.key in self.owner.disabled:
+        # Inside a compiled region, first: nothing of the probe's is traced or guarded on
+        # (its ``disabled`` set would be a guard of every compiled forward).
+        if _compiling() or self.key in self.owner.disabled:
             return None
         try:
             self.fn(*self.bound, *args, **kwargs)
@@ -104,6 +109,8 @@ class _WeakGuarded(_CopiesInert):
         self.ref, self.key, self.fn, self.bound = weakref.ref(owner), key, fn, bound
 
     def __call__(self, *args):
+        if _compiling():  # compiled autograd: the step boundary reads the gradients
+            return None
         owner = self.ref()
         if owner is None or self.key in owner.disabled:
             return None
@@ -126,7 +133,7 @@ class _SlotHook(_CopiesInert):
         self.owner, self.key, self.slot = owner, key, slot
 
     def __call__(self, grad):
-        if self.key in self.owner.disabled:
+        if _compiling() or self.key in self.owner.disabled:
             return None
         try:
             self.owner._backward(self.slot, grad)
@@ -371,7 +378,8 @@ class HookSet:
             if task not in st.grad_tasks:
                 st.grad_tasks.add(task)
                 # (outside a backward pass it raises: the grads are read at the boundary)
-                with contextlib.suppress(RuntimeError):
+                # (compiled autograd refuses it outside fullgraph: AssertionError)
+                with contextlib.suppress(RuntimeError, AssertionError):
                     _ENGINE.queue_callback(functools.partial(self._end_backward, st, task))
 
     def _grad_gone(self, name: str) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import warnings
 import weakref
 
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
@@ -55,7 +56,7 @@ def watch_other_optimizers(probe):
                 stacklevel=2,
             )
 
-    return register_optimizer_step_post_hook(other_step)
+    return register_optimizer_step_post_hook(torch.compiler.disable(other_step))
 
 
 def flush_at_exit(ref) -> None:

@@ -177,10 +177,13 @@ class Probe:
         try:  # nothing below may raise on one rank only (a collective is above)
             self._hooks.attach(self.modules, self._params)
             if optimizer is not None:
-                self._extra_handles.append(optimizer.register_step_pre_hook(self._pre_opt))
+                # Never traced: a compiled optimizer step (torch.compile(opt.step)) runs the
+                # probe's step boundary eagerly, not through Dynamo.
+                pre, post = (torch.compiler.disable(f) for f in (self._pre_opt, self._post_opt))
+                self._extra_handles.append(optimizer.register_step_pre_hook(pre))
                 self._extra_handles.append(watch_other_optimizers(self))
                 if not self.amp.enabled:
-                    self._extra_handles.append(optimizer.register_step_post_hook(self._post_opt))
+                    self._extra_handles.append(optimizer.register_step_post_hook(post))
             if self.amp.enabled:
                 self.amp.wrap_update(self._close_step, self._after_step)
             watch = self.cfg.watch_requests and (self._dist is None or self._dist.rank == 0)

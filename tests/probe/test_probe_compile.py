@@ -55,4 +55,72 @@ def test_probe_accepts_a_compiled_module():
     torch._dynamo.reset()
 
 
+def _graphs() -> int:
+    return sum(torch._dynamo.utils.counters["stats"].values())
+
+
+def test_compiled_optimizer_step_does_not_trace_the_probe():
+    """``torch.compile(opt.step)``: the probe's step boundary runs eagerly, not through
+    Dynamo (which guarded on its floats and recompiled every step, and failed on its numpy
+    diagnosis); steps advance and every gradient norm is written."""
+    torch._dynamo.reset()
+    model = models.make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    probe = tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), opt, every=1,
+                          watch_requests=False, diagnosis=_Collect(seen))  # fmt: skip
+    step = torch.compile(opt.step, backend="eager")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(6):
+        models.loss_for("mlp", model, models.batch_for("mlp", gen)).backward()
+        step()
+        opt.zero_grad()
+        if i == 2:
+            settled = _graphs()
+    assert _graphs() == settled  # no recompile after the first steps
+    probe.detach()
+    torch._dynamo.reset()
+    assert probe.errors == [] and probe.global_step == 6
+    assert [r.step for r in seen] == list(range(6)) and all(r.grad_norms for r in seen)
+
+
+def test_compiled_autograd_neither_fails_nor_loses_gradients():
+    """Compiled autograd traces the backward's hooks: the probe's do nothing there (no
+    graph-breaking host code, no end-of-backward callback it refuses), and the step boundary
+    reads every gradient."""
+    import torch._dynamo.compiled_autograd as ca
+
+    enable = getattr(ca, "_enable", None) or getattr(ca, "enable", None)
+    if enable is None:
+        pytest.skip("no compiled_autograd enable() in this torch")
+    torch._dynamo.reset()
+    model = models.make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    probe = tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), opt, every=1,
+                          watch_requests=False, diagnosis=_Collect(seen))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    want = []
+    for _ in range(3):
+        loss = models.loss_for("mlp", model, models.batch_for("mlp", gen))
+        with enable(torch.compile(backend="eager", fullgraph=True)):
+            loss.backward()
+        want.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item())
+        opt.step()
+        opt.zero_grad()
+    probe.detach()
+    torch._dynamo.reset()
+    assert probe.errors == []
+    assert [r.grad_norms["_total"] for r in seen] == pytest.approx(want, rel=1e-5)
+
+
+class _Collect:
+    def __init__(self, out):
+        self.out = out
+
+    def feed(self, record):
+        self.out.append(record)
+        return []
+
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
