@@ -58,14 +58,30 @@ def select_modules(model: nn.Module, include=(), exclude=()) -> list[tuple[str, 
         select_modules(model, include=["transformer.h.*"], exclude=[nn.Dropout])
     """
     if include:
-        named = list(model.named_modules())
+        named = _clean_names(model.named_modules())
         chosen = [(n, m) for n, m in named if _matches(n, m, include)]
         for p in include:
             if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
                 raise ValueError(f"modules: the glob {p!r} matches no module of the model")
     else:
-        chosen = default_modules(model)
+        chosen = _clean_names(default_modules(model))
     return [(n or ROOT_NAME, m) for n, m in chosen if not _matches(n, m, exclude)]
+
+
+def _clean_names(named) -> list[tuple[str, nn.Module]]:
+    """Module names as the model's code writes them: a submodule compiled in place
+    (``model.blocks[0] = torch.compile(block)``) puts ``_orig_mod`` in its children's names,
+    as in its parameters'. The wrapper keeps the name (its hook runs outside the compiled
+    region), the module it wraps is dropped."""
+    out, seen = [], set()
+    for n, m in named:
+        n = n.replace("._orig_mod.", ".").removesuffix("._orig_mod")
+        if n.startswith("_orig_mod"):
+            n = n[len("_orig_mod") :].lstrip(".")
+        if n not in seen:
+            seen.add(n)
+            out.append((n, m))
+    return out
 
 
 def floating_tensors(obj, depth: int = 0) -> list[torch.Tensor]:

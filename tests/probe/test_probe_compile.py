@@ -114,6 +114,32 @@ def test_compiled_autograd_neither_fails_nor_loses_gradients():
     assert [r.grad_norms["_total"] for r in seen] == pytest.approx(want, rel=1e-5)
 
 
+def test_submodule_compiled_in_place_keeps_its_names():
+    """``model.blocks[0] = torch.compile(block)`` before attaching: module names carry no
+    ``_orig_mod`` (as parameter names), a glob by the code's name matches, and the compiled
+    block is hooked once, by its wrapper."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    model = torch.nn.Sequential(Block(), Block())
+    model[0] = torch.compile(model[0], backend="eager")
+    writer = tbprobe.SummaryWriter(write_to_disk=False)
+    probe = tbprobe.Probe(model, writer, watch_requests=False)
+    assert [n for n, _ in probe.modules] == ["0", "0.fc1", "0.fc2", "1", "1.fc1", "1.fc2"]
+    assert type(dict(probe.modules)["0"]).__name__ == "OptimizedModule"
+    probe.detach()
+    probe = tbprobe.Probe(model, writer, watch_requests=False, modules=["0.fc1"])
+    assert [n for n, _ in probe.modules] == ["0.fc1"]
+    probe.detach()
+    torch._dynamo.reset()
+
+
 class _Collect:
     def __init__(self, out):
         self.out = out
