@@ -110,10 +110,8 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
             chosen, producer = made, True
     module = owner_module(chosen.module) if chosen.pass_ == "grad" else chosen.module
     name = chosen.module or "<root>"
-    msg = (
-        f"{chosen.nonfinite} NaN/Inf in the {chosen.pass_} {chosen.tensor} of {name} "
-        f"({_ORIGIN[producer]})"
-    )
+    what = "gradient" if chosen.pass_ == "grad" else f"{chosen.pass_} {chosen.tensor}"
+    msg = f"{chosen.nonfinite} NaN/Inf in the {what} of {name} ({_ORIGIN[producer]})"
     if chosen is not first:
         msg += f"; first non-finite hooked tensor: {first.pass_} {first.tensor} of "
         msg += first.module or "<root>"

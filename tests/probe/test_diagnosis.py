@@ -251,6 +251,14 @@ def test_amp_skipped_step_gradients_are_not_an_episode():
     assert (b.step, b.pass_, b.where) == (5, "forward", "l0")
 
 
+def test_parameter_gradient_message_reads_plainly():
+    """A first non-finite parameter gradient is "the gradient of <param>", not "the grad
+    grad of <param>"."""
+    events = [ev(0, "l0"), ev(1, "l0.weight", "grad", "grad", 8, None)]
+    (a,) = Diagnosis().feed(rec(3, events, grads={"l0.weight": float("nan")}))
+    assert a.message.startswith("8 NaN/Inf in the gradient of l0.weight (")
+
+
 def test_amp_skips_that_never_end_are_reported_at_the_first_one():
     """A NaN made in the backward pass on every step: the GradScaler skips every step and its
     scale falls without end. After ``max_skipped`` skips in a row it is reported, at the first
