@@ -17,7 +17,11 @@ import time
 
 from tbprobe.writer.record import frame
 
-_file_counter = itertools.count()
+# torch's and tensorboardX's writers name their files the same way, each with its own
+# counter from 0 in the process: a writer of theirs opened in the same directory in the
+# same second would take (and truncate) ours. Ours count from here instead.
+FIRST_COUNTER = 1 << 20
+_file_counter = itertools.count(FIRST_COUNTER)
 
 
 def event_file_name(suffix: str = "") -> str:
@@ -42,9 +46,15 @@ class EventFile:
 
     def open(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        self.path = os.path.join(self.directory, event_file_name(self.suffix))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.path, flags, 0o644)
+        for attempt in range(100):  # a name taken (another process with our pid): the next
+            self.path = os.path.join(self.directory, event_file_name(self.suffix))
+            try:
+                self.fd = os.open(self.path, flags, 0o644)
+                break
+            except FileExistsError:
+                if attempt == 99:
+                    raise
         self.offset = 0
         self.write(b"".join(frame(h) for h in self.header))
 

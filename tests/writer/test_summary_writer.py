@@ -224,6 +224,49 @@ def test_purge_step_is_written_once_not_again_on_reopen(logdir):
     assert [s.step for s in ea.Scalars("a")] == [3, 4, 5]
 
 
+@pytest.mark.parametrize("first", ["torch", "tbprobe"])
+def test_torch_writer_in_the_same_directory_takes_its_own_file(logdir, first):
+    """torch's SummaryWriter opened beside ours in the same second (Lightning's default
+    logger, HF's report_to="tensorboard"): each writes its own file, neither fails nor
+    truncates the other's, TensorBoard reads both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter as TorchWriter
+
+    if first == "torch":
+        theirs, ours = TorchWriter(logdir), SummaryWriter(logdir)
+    else:
+        ours, theirs = SummaryWriter(logdir), TorchWriter(logdir)
+    for s in range(3):
+        theirs.add_scalar("theirs", float(s), s)
+        ours.add_scalar("ours", float(s), s)
+    theirs.close()
+    ours.close()
+    assert len(os.listdir(logdir)) == 2
+    ea = EventAccumulator(logdir)
+    ea.Reload()
+    assert (
+        [e.step for e in ea.Scalars("theirs")] == [e.step for e in ea.Scalars("ours")] == [0, 1, 2]
+    )
+
+
+def test_a_taken_file_name_is_skipped(logdir, monkeypatch):
+    """A name already on disk (another process that had our pid): the next one is used."""
+    from tbprobe.writer import event_file_disk
+
+    taken = event_file_disk.event_file_name()
+    os.makedirs(logdir, exist_ok=True)
+    open(os.path.join(logdir, taken), "wb").close()
+    names = iter([taken])
+    real = event_file_disk.event_file_name
+    monkeypatch.setattr(
+        event_file_disk, "event_file_name", lambda suffix="": next(names, None) or real(suffix)
+    )
+    with SummaryWriter(logdir) as w:
+        w.add_scalar("a", 1.0, 0)
+    assert os.path.getsize(os.path.join(logdir, taken)) == 0  # untouched
+    assert [e.step for e in read_events(logdir, errors="raise") if e.summary.value] == [0]
+
+
 def test_two_writers_same_second_do_not_collide(logdir):
     """Writers created in the same second on one run dir get distinct files."""
     ws = [SummaryWriter(logdir) for _ in range(3)]
