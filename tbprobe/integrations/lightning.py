@@ -37,8 +37,9 @@ def _build():
         ``logdir``: where a tbprobe ``SummaryWriter`` is made (default: the trainer's
         ``log_dir``, else ``lightning_logs``), or pass ``writer=``. Other keyword arguments go
         to ``tbprobe.Probe``. The probe's step follows the first optimizer's steps, numbered
-        as ``trainer.global_step`` (a resumed run goes on from its checkpoint's step). Only
-        global rank 0 writes.
+        as ``trainer.global_step`` (a resumed run goes on from its checkpoint's step, and its
+        writer purges what the abandoned run wrote from there). Under DDP every rank attaches
+        a probe and only global rank 0 writes.
         """
 
         def __init__(self, logdir=None, *, writer=None, **probe_kwargs):
@@ -52,11 +53,15 @@ def _build():
 
         def on_train_start(self, trainer, pl_module):
             # Not on_fit_start: a resumed run's global_step is restored after it
-            if trainer.global_rank != 0:
-                return
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            default = trainer.log_dir or "lightning_logs"
-            self._session.start(pl_module, optimizer, default, start_step=trainer.global_step)
+            self._session.start(
+                pl_module,
+                optimizer,
+                _default_logdir(trainer),
+                start_step=trainer.global_step,
+                main=trainer.global_rank == 0,
+                resumed=trainer.global_step > 0,
+            )
 
         def on_fit_end(self, trainer, pl_module):
             self._session.stop()
@@ -65,6 +70,17 @@ def _build():
             self._session.stop()
 
     return TbProbeCallback
+
+
+def _default_logdir(trainer) -> str:
+    """The trainer's ``log_dir`` (its logger's version directory), or ``lightning_logs``
+    under its root without a logger. Every rank asks: ``log_dir`` is a collective."""
+    import os
+
+    log_dir = trainer.log_dir
+    if trainer.logger is None:
+        return os.path.join(trainer.default_root_dir, "lightning_logs")
+    return log_dir or "lightning_logs"
 
 
 __getattr__ = lazy_class(__name__, _build)

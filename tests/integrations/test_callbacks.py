@@ -173,3 +173,29 @@ def test_callback_rejects_writer_and_logdir_together():
         ProbeSession(writer=object(), logdir="runs/x")
     with pytest.raises(TypeError, match="logdir"):
         ProbeSession(logdir=3)
+
+
+def test_bad_callback_arguments_fail_at_construction():
+    """A log directory passed as the HF callback's first (``writer``) argument, or a typo in a
+    Probe keyword, fails where the callback is made, naming the argument, not when training
+    starts."""
+    from tbprobe.integrations._common import ProbeSession
+
+    with pytest.raises(TypeError, match=r"writer: expected a SummaryWriter, got str \(a log"):
+        ProbeSession("runs/x")
+    with pytest.raises(TypeError, match="histogram_evry: not an argument of tbprobe.Probe"):
+        ProbeSession(logdir="runs/x", probe_kwargs={"histogram_evry": 5})
+
+
+def test_resumed_session_purges_what_the_abandoned_run_wrote(tmp_path):
+    """A session started at a resumed step purges the log directory from there (TensorBoard
+    and ``tbprobe report`` then show the resumed timeline only); a fresh one does not."""
+    from tbprobe.integrations._common import ProbeSession
+
+    model = torch.nn.Linear(2, 2)
+    for resumed, logdir in ((False, tmp_path / "fresh"), (True, tmp_path / "resumed")):
+        session = ProbeSession(logdir=str(logdir), probe_kwargs={"watch_requests": False})
+        session.start(model, None, start_step=5, resumed=resumed)
+        session.stop()
+        starts = [e.step for e in read_events(str(logdir)) if e.session_log.status == 1]
+        assert starts == ([5] if resumed else [])
