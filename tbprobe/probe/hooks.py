@@ -258,8 +258,8 @@ class HookSet:
         if not _in_backward():  # a checkpoint recompute is not a new forward
             if grad:
                 st.grad_forward(name)
-            elif not st.no_grad_forward(name):
-                return  # validation after this step's training forward: not training
+            elif self.owner._evaluating() or not st.no_grad_forward(name):
+                return  # validation (model.eval() in training) or after this step's training
             if st.in_backward:  # the next micro-batch: its backward has ended
                 st.in_backward = False
                 st.flush(self.owner.cfg.hist_bins)

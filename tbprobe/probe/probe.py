@@ -149,6 +149,7 @@ class Probe:
         # through the wrapper's ``_orig_mod``: tags use the module's own name.
         self._params = [(n.replace("._orig_mod.", "."), p) for n, p in base.named_parameters()]
         self._base: nn.Module | None = base  # until the first step boundary: see lifecycle
+        self._root = base
         lazy = [n for n, p in self._params if isinstance(p, nn.parameter.UninitializedParameter)]
         if lazy:
             raise ValueError(
@@ -314,6 +315,13 @@ class Probe:
     def _after_step(self) -> None:
         """Write the steps that have landed; react to their anomalies (may raise)."""
         self._react(self._poll(wait=False))
+
+    def _evaluating(self) -> bool:
+        """A forward without gradients of a model put in eval mode, while an optimizer trains
+        it: an evaluation between steps (a frozen encoder's no-grad forwards in training run
+        with the model in train mode). Without an optimizer (inference, ``probe.step()``),
+        such forwards are what is watched."""
+        return self.optimizer is not None and not self._root.training
 
     def _new_state(self, step: int) -> StepState:
         if not self._attached or ("step", "pack") in self._hooks.disabled:

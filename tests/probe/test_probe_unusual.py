@@ -182,6 +182,42 @@ def test_frozen_module_under_no_grad_keeps_its_stats(tmp_path):
     assert set(run["scalars"]["act_rms/head"]) == {0, 1}
 
 
+def test_evaluation_between_steps_does_not_enter_a_frozen_encoders_stats(tmp_path):
+    """A frozen encoder runs under no_grad in training too, so the gradient rule cannot tell
+    its evaluation forwards (between optimizer steps, under ``model.eval()``) from its
+    training ones: the model's eval mode does. Its act_absmax is the training batches'."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 4).requires_grad_(False)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                z = self.enc(x)
+            return self.head(z)
+
+    model = Net()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    writer, probe = _probe(model, tmp_path, opt)
+    want = []
+    for _ in range(3):
+        x = torch.randn(3, 4)
+        want.append(float(model.enc(x).abs().max()))
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            model(1000 * torch.randn(3, 4))  # evaluation: a very different scale
+        model.train()
+    _close(writer, probe)
+    got = read_run(tmp_path)["scalars"]["act_absmax/enc"]
+    assert [got[s] for s in range(3)] == pytest.approx(want, rel=1e-6)
+
+
 def test_nested_tensor_outputs_are_reduced_over_their_values(tmp_path):
     """nn.TransformerEncoder's fast path (eval, no_grad, a padding mask) returns nested
     tensors: the hooks reduce their values and none of them fails."""
