@@ -104,14 +104,20 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
         )
         if enclosing is not None:
             chosen, producer = enclosing, True
-    elif producer is None and chosen.pass_ == "backward" and chosen.tensor == "grad_output":
+    outside = False
+    if producer is None and chosen.pass_ == "backward" and chosen.tensor == "grad_output":
         made = _made_in_backward(chosen, events, bad)
         if made is not None:
             chosen, producer = made, True
+        else:  # no hooked consumer and no hooked module around it passed it on
+            outside = True
     module = owner_module(chosen.module) if chosen.pass_ == "grad" else chosen.module
     name = chosen.module or "<root>"
     what = "gradient" if chosen.pass_ == "grad" else f"{chosen.pass_} {chosen.tensor}"
-    msg = f"{chosen.nonfinite} NaN/Inf in the {what} of {name} ({_ORIGIN[producer]})"
+    origin = _ORIGIN[producer]
+    if outside:
+        origin = "it came from outside the hooked modules: the loss, or code between modules"
+    msg = f"{chosen.nonfinite} NaN/Inf in the {what} of {name} ({origin})"
     if chosen is not first:
         msg += f"; first non-finite hooked tensor: {first.pass_} {first.tensor} of "
         msg += first.module or "<root>"

@@ -251,6 +251,20 @@ def test_amp_skipped_step_gradients_are_not_an_episode():
     assert (b.step, b.pass_, b.where) == (5, "forward", "l0")
 
 
+def test_nonfinite_gradient_from_the_loss_says_it_came_from_outside():
+    """The first non-finite tensor is the gradient arriving at the model's last module (a
+    log(0) in the loss): the report says it came from outside the hooked modules."""
+    events = [
+        ev(0, "l0"),
+        ev(1, "l1"),
+        ev(2, "l1", "backward", "grad_output", 4, None),
+        ev(3, "l1", "backward", "grad_input", 4, 4),
+    ]
+    (a,) = Diagnosis().feed(rec(5, events, grads={"l0.weight": float("nan")}))
+    assert (a.step, a.pass_, a.where) == (5, "backward", "l1")
+    assert "came from outside the hooked modules: the loss" in a.message
+
+
 def test_parameter_gradient_message_reads_plainly():
     """A first non-finite parameter gradient is "the gradient of <param>", not "the grad
     grad of <param>"."""
