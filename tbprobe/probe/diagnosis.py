@@ -160,7 +160,7 @@ class Diagnosis:
         broken = has_nonfinite(record.events, record.grad_norms)
         bad_params = not broken and not all(math.isfinite(v) for v in record.param_norms.values())
         if self.check_nonfinite:
-            found += self._check_nonfinite(record, skipped, broken)
+            found += self._check_nonfinite(record, skipped, broken, bad_params)
         if self.check_warnings:
             found += self._check_dead(record)
         if broken or bad_params:
@@ -178,8 +178,11 @@ class Diagnosis:
         return found
 
     # ------------------------------------------------------------------ non-finite values
-    def _check_nonfinite(self, record: StepRecord, skipped: bool, broken: bool) -> list[Anomaly]:
-        """``broken``: :func:`has_nonfinite` of the whole record."""
+    def _check_nonfinite(
+        self, record: StepRecord, skipped: bool, broken: bool, bad_params: bool
+    ) -> list[Anomaly]:
+        """``broken``: :func:`has_nonfinite` of the whole record; ``bad_params``: a parameter
+        norm is not finite while it is not broken."""
         events, grad_norms = record.events, record.grad_norms
         persistent = self._skips(record, skipped, broken)
         if persistent is not None:
@@ -187,13 +190,11 @@ class Diagnosis:
         if skipped and broken:  # an AMP overflow in the gradients is normal; the forward is not
             events, grad_norms = tuple(e for e in events if e.pass_ == "forward"), {}
             broken = has_nonfinite(events, grad_norms)
-        if not broken and not skipped:
-            made = param_anomaly(record.step, record.param_norms, grad_norms)
-            if made is not None:  # an episode while the parameters stay non-finite
-                if self._state["in_nonfinite"]:
-                    return []
-                self._state["in_nonfinite"] = True
-                return [made]
+        if bad_params and not skipped:  # an episode while the parameters stay non-finite
+            if self._state["in_nonfinite"]:
+                return []
+            self._state["in_nonfinite"] = True
+            return [param_anomaly(record.step, record.param_norms, grad_norms)]
         if not broken:
             if events or grad_norms:  # a step that was checked and is clean ends an episode
                 self._state["in_nonfinite"] = False
@@ -201,9 +202,7 @@ class Diagnosis:
         if self._state["in_nonfinite"]:
             return []
         self._state["in_nonfinite"] = True
-        if any(e.nonfinite > 0 for e in events):
-            return [attribute(record.step, events)]
-        return [grad_norm_anomaly(record.step, grad_norms)]
+        return [_first_nonfinite(record.step, events, grad_norms)]
 
     def _skips(self, record: StepRecord, skipped: bool, broken: bool) -> Anomaly | None:
         """Count AMP-skipped steps in a row; on the ``max_skipped``-th, the first one's
@@ -214,10 +213,7 @@ class Diagnosis:
             self._state["skips"] = (0, None)
             return None
         if first is None and broken:
-            if any(e.nonfinite > 0 for e in record.events):
-                first = attribute(record.step, record.events)
-            else:
-                first = grad_norm_anomaly(record.step, record.grad_norms)
+            first = _first_nonfinite(record.step, record.events, record.grad_norms)
         self._state["skips"] = (n + 1, first)
         if n + 1 != self.max_skipped or first is None or self._state["in_nonfinite"]:
             return None
@@ -275,8 +271,7 @@ class Diagnosis:
         """Say so in an update spike's message when its parameter's learning rate rose since
         the last step that measured updates (a schedule's warm restart, a planted spike):
         the likely cause. Remembers this step's learning rates."""
-        lrs = getattr(record, "lrs", None) or {}
-        prev = self._state.get("lrs") or {}
+        lrs, prev = record.lrs, self._state.get("lrs") or {}
         if lrs:
             self._state["lrs"] = lrs
         out = []
@@ -411,6 +406,14 @@ class Diagnosis:
                     )
                 )
         return found
+
+
+def _first_nonfinite(step: int, events, grad_norms) -> Anomaly:
+    """The report of a step with a non-finite value: attributed from the per-tensor counts
+    where there are some, else from the gradient norms."""
+    if any(e.nonfinite > 0 for e in events):
+        return attribute(step, events)
+    return grad_norm_anomaly(step, grad_norms)
 
 
 def _all_zero(e: TensorEvent) -> bool:

@@ -18,7 +18,7 @@ from tbprobe.probe.batch import probe_stats
 from tbprobe.probe.dist_slots import GLOBAL_BINS, Part, local_rows, part_of
 from tbprobe.probe.distributed import is_dtensor
 
-__all__ = ["grad_parts", "norm_rows", "reduce_grads_distributed", "taken_for"]
+__all__ = ["grad_parts", "held_grads", "norm_rows", "reduce_grads_distributed", "taken_for"]
 
 
 def norm_rows(tensors) -> torch.Tensor:
@@ -34,6 +34,15 @@ def grad_parts(grads: list, gmerged: list[bool], device) -> list[Part]:
         part = Part(empty, merged, False) if gr is None else part_of(gr)
         parts.append(Part(part.local, merged, part.contributes))
     return parts
+
+
+def held_grads(named: list, st) -> list:
+    """``[(name, gradient or None)]`` of parameters ``named``: each ``.grad`` as it is now,
+    else the tensor its hook saw (``zero_grad(set_to_none=True)`` before a manual
+    ``probe.step()``). Not the hook's tensor first: DDP with ``gradient_as_bucket_view=True``
+    swaps a fresh gradient for a view into its all-reduced bucket after the hooks ran."""
+    seen = st.grads
+    return [(n, seen.get(n) if p.grad is None else p.grad) for n, p in named]
 
 
 def _ids(grads: list) -> list:
@@ -52,14 +61,11 @@ def taken_for(st, grads: list) -> tuple | None:
 def reduce_grads_distributed(probe, st) -> None:
     """``pack.reduce_grads`` on a distributed probe: this rank's unscaled gradient rows and,
     on a histogram step, their histograms (:func:`_grad_hists`), keyed on the gradient
-    tensors they read. With gradient accumulation, the last backward pass's count. Each
-    parameter's ``.grad`` as it is now, not the tensor its hook saw: DDP with
-    ``gradient_as_bucket_view=True`` swaps a fresh gradient for a view into its all-reduced
-    bucket after the hooks ran (the one its hook saw is this rank's own, unreduced)."""
+    tensors they read (:func:`held_grads`). With gradient accumulation, the last backward
+    pass's count."""
     if not (st.checked or st.scheduled or st.hist) or not probe._params:
         return
-    seen = st.grads
-    grads = [seen.get(n) if p.grad is None else p.grad for n, p in probe._params]
+    grads = [g for _, g in held_grads(probe._params, st)]
     gmerged = [p.requires_grad and is_dtensor(p) for _, p in probe._params]
     parts = grad_parts(grads, gmerged, probe._params[0][1].device)
     rows = probe.amp.unscale(local_rows(parts, norm_rows))

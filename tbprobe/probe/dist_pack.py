@@ -45,7 +45,13 @@ import torch
 from tbprobe import kernels
 from tbprobe.probe.batch import index_on
 from tbprobe.probe.dist_events import EventLayout, declare, event_layout, local_events, write_events
-from tbprobe.probe.dist_grads import grad_parts, norm_rows, reduce_grads_distributed, taken_for
+from tbprobe.probe.dist_grads import (
+    grad_parts,
+    held_grads,
+    norm_rows,
+    reduce_grads_distributed,
+    taken_for,
+)
 from tbprobe.probe.dist_slots import GLOBAL_BINS, Gather, Part, global_bins, local_rows, part_of
 from tbprobe.probe.distributed import collective_device, identity_rows, is_dtensor
 from tbprobe.probe.pack import pack_events
@@ -171,8 +177,7 @@ def _updated(prev, trainable: list) -> list[int]:
 def _parts(probe, st, plan: _Plan) -> None:
     """This rank's local parts of the planned tensors (host bookkeeping; a gradient this rank
     does not hold is an empty part that does not contribute)."""
-    seen = st.grads
-    plan.grads = [(n, seen.get(n) if p.grad is None else p.grad) for n, p in plan.named]
+    plan.grads = held_grads(plan.named, st)
     plan.pparts = [part_of(p) for _, p in plan.trainable]
     empty = torch.empty(0, device=plan.device)
     plan.gparts = grad_parts([gr for _, gr in plan.grads], plan.gmerged, plan.device)

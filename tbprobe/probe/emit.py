@@ -159,7 +159,9 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
     if meta.events and not clean:
         merge_events(meta, data)
         ev, evin, evseq = data["ev"], data["evin"], data["evseq"]
-        nonfinite = (ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev).tolist()
+        nonfinite = (
+            ev[:, NAN : NEG_INF + 1].sum(1) if meta.full else ev
+        ).tolist()  # sync-ok: numpy
         keep = stats_on and meta.full  # rows of a fresh array: views, not copies
         for i, ((seq, module, pass_, tensor), nf_in) in enumerate(
             zip(meta.events, evin.tolist(), strict=True)  # sync-ok: numpy

@@ -43,16 +43,33 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _Guarded:
-    """A hook body behind the failure policy (see :meth:`HookSet.fail`); returns None."""
+class _Inert:
+    """What a copied or pickled hook becomes: the copy of a probed module or parameter
+    (``copy.deepcopy(model)``, ``AveragedModel``, ``torch.save(model)``) is not probed, and
+    copying the probe with it would copy its writer."""
 
-    __slots__ = ("bound", "fn", "key", "owner")
+    __slots__ = ()
 
-    def __deepcopy__(self, memo):  # see _Inert
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class _CopiesInert:
+    """Mixin: a hook whose deep copy and pickle are :class:`_Inert`."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo):
         return _Inert()
 
     def __reduce__(self):
         return _Inert, ()
+
+
+class _Guarded(_CopiesInert):
+    """A hook body behind the failure policy (see :meth:`HookSet.fail`); returns None."""
+
+    __slots__ = ("bound", "fn", "key", "owner")
 
     def __init__(self, owner, key, fn, bound):
         self.owner, self.key, self.fn, self.bound = owner, key, fn, bound
@@ -67,33 +84,6 @@ class _Guarded:
         except Exception as exc:  # a probe failure must never stop training
             self.owner.fail(*self.key, exc)
         return None
-
-
-class _Inert:
-    """What a copied or pickled hook becomes: the copy of a probed module or parameter
-    (``copy.deepcopy(model)``, ``AveragedModel``, ``torch.save(model)``) is not probed, and
-    copying the probe with it would copy its writer."""
-
-    __slots__ = ()
-
-    def __call__(self, *args, **kwargs):
-        return None
-
-
-def _inert(*args):
-    return _Inert()
-
-
-class _CopiesInert:
-    """Mixin: a hook whose deep copy and pickle are :class:`_Inert`."""
-
-    __slots__ = ()
-
-    def __deepcopy__(self, memo):
-        return _Inert()
-
-    def __reduce__(self):
-        return _Inert, ()
 
 
 class _WeakGuarded(_CopiesInert):

@@ -87,8 +87,7 @@ def one_device(params: list) -> None:
 def replaced_params(base, params: list) -> None:
     """At the first step boundary: warn when ``base``'s parameters are no longer the ones
     the probe hooked at attach (``fully_shard`` applied after attaching, a layer swapped
-    before training): the probe would read stale tensors and miss the new gradients.
-    Returns None: the caller's reference to ``base`` is dropped after this one look."""
+    before training): the probe would read stale tensors and miss the new gradients."""
     now = [id(p) for p in base.parameters()]
     if now != [id(p) for _, p in params]:
         warnings.warn(

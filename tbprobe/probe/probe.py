@@ -31,7 +31,7 @@ from tbprobe.probe.lifecycle import (
 from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
 from tbprobe.probe.pack import pack_step
 from tbprobe.probe.ranks import agreed_every, dist_context, output_writer, unwrap
-from tbprobe.probe.selection import select_modules
+from tbprobe.probe.selection import clean_name, select_modules
 from tbprobe.probe.snapshot import Snapshots
 
 __all__ = ["AnomalyError", "Probe", "attach"]  # AnomalyError: from tbprobe.probe.landing
@@ -147,9 +147,9 @@ class Probe:
             self.cfg.every = agreed_every(self.cfg.every, self._dist)
         # A compiled submodule (``model.x = torch.compile(model.x)``) names its parameters
         # through the wrapper's ``_orig_mod``: tags use the module's own name.
-        self._params = [(n.replace("._orig_mod.", "."), p) for n, p in base.named_parameters()]
-        self._base: nn.Module | None = base  # until the first step boundary: see lifecycle
+        self._params = [(clean_name(n), p) for n, p in base.named_parameters()]
         self._root = base
+        self._params_checked = False  # at the first step boundary: see lifecycle
         lazy = [n for n, p in self._params if isinstance(p, nn.parameter.UninitializedParameter)]
         if lazy:
             raise ValueError(
@@ -294,8 +294,9 @@ class Probe:
             raise
         prev = self._end(st)
         self._hooks.hook_unfrozen()
-        if self._base is not None:
-            self._base = replaced_params(self._base, self._params)
+        if not self._params_checked:
+            self._params_checked = True
+            replaced_params(self._root, self._params)
         self._take_requests()
         self.state = self._new_state(self._step)
         # Consecutive scheduled steps (every=1) copy into the same buffers: a fresh copy of

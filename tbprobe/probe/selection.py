@@ -68,16 +68,27 @@ def select_modules(model: nn.Module, include=(), exclude=()) -> list[tuple[str, 
     return [(n or ROOT_NAME, m) for n, m in chosen if not _matches(n, m, exclude)]
 
 
+def clean_name(name: str) -> str:
+    """A module's or parameter's name as the model's code writes it: a submodule compiled in
+    place (``model.blocks[0] = torch.compile(block)``) puts ``_orig_mod`` in the names of
+    what it holds.
+
+    Example::
+
+        clean_name("blocks.0._orig_mod.fc1.weight")  # "blocks.0.fc1.weight"
+    """
+    name = name.replace("._orig_mod.", ".").removesuffix("._orig_mod")
+    if name.startswith("_orig_mod"):
+        name = name[len("_orig_mod") :].lstrip(".")
+    return name
+
+
 def _clean_names(named) -> list[tuple[str, nn.Module]]:
-    """Module names as the model's code writes them: a submodule compiled in place
-    (``model.blocks[0] = torch.compile(block)``) puts ``_orig_mod`` in its children's names,
-    as in its parameters'. The wrapper keeps the name (its hook runs outside the compiled
-    region), the module it wraps is dropped."""
+    """Module names by :func:`clean_name`. The compiled wrapper keeps the name (its hook
+    runs outside the compiled region), the module it wraps is dropped."""
     out, seen = [], set()
     for n, m in named:
-        n = n.replace("._orig_mod.", ".").removesuffix("._orig_mod")
-        if n.startswith("_orig_mod"):
-            n = n[len("_orig_mod") :].lstrip(".")
+        n = clean_name(n)
         if n not in seen:
             seen.add(n)
             out.append((n, m))

@@ -59,16 +59,22 @@ def _graphs() -> int:
     return sum(torch._dynamo.utils.counters["stats"].values())
 
 
-def test_compiled_optimizer_step_does_not_trace_the_probe():
-    """``torch.compile(opt.step)``: the probe's step boundary runs eagerly, not through
-    Dynamo (which guarded on its floats and recompiled every step, and failed on its numpy
-    diagnosis); steps advance and every gradient norm is written."""
-    torch._dynamo.reset()
+def _probed_mlp():
+    """The zoo MLP, its SGD, a probe of every step on both, and the records it feeds."""
     model = models.make("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     seen = []
     probe = tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), opt, every=1,
                           watch_requests=False, diagnosis=_Collect(seen))  # fmt: skip
+    return model, opt, probe, seen
+
+
+def test_compiled_optimizer_step_does_not_trace_the_probe():
+    """``torch.compile(opt.step)``: the probe's step boundary runs eagerly, not through
+    Dynamo (which guarded on its floats and recompiled every step, and failed on its numpy
+    diagnosis); steps advance and every gradient norm is written."""
+    torch._dynamo.reset()
+    model, opt, probe, seen = _probed_mlp()
     step = torch.compile(opt.step, backend="eager")
     gen = torch.Generator().manual_seed(0)
     for i in range(6):
@@ -94,11 +100,7 @@ def test_compiled_autograd_neither_fails_nor_loses_gradients():
     if enable is None:
         pytest.skip("no compiled_autograd enable() in this torch")
     torch._dynamo.reset()
-    model = models.make("mlp")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    seen = []
-    probe = tbprobe.Probe(model, tbprobe.SummaryWriter(write_to_disk=False), opt, every=1,
-                          watch_requests=False, diagnosis=_Collect(seen))  # fmt: skip
+    model, opt, probe, seen = _probed_mlp()
     gen = torch.Generator().manual_seed(0)
     want = []
     for _ in range(3):

@@ -149,23 +149,26 @@ def test_no_grad_forwards_alone_are_recorded(tmp_path):
     assert rms[0] == pytest.approx(math.sqrt(2.5)) and rms[1] == pytest.approx(math.sqrt(22.5))
 
 
+class _FrozenEncoderNet(nn.Module):
+    """A frozen encoder run under no_grad inside the training forward, a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = self.enc(x)
+        return self.head(z)
+
+
 def test_frozen_module_under_no_grad_keeps_its_stats(tmp_path):
     """A frozen encoder run under no_grad inside the training forward is recorded; the
     trainable head beside it too."""
     torch.manual_seed(0)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Linear(4, 4).requires_grad_(False)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x):
-            with torch.no_grad():
-                z = self.enc(x)
-            return self.head(z)
-
-    model = Net()
+    model = _FrozenEncoderNet()
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
     writer, probe = _probe(model, tmp_path, opt)
     want = []
@@ -188,18 +191,7 @@ def test_evaluation_between_steps_does_not_enter_a_frozen_encoders_stats(tmp_pat
     training ones: the model's eval mode does. Its act_absmax is the training batches'."""
     torch.manual_seed(0)
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Linear(4, 4).requires_grad_(False)
-            self.head = nn.Linear(4, 2)
-
-        def forward(self, x):
-            with torch.no_grad():
-                z = self.enc(x)
-            return self.head(z)
-
-    model = Net()
+    model = _FrozenEncoderNet()
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
     writer, probe = _probe(model, tmp_path, opt)
     want = []

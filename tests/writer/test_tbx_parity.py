@@ -28,6 +28,17 @@ def _image(logdir, tag):
     return e, im
 
 
+def _both(tmp_path, write) -> tuple[str, str]:
+    """``write(writer)`` with our writer and with tensorboardX's, each closed: their logdirs."""
+    ours, ref = str(tmp_path / "ours"), str(tmp_path / "tbx")
+    with SummaryWriter(ours) as w:
+        write(w)
+    t = tensorboardX.SummaryWriter(ref)
+    write(t)
+    t.close()
+    return ours, ref
+
+
 def _force_device_path(monkeypatch):
     """Treat CPU tensors as device tensors: the deferred, sync-free path runs on the CPU."""
     monkeypatch.setattr(values_mod, "is_device_tensor", lambda v: isinstance(v, torch.Tensor))
@@ -71,12 +82,7 @@ def test_add_images_list_equals_stacked(tmp_path, monkeypatch, make, fmt, device
 def test_add_images_list_matches_tensorboardx(tmp_path):
     """The grid of a list equals tensorboardX's for the same list."""
     images = [_rand(i, (3, 5, 4)) for i in range(10)]
-    ours, ref = str(tmp_path / "ours"), str(tmp_path / "tbx")
-    with SummaryWriter(ours) as w:
-        w.add_images("x", images, 1, dataformats="CHW")
-    t = tensorboardX.SummaryWriter(ref)
-    t.add_images("x", images, 1, dataformats="CHW")
-    t.close()
+    ours, ref = _both(tmp_path, lambda w: w.add_images("x", images, 1, dataformats="CHW"))
     a, b = _image(ours, "x")[1].convert("RGB"), _image(ref, "x")[1].convert("RGB")
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -141,12 +147,7 @@ def test_two_channel_image_is_gray_alpha_png(logdir, monkeypatch, device_path):
 def test_two_channel_image_matches_tensorboardx(tmp_path):
     """The LA pixels equal tensorboardX's for the same HWC array."""
     x = np.random.default_rng(1).random((6, 4, 2)).astype(np.float32)
-    ours, ref = str(tmp_path / "ours"), str(tmp_path / "tbx")
-    with SummaryWriter(ours) as w:
-        w.add_image("la", x, 0, dataformats="HWC")
-    t = tensorboardX.SummaryWriter(ref)
-    t.add_image("la", x, 0, dataformats="HWC")
-    t.close()
+    ours, ref = _both(tmp_path, lambda w: w.add_image("la", x, 0, dataformats="HWC"))
     a, b = _image(ours, "la")[1], _image(ref, "la")[1]
     assert a.mode == b.mode == "LA" and np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -198,12 +199,7 @@ def test_tags_cleaned_exactly_where_tensorboardx_cleans(tmp_path, method):
     """Each method writes the tag tensorboardX writes: cleaned for scalars, histograms and
     images, as given for text, audio, PR curves, meshes, boxes and raw histograms."""
     tag = "Run config (x)/a b"
-    ours, ref = str(tmp_path / "ours"), str(tmp_path / "tbx")
-    with SummaryWriter(ours) as w:
-        TAG_CALLS[method](w, tag)
-    t = tensorboardX.SummaryWriter(ref)
-    TAG_CALLS[method](t, tag)
-    t.close()
+    ours, ref = _both(tmp_path, lambda w: TAG_CALLS[method](w, tag))
     assert sorted(values_by_tag(ours)) == sorted(values_by_tag(ref))
     a = accumulate(ours).Tags()
     assert {k: sorted(v) for k, v in a.items() if isinstance(v, list) and v} == {
