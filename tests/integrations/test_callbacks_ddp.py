@@ -1,7 +1,11 @@
 """The callbacks under DDP (2 gloo processes on the CPU): every process attaches a probe, so
 each logged step's collective has all ranks (a probe on rank 0 alone hung Lightning and made
 HF's gather fail); only the main process writes, and the written gradient norm is the
-Trainer's."""
+Trainer's.
+
+Each script ends with ``destroy_process_group()``, as torch asks: a gloo group left for the
+interpreter's exit can abort a rank ("terminate called without an active exception"), which
+failed CI once on the HF script."""
 
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ if trainer.is_world_process_zero():
     logged = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
     with open(os.path.join(out, "trainer.json"), "w") as f:
         json.dump(logged, f)
+torch.distributed.destroy_process_group()  # torch's rule: a gloo group left to exit may abort
 """
 
 _LIGHTNING = """
@@ -69,6 +74,8 @@ if __name__ == "__main__":
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         default_root_dir=out, callbacks=[TbProbeCallback(os.path.join(out, "probe"), every=1)])
     trainer.fit(M(), torch.utils.data.DataLoader(data, batch_size=8))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 """
 
 
