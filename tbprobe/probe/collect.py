@@ -105,6 +105,10 @@ class StepState:
         # Modules by grad mode of their forwards this step (see :meth:`no_grad_forward`).
         self.grad_fwd: set[str] = set()
         self.no_grad_fwd: set[str] = set()
+        # Elements of the hooked modules' training forward outputs (host metadata, no
+        # reduction): how much data the step saw, so the diagnosis can tell an epoch's last,
+        # short batch (noisier gradients) from an explosion.
+        self.volume = 0
         self._hist_queue: list[tuple[str, torch.Tensor]] = []
         self._hist_bytes = 0
         self._seq = 0

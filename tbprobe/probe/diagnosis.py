@@ -12,6 +12,7 @@ running baselines in :mod:`tbprobe.probe.diagnosis_baseline`.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -62,6 +63,10 @@ class Diagnosis:
       root-sum-square of all ‖Δw‖; its baseline restarts when a series joins it, e.g. a
       backbone unfrozen mid-run). Reported once per episode (it lasts while some series
       stays ``spike_factor`` × above its baseline), with the ``top_k`` offenders by ratio.
+      A step that saw under half its usual data (``StepRecord.volume`` against the median
+      of the last ``window`` steps': an epoch's last, short batch) has noisier gradients:
+      its norms are judged divided by √(usual ÷ its volume), the most that noise can
+      inflate a mean gradient's norm (a batch of 1 after batches of 256: ÷ 16).
     - **vanishing** (warning): a gradient norm at most ``vanishing`` × its baseline (exactly 0
       included) for ``patience`` observations in a row; a series that vanishes again within
       ``window`` steps of recovering (an MoE expert that gets tokens now and then) is the
@@ -144,6 +149,8 @@ class Diagnosis:
             "dead": set(),
             "grad_top": None,  # (names, largest stored grad norms) from the last observation
             "skips": (0, None),  # AMP-skipped steps in a row, the first one's attribution
+            "volumes": deque(maxlen=self.window),  # StepRecord.volume of recent steps
+            "vol_last": (0, 1.0, 0),  # the last volume, its allowance, the usual volume
         }
 
     def feed(self, record: StepRecord) -> list[Anomaly]:
@@ -169,8 +176,11 @@ class Diagnosis:
         # A skipped optimizer step made no update: its zero ‖Δw‖ is no observation.
         updates = _NO_SERIES if skipped else _update_sizes(record)
         if self.check_spikes:
-            found += self._check_spikes(record.step, "grad", grads)
-            found += self._lr_note(self._check_spikes(record.step, "update", updates), record)
+            allow = self._allowance(record)
+            found += self._check_spikes(record.step, "grad", grads, allow)
+            found += self._lr_note(
+                self._check_spikes(record.step, "update", updates, allow), record
+            )
         else:
             self._observe("grad", grads)
         if self.check_warnings:
@@ -237,9 +247,39 @@ class Diagnosis:
             self._state["grad_top"] = (names, top)
         return names, values, med, peak
 
-    def _check_spikes(self, step: int, family: str, items) -> list[Anomaly]:
+    def _allowance(self, record: StepRecord) -> tuple[float, str]:
+        """``(a, note)``: how much noisier than usual this step's gradients may be, and
+        the message's note on it. ``a`` is √(usual volume ÷ this one) when the step saw
+        under half the median volume of the last ``window`` steps (an epoch's last, short
+        batch), else 1; the mean gradient of b samples has a norm at most √(B/b)× that of
+        B samples when noise dominates it, and less when the signal does."""
+        v = record.volume if isinstance(record.volume, int) else 0
+        if v <= 0:
+            return 1.0, ""
+        vols = self._state["volumes"]
+        last, a, usual = self._state["vol_last"]
+        if v != last or a != 1.0 or len(vols) < self.min_history:  # else a constant batch
+            usual = sorted(vols)[len(vols) // 2] if len(vols) >= self.min_history else 0
+            a = math.sqrt(usual / v) if 2 * v < usual else 1.0
+            self._state["vol_last"] = (v, a, usual)
+        vols.append(v)
+        if a == 1.0:
+            return 1.0, ""
+        note = (
+            f" (norms divided by {a:.3g}: this step saw {v / usual:.2g}× the usual data, "
+            "a short batch, so its gradients may be that much noisier)"
+        )
+        return a, note
+
+    def _check_spikes(self, step: int, family: str, items, allow=(1.0, "")) -> list[Anomaly]:
+        """``allow``: :meth:`_allowance`'s; the values are judged, shown and kept in the
+        baselines divided by its factor (an explosion still stands out: a short batch's
+        gradients are only noisier)."""
         if not items[0]:  # not measured this step (update sizes come on scheduled steps)
             return []
+        factor, note = allow
+        if factor != 1.0:
+            items = (items[0], items[1] / factor)
         names, values, med, peak = self._observe(family, items)
         ratio = np.divide(values, med, out=np.full(len(names), np.nan), where=med > 0)
         hit = ratio >= self.spike_factor  # NaN (no baseline): False
@@ -265,7 +305,8 @@ class Diagnosis:
             self._state["spiking"][family] = bool(hit.any()) if was else bool(sudden.any())
         if was or not sudden.any():
             return []
-        return [self._spike(step, family, names, values, med, peak, ratio, hit, sudden, total)]
+        a = self._spike(step, family, names, values, med, peak, ratio, hit, sudden, total)
+        return [replace(a, value=a.value * factor, message=a.message + note) if note else a]
 
     def _lr_note(self, found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
         """Say so in an update spike's message when its parameter's learning rate rose since

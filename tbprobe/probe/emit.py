@@ -36,6 +36,7 @@ class StepMeta:
     params: list = field(default_factory=list)  # param names
     updates: list = field(default_factory=list)  # param names with a pre-step copy
     lrs: dict = field(default_factory=dict)  # {param name: its group's learning rate}
+    volume: int = 0  # StepState.volume
     hists: list = field(default_factory=list)  # tags
     ghists: list = field(default_factory=list)  # tags binned over all ranks, fixed edges
     thumbs: list = field(default_factory=list)  # (module, shape, kind)
@@ -215,6 +216,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         param_norms=param_norms,
         update_ratios=ratios,
         lrs=meta.lrs,
+        volume=meta.volume,
     )
 
 

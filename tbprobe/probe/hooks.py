@@ -248,6 +248,8 @@ class HookSet:
         if not _in_backward():  # a checkpoint recompute is not a new forward
             if grad:
                 st.grad_forward(name)
+                for t in outs:
+                    st.volume += t.numel()
             elif self.owner._evaluating() or not st.no_grad_forward(name):
                 return  # validation (model.eval() in training) or after this step's training
             if st.in_backward:  # the next micro-batch: its backward has ended

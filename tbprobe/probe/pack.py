@@ -18,6 +18,7 @@ def pack_step(probe, st: StepState):
     pk = Packer()
     meta = StepMeta(step=st.step, scheduled=st.scheduled, full=st.full)
     meta.snap_modules = st.snap or frozenset()
+    meta.volume = st.volume
     if probe._dist is not None:  # first: a later failure must not keep a rank from the gather
         from tbprobe.probe.dist_pack import pack_distributed
 

@@ -58,6 +58,9 @@ class StepRecord:
     ``scheduled`` is True on the steps the probe logs (``every``), where the events carry
     full ``stats``. ``skipped`` is True when an AMP ``GradScaler`` found Inf/NaN
     gradients and skipped this step's optimizer step (AMP's normal overflow steps).
+    ``volume`` is the number of elements of the hooked modules' training forward outputs
+    over the step's micro-batches (0: not counted): it is proportional to the data the step
+    saw, so an epoch's last, short batch shows as a small volume.
     """
 
     step: int
@@ -68,3 +71,4 @@ class StepRecord:
     param_norms: Mapping[str, float] = field(default_factory=dict)
     update_ratios: Mapping[str, float] = field(default_factory=dict)
     lrs: Mapping[str, float] = field(default_factory=dict)  # learning rate per updated param
+    volume: int = 0

@@ -504,3 +504,29 @@ def test_anomaly_markdown_round_trip_and_one_line_str():
     with pytest.raises(TypeError, match="anomalies"):
         format_markdown(["not an anomaly"])
     assert owner_module("a.b.weight") == "a.b" and owner_module("bias") == ""
+
+
+def _volume_run(last_volume, last_scale):
+    """30 calm steps over 1024-element batches, then one over ``last_volume`` elements whose
+    gradient norms are ``last_scale`` × the usual."""
+    recs = [
+        StepRecord(step=i, scheduled=False, grad_norms=g, volume=1024)
+        for i, g in enumerate(healthy_grads(30))
+    ]
+    g = {k: v * last_scale for k, v in healthy_grads(1)[0].items()}
+    recs.append(StepRecord(step=30, scheduled=False, grad_norms=g, volume=last_volume))
+    return feed_all(Diagnosis(), recs)
+
+
+def test_a_short_last_batch_is_judged_for_its_noise():
+    """An epoch's last batch of 1 sample after batches of 1024 has gradients up to √1024 = 32×
+    noisier: 25× the usual norms is no spike there, though it is on a full batch; an
+    explosion on the short batch (1000×) still is, with its raw norm and the allowance said."""
+    assert _volume_run(1024, 25.0)[0].kind == "spike"
+    assert _volume_run(1, 25.0) == []
+    (a,) = _volume_run(1, 1000.0)
+    assert (a.kind, a.step) == ("spike", 30)
+    assert a.value > 1000 * 0.5  # the raw norm, not the one divided by 32
+    assert "norms divided by 32" in a.message and "0.00098× the usual data" in a.message
+    # Half the usual data or more: judged as usual.
+    assert _volume_run(600, 25.0)[0].kind == "spike"
