@@ -63,6 +63,9 @@ class Diagnosis:
       root-sum-square of all ‖Δw‖; its baseline restarts when a series joins it, e.g. a
       backbone unfrozen mid-run). Reported once per episode (it lasts while some series
       stays ``spike_factor`` × above its baseline), with the ``top_k`` offenders by ratio.
+      Update sizes are judged at each parameter's peak learning rate so far (‖Δw‖ × peak ÷
+      its rate now), so a schedule's decay and warm restart (SGDR) move no baseline, while
+      a rate above any it had (a planted LR spike) counts in full.
       A step that saw under half its usual data (``StepRecord.volume`` against the median
       of the last ``window`` steps': an epoch's last, short batch) has noisier gradients:
       its norms are judged divided by √(usual ÷ its volume), the most that noise can
@@ -151,6 +154,8 @@ class Diagnosis:
             "skips": (0, None),  # AMP-skipped steps in a row, the first one's attribution
             "volumes": deque(maxlen=self.window),  # StepRecord.volume of recent steps
             "vol_last": (0, 1.0, 0),  # the last volume, its allowance, the usual volume
+            "peak_lr": ([], np.zeros(0)),  # (update series, their peak learning rates)
+            "peak_by_name": {},  # peak learning rates of series no longer in the last step
         }
 
     def feed(self, record: StepRecord) -> list[Anomaly]:
@@ -174,15 +179,16 @@ class Diagnosis:
             return found  # its norms are those of a broken step: no baseline, no spike
         grads = _items(record.grad_norms)
         # A skipped optimizer step made no update: its zero ‖Δw‖ is no observation.
-        updates = _NO_SERIES if skipped else _update_sizes(record)
+        updates, scale = (_NO_SERIES, None) if skipped else self._update_sizes(record)
         if self.check_spikes:
             allow = self._allowance(record)
             found += self._check_spikes(record.step, "grad", grads, allow)
-            found += self._lr_note(
-                self._check_spikes(record.step, "update", updates, allow), record
-            )
+            spikes = self._check_spikes(record.step, "update", updates, allow)
+            found += self._lr_note(self._peak_note(spikes, updates[0], scale), record)
         else:
             self._observe("grad", grads)
+        if scale is not None and not self._state["spiking"]["update"]:
+            self._state["peak_lr"] = self._state["peak_new"]  # a calm step: rates it had
         if self.check_warnings:
             found += self._check_vanishing(record.step, grads)
         return found
@@ -307,6 +313,51 @@ class Diagnosis:
             return []
         a = self._spike(step, family, names, values, med, peak, ratio, hit, sudden, total)
         return [replace(a, value=a.value * factor, message=a.message + note) if note else a]
+
+    def _update_sizes(self, record: StepRecord) -> tuple[tuple[list[str], np.ndarray], object]:
+        """``((names, ‖Δw‖ at peak learning rate), scale)``: each parameter's update size
+        times its peak learning rate so far ÷ its learning rate now (``scale``, an array, or
+        None without learning rates), so that a schedule (warm-up, decay, a warm restart
+        back to the peak) moves no baseline, while a learning rate above any the parameter
+        had before counts in full (the peak takes a new rate once a step at it is calm: a
+        planted LR spike does not become the reference). A zero learning rate makes no
+        observation."""
+        names, values = _update_sizes(record)
+        lrs = record.lrs
+        if not lrs or not names:
+            return (names, values), None
+        n = len(names) - 1  # the last series is the total, rebuilt below
+        lr = np.fromiter((lrs.get(k, math.nan) for k in names[:n]), np.float64, n)
+        known, peaks = self._state["peak_lr"]
+        if known != names:
+            peak = self._state["peak_by_name"]
+            for k, v in zip(known, peaks.tolist(), strict=True):  # sync-ok: numpy
+                peak[k] = v
+            peaks = np.fromiter((peak.get(k, 0.0) for k in names[:n]), np.float64, n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            use = np.isfinite(lr) & (lr >= 0)
+            peaks = np.where(use, np.fmax(peaks, lr), peaks)
+            scale = np.where(use, peaks / lr, 1.0)  # lr 0: inf (peak 0: NaN): no observation
+        self._state["peak_new"] = (list(names), peaks)
+        sized = values[:n] * scale
+        finite = sized[np.isfinite(sized)]
+        sized = np.append(sized, np.sqrt(np.sum(finite * finite)))
+        return (names, sized), np.append(scale, 1.0)
+
+    def _peak_note(self, found: list[Anomaly], names: list[str], scale) -> list[Anomaly]:
+        """An update spike judged at a learning rate below its parameter's peak says so,
+        and its ``value`` is the ‖Δw‖ measured."""
+        if scale is None or not found:
+            return found
+        out = []
+        for a in found:
+            s = float(scale[names.index(a.where)]) if a.where in names else 1.0
+            if s != 1.0 and math.isfinite(s):
+                note = " (sizes at each parameter's peak learning rate so far: "
+                note += f"this one's ×{s:.3g})"
+                a = replace(a, value=a.value / s, message=a.message + note)
+            out.append(a)
+        return out
 
     def _lr_note(self, found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
         """Say so in an update spike's message when its parameter's learning rate rose since

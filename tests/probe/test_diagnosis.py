@@ -373,12 +373,12 @@ def test_update_spike_from_ratio_times_param_norm():
 
 
 def test_update_spike_says_when_its_learning_rate_rose():
-    """An update spike whose parameter's learning rate rose since the last measured update
-    (a warm restart, an LR spike) says so, with the factor; one at an unchanged rate does
-    not."""
+    """An update spike whose parameter's learning rate rose since the last measured update,
+    above any it had (a planted LR spike), says so, with the factor; one at an unchanged rate
+    does not."""
     recs = []
     for i in range(40):
-        lr = 1e-3 if i in (25, 26) else 1e-6 if i >= 24 else 1e-3
+        lr = 1.0 if i == 25 else 1e-3
         updates = {"a.weight": 1e-3 * (1 + 0.2 * RNG.standard_normal()), "b.weight": 2e-3}
         if i == 25:
             updates["a.weight"] = 1.0
@@ -390,8 +390,32 @@ def test_update_spike_says_when_its_learning_rate_rose():
         )  # fmt: skip
     a, b = feed_all(Diagnosis(), recs)
     assert (a.step, a.where) == (25, "a.weight")
-    assert "its learning rate rose ×1e+03 (to 0.001)" in a.message
+    assert "its learning rate rose ×1e+03 (to 1)" in a.message
     assert (b.step, b.where) == (35, "b.weight") and "learning rate" not in b.message
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_warm_restart_of_the_learning_rate_is_no_update_spike(optimizer):
+    """A schedule that decays the learning rate 1000x and restarts it at its peak (SGDR) moves
+    the update sizes with it (Adam: ∝ lr; SGD: ∝ lr × gradient): no spike, although ‖Δw‖ jumps
+    1000x at the restart. Updates are judged at each parameter's peak rate so far; one that
+    explodes below the peak still is a spike, its note saying the scale, its value the
+    ‖Δw‖ measured."""
+    recs = []
+    for i in range(120):
+        lr = 1e-3 * (1e-3 if i % 60 >= 40 else 1.0)  # decayed for 20 steps, then restarted
+        g = 1.0 + 0.2 * RNG.standard_normal() if optimizer == "sgd" else 1.0
+        updates = {k: lr * g * (1 + 0.2 * RNG.standard_normal()) for k in ("a.weight", "b.w")}
+        if i == 110:
+            updates["b.w"] *= 300  # an explosion at the decayed rate
+        recs.append(
+            StepRecord(step=i, scheduled=True, param_norms={"a.weight": 1.0, "b.w": 1.0},
+                       update_ratios=updates, lrs=dict.fromkeys(updates, lr))
+        )  # fmt: skip
+    (a,) = feed_all(Diagnosis(), recs)
+    assert (a.step, a.where, a.pass_) == (110, "b.w", "update")
+    assert "peak learning rate so far: this one's ×1e+03" in a.message
+    assert a.value == pytest.approx(recs[110].update_ratios["b.w"])
 
 
 def test_vanishing_after_patience_once():
