@@ -172,7 +172,7 @@ class Diagnosis:
         broken = has_nonfinite(record.events, record.grad_norms)
         bad_params = not broken and not all(math.isfinite(v) for v in record.param_norms.values())
         if self.check_nonfinite:
-            found += self._check_nonfinite(record, skipped, broken, bad_params)
+            found += _rank_note(self._check_nonfinite(record, skipped, broken, bad_params), record)
         if self.check_warnings:
             found += self._check_dead(record)
         if broken or bad_params:
@@ -506,6 +506,22 @@ def _first_nonfinite(step: int, events, grad_norms) -> Anomaly:
     if any(e.nonfinite > 0 for e in events):
         return attribute(step, events)
     return grad_norm_anomaly(step, grad_norms)
+
+
+def _rank_note(found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
+    """Under torch.distributed, say on which ranks a non-finite value was (``record.ranks``):
+    a bad sample in one rank's data shard, or every rank (all-reduced gradients)."""
+    ranks = getattr(record, "ranks", None)
+    if not found or not ranks:
+        return found
+    n, lo, hi, world = ranks
+    if n == 1:
+        where = f"on rank {lo} of {world}"
+    elif n == world:
+        where = f"on every rank ({world})"
+    else:
+        where = f"on {n} of {world} ranks ({lo} to {hi})"
+    return [replace(a, message=f"{a.message}; {where}") for a in found]
 
 
 def _all_zero(e: TensorEvent) -> bool:

@@ -22,6 +22,10 @@ cannot desync whatever ran on each of them:
   rank held has no elements and is not written). Rank-local tensors keep ``hist_bins`` linear
   bins over their own range, as on one device. Gradients are binned, like their rows, at
   the end of the backward pass (:mod:`tbprobe.probe.dist_grads`), before any clipping;
+- on a checked or scheduled step, which ranks' own tensors held a NaN or ±Inf: one stats
+  row, count 1 and min = max = the rank where its events (activations, their gradients and
+  the modules' inputs: rank-local, unlike DDP's all-reduced parameter gradients) or, without
+  events, its gradients were not finite; ``sum`` 1 from every rank (the world size);
 - a flag: 1 from a rank that failed to compute its partials.
 
 All of the above go through **one** :class:`PackedGather` per step, histogram steps included.
@@ -44,7 +48,14 @@ import torch
 
 from tbprobe import kernels
 from tbprobe.probe.batch import index_on
-from tbprobe.probe.dist_events import EventLayout, declare, event_layout, local_events, write_events
+from tbprobe.probe.dist_events import (
+    NF,
+    EventLayout,
+    declare,
+    event_layout,
+    local_events,
+    write_events,
+)
 from tbprobe.probe.dist_grads import (
     grad_parts,
     held_grads,
@@ -152,6 +163,8 @@ def _plan(probe, st) -> _Plan:
         plan.updated = _updated(probe._prev, plan.trainable)
         plan.umerged = [plan.pmerged[i] for i in plan.updated]
         g.rows("upd", sum(plan.umerged))
+    if st.checked or st.scheduled:
+        g.rows("ranks", 1)
     if st.hist:
         plan.acts = modules if st.keep_hists else []
         plan.n_glob = sum(plan.gmerged) + sum(plan.pmerged) + len(plan.acts)
@@ -231,7 +244,30 @@ def _local(probe, st, plan: _Plan) -> _Local:
         loc.hists, hstats, hcounts = _hist_partials(probe, plan)
         if plan.glob:
             loc.slots["hstats"], loc.slots["hcounts"] = hstats, hcounts
+    if "ranks" in plan.gather.keys:
+        loc.slots["ranks"] = _rank_row(loc, probe._dist.rank, plan.device)
     return loc
+
+
+def _rank_row(loc: _Local, rank: int, device) -> torch.Tensor:
+    """``(1, 10)``: this rank's part of the "ranks" slot (see the module docstring), on the
+    device (no sync)."""
+    s = loc.slots
+    if "ev" in s:
+        ev = s["ev"]
+        bad = (ev[:, NF] if ev.dim() == 2 else ev).sum() + s["evin"].sum()
+    elif loc.grows is not None:
+        bad = loc.grows[:, NF].sum()
+    else:
+        bad = torch.zeros((), dtype=torch.float64, device=device)
+    hit = bad > 0
+    row = identity_rows(1, device)
+    row[0, 0] = hit.double()
+    row[0, 1] = 1.0
+    at = torch.full((), float(rank), dtype=torch.float64, device=device)
+    row[0, 3] = torch.where(hit, at, row[0, 3])
+    row[0, 4] = torch.where(hit, at, row[0, 4])
+    return row
 
 
 def _select(rows: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -343,6 +379,8 @@ def _write_back(probe, st, plan: _Plan, loc: _Local, merged: dict, pk, meta) -> 
     from tbprobe.probe.pack import _pack_hists
 
     ctx = probe._dist
+    if "ranks" in merged:
+        pk.add("ranks", merged["ranks"])
     if loc.events is not None:
         own = not (ctx.reduce_acts and st.scheduled)  # this rank's rows where it fired
         write_events(

@@ -207,6 +207,10 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
             ratios[name] = u / w if w > 0 else math.nan
     events.sort(key=lambda e: e.seq)
     skip = data.get("skip")
+    ranks = data.get("ranks")
+    if ranks is not None:
+        r = ranks.reshape(-1).tolist()  # sync-ok: numpy
+        ranks = (int(r[0]), int(r[3]), int(r[4]), int(r[1])) if r[0] > 0 else None
     return StepRecord(
         step=meta.step,
         scheduled=meta.scheduled,
@@ -217,6 +221,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         update_ratios=ratios,
         lrs=meta.lrs,
         volume=meta.volume,
+        ranks=ranks,
     )
 
 

@@ -60,7 +60,9 @@ class StepRecord:
     gradients and skipped this step's optimizer step (AMP's normal overflow steps).
     ``volume`` is the number of elements of the hooked modules' training forward outputs
     over the step's micro-batches (0: not counted): it is proportional to the data the step
-    saw, so an epoch's last, short batch shows as a small volume.
+    saw, so an epoch's last, short batch shows as a small volume. Under torch.distributed,
+    ``ranks`` is ``(n, lowest, highest, world)`` of the ranks whose own tensors held the
+    step's non-finite values (None: none did, or not distributed).
     """
 
     step: int
@@ -72,3 +74,4 @@ class StepRecord:
     update_ratios: Mapping[str, float] = field(default_factory=dict)
     lrs: Mapping[str, float] = field(default_factory=dict)  # learning rate per updated param
     volume: int = 0
+    ranks: tuple[int, int, int, int] | None = None

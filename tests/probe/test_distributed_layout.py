@@ -126,6 +126,7 @@ def test_nan_on_rank1_attributed_on_a_counts_step_with_different_keys(runs):
     first = d0["anomalies"][0]
     assert {k: first[k] for k in PLANTED} == PLANTED, first
     assert (first["kind"], first["producer"]) == ("nonfinite", True), first
+    assert first["message"].endswith("; on rank 1 of 2"), first["message"]
     keys = {(m, p, t): nf for m, p, t, nf in d0["last_events"]}
     assert keys[("branch", "forward", "output")] > 0
     assert ("tok", "backward", "grad_input") not in keys

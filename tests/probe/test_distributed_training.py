@@ -185,13 +185,15 @@ def test_rank0_writes_the_single_process_reference(runs, ref64, name):
 @pytest.mark.parametrize("name", ["ddp_nan", "fsdp_nan"])
 def test_nan_planted_on_rank1_is_attributed_on_rank0(runs, name):
     """A NaN in blocks.1.fc1's forward output on rank 1 only, at step 1: rank 0's first
-    anomaly names that module, pass and step, as made there; so does its anomaly text."""
+    anomaly names that module, pass and step, as made there, and the rank; so does its
+    anomaly text."""
     dumps = H.load(runs, name)
     found = dumps[0]["anomalies"]
     assert found, f"rank 0 found nothing (rank 1 found {dumps[1].get('anomalies')})"
     first = found[0]
     assert {k: first[k] for k in PLANTED} == PLANTED, first
     assert (first["kind"], first["producer"]) == ("nonfinite", True), first
+    assert first["message"].endswith("; on rank 1 of 2"), first["message"]
     texts = read_run(os.path.join(runs[0], name, "run"))["texts"]
     tag = "anomaly/text_summary"  # add_text's tag, tensorboardX naming
     rows = parse_markdown(texts.get(tag, {}).get(PLANTED["step"], ""))
