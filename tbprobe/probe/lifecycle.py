@@ -1,6 +1,6 @@
 """A probe's life beside the training code it watches: a model split over devices refused
-at attach, another optimizer stepping the probed parameters noticed, the steps in flight
-written at interpreter exit."""
+at attach, a second probe on one model noticed, another optimizer stepping the probed
+parameters noticed, the steps in flight written at interpreter exit."""
 
 from __future__ import annotations
 
@@ -15,9 +15,31 @@ __all__ = [
     "OTHER_STEPS",
     "flush_at_exit",
     "one_device",
+    "register_probe",
     "replaced_params",
     "watch_other_optimizers",
 ]
+
+# The probes attached to each model (weakly: neither is kept alive by this).
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_probe(probe, model) -> None:
+    """Remember ``probe`` as attached to ``model``, warning when another probe still is (a
+    notebook cell run twice, a training function re-run after an exception): both log every
+    step, doubling the hooks' cost and, into one log directory, every point."""
+    live = [p for p in _PROBED.get(model, ()) if p is not probe and p._attached]
+    if live:
+        old = getattr(live[0].writer, "logdir", None)
+        where = f" (writing to {old})" if old else ""
+        warnings.warn(
+            f"tbprobe: this {type(model).__name__} already has a Probe attached{where}; both "
+            "now log every step, doubling the cost and, into one log directory, every point. "
+            "Detach the first (probe.detach(), or attach with `with`) before attaching again",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    _PROBED.setdefault(model, weakref.WeakSet()).add(probe)
 
 OTHER_STEPS = 10  # another optimizer's steps of the probed parameters in a row: warn
 

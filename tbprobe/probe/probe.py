@@ -25,6 +25,7 @@ from tbprobe.probe.landing import AnomalyError, poll, react
 from tbprobe.probe.lifecycle import (
     flush_at_exit,
     one_device,
+    register_probe,
     replaced_params,
     watch_other_optimizers,
 )
@@ -198,6 +199,7 @@ class Probe:
             self._remove_hooks()
             raise
         self._attached = True
+        register_probe(self, base)
         atexit.register(flush_at_exit, weakref.ref(self))
         self.state = self._new_state(self._step)
         if optimizer is None and self.state.scheduled and "params" in self.cfg.track:

@@ -85,6 +85,30 @@ def test_one_line_attach_keeps_logging():
     assert seen and seen[0].kind == "nonfinite"
 
 
+def test_a_second_probe_on_one_model_warns(tmp_path):
+    """A notebook cell run twice attaches a second probe while the first is still attached:
+    both log every step (here into one directory: each point twice), so the second warns,
+    naming the first's log directory. After a detach, or on another model, nothing."""
+    model, other = models.make("mlp"), models.make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writers = [tbprobe.SummaryWriter(str(tmp_path)) for _ in range(2)]
+    first = tbprobe.attach(model, writers[0], opt, every=1, watch_requests=False)
+    with pytest.warns(RuntimeWarning, match="already has a Probe attached") as got:
+        second = tbprobe.attach(model, writers[1], opt, every=1, watch_requests=False)
+    assert str(tmp_path) in str(got[0].message)
+    train(model, "mlp", 2, opt=opt)
+    second.detach()
+    first.detach()
+    for w in writers:
+        w.close()
+    assert len(read_run(str(tmp_path))["scalars"]["grad_norm/_total"]) == 2  # steps 0, 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tbprobe.attach(model, _writer(), opt, every=1, watch_requests=False).detach()
+        with tbprobe.attach(model, _writer(), opt, every=1, watch_requests=False):
+            tbprobe.attach(other, _writer(), every=1, watch_requests=False).detach()
+
+
 def test_layer_unfrozen_mid_run_gets_its_gradient_norms():
     """A layer frozen at attach and unfrozen later (linear probe, then fine-tune): its
     gradients are hooked at the next step boundary, and ``grad_norm/_total`` counts them."""
