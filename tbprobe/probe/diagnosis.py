@@ -19,6 +19,7 @@ import numpy as np
 
 from tbprobe.probe.anomaly import Anomaly, fmt_number
 from tbprobe.probe.diagnosis_baseline import Baselines
+from tbprobe.probe.diagnosis_lr import LrWatch
 from tbprobe.probe.diagnosis_nonfinite import (
     attribute,
     grad_norm_anomaly,
@@ -156,6 +157,7 @@ class Diagnosis:
             "vol_last": (0, 1.0, 0),  # the last volume, its allowance, the usual volume
             "peak_lr": ([], np.zeros(0)),  # (update series, their peak learning rates)
             "peak_by_name": {},  # peak learning rates of series no longer in the last step
+            "lr": LrWatch(self.spike_factor, self.warmup),  # every checked step's rates
         }
 
     def feed(self, record: StepRecord) -> list[Anomaly]:
@@ -185,6 +187,9 @@ class Diagnosis:
             found += self._check_spikes(record.step, "grad", grads, allow)
             spikes = self._check_spikes(record.step, "update", updates, allow)
             found += self._lr_note(self._peak_note(spikes, updates[0], scale), record)
+            lr_groups = getattr(record, "lr_groups", ())
+            if lr_groups:  # update sizes, where measured, say it with ‖Δw‖ (above)
+                found += self._state["lr"].feed(record.step, lr_groups, not updates[0])
         else:
             self._observe("grad", grads)
         if scale is not None and not self._state["spiking"]["update"]:

@@ -37,6 +37,7 @@ class StepMeta:
     updates: list = field(default_factory=list)  # param names with a pre-step copy
     lrs: dict = field(default_factory=dict)  # {param name: its group's learning rate}
     volume: int = 0  # StepState.volume
+    lr_groups: tuple = ()  # ((lr, param names), ...) per optimizer group: pack.lr_groups
     hists: list = field(default_factory=list)  # tags
     ghists: list = field(default_factory=list)  # tags binned over all ranks, fixed edges
     thumbs: list = field(default_factory=list)  # (module, shape, kind)
@@ -222,6 +223,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         lrs=meta.lrs,
         volume=meta.volume,
         ranks=ranks,
+        lr_groups=meta.lr_groups,
     )
 
 

@@ -41,6 +41,7 @@ def register_probe(probe, model) -> None:
         )
     _PROBED.setdefault(model, weakref.WeakSet()).add(probe)
 
+
 OTHER_STEPS = 10  # another optimizer's steps of the probed parameters in a row: warn
 
 

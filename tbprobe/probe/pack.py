@@ -25,6 +25,8 @@ def pack_step(probe, st: StepState):
         pack_distributed(probe, st, pk, meta)
     else:
         _pack_local(probe, st, pk, meta)
+    if probe.optimizer is not None and (st.checked or st.scheduled):
+        meta.lr_groups = lr_groups(probe)
     skip = probe.amp.found_inf()
     if skip is not None:
         pk.add("skip", skip)
@@ -200,6 +202,36 @@ def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, lis
     return _stat_views(ps), _stat_views(list(prev[1]))
 
 
+def lr_groups(probe) -> tuple:
+    """``((lr, names), ...)``: the learning rate of each group of the probe's optimizer that
+    holds probed parameters (their names, a tuple) and a host number (or CPU tensor) as
+    ``lr``. The names per group are worked out once (again when the groups change)."""
+    groups = probe.optimizer.param_groups
+    key = [id(g["params"]) for g in groups] + [len(g["params"]) for g in groups]
+    cached = probe._lr_names
+    if cached is None or cached[0] != key:
+        at = {id(p): n for n, p in probe._params}
+        names = [tuple(at[id(p)] for p in g["params"] if id(p) in at) for g in groups]
+        cached = probe._lr_names = (key, names)
+    out = []
+    for group, names in zip(groups, cached[1], strict=True):
+        lr = _host_lr(group.get("lr"))
+        if names and lr is not None:
+            out.append((lr, names))
+    return tuple(out)
+
+
+def _host_lr(lr) -> float | None:
+    """A group's ``lr`` as a float; None for a CUDA tensor (no sync) or a non-number."""
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type != "cpu" or lr.numel() != 1:
+            return None
+        return float(lr)  # sync-ok: a CPU tensor
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+    return None
+
+
 def group_lrs(optimizer, params: list) -> dict:
     """``{name: learning rate}`` of ``params`` ``[(name, parameter)]`` that ``optimizer``'s
     groups hold with a number (or CPU tensor) as ``lr``: the diagnosis says when an update
@@ -207,16 +239,12 @@ def group_lrs(optimizer, params: list) -> dict:
     names = {id(p): n for n, p in params}
     out = {}
     for group in optimizer.param_groups:
-        lr = group.get("lr")
-        if isinstance(lr, torch.Tensor):
-            if lr.device.type != "cpu" or lr.numel() != 1:
-                continue
-            lr = float(lr)  # sync-ok: a CPU tensor
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        lr = _host_lr(group.get("lr"))
+        if lr is not None:
             for p in group["params"]:
                 n = names.get(id(p))
                 if n is not None:
-                    out[n] = float(lr)
+                    out[n] = lr
     return out
 
 

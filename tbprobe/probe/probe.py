@@ -166,6 +166,7 @@ class Probe:
         self._pending: collections.deque = collections.deque()
         self._prev = None  # (names, copies) of trainable params before the update
         self._spare = None  # the last copies, reused by the next step when it is scheduled
+        self._lr_names = None  # pack.lr_groups' names of the optimizer's groups
         self._step = self.cfg.start_step
         self._hooks = HookSet(self)
         self.snapshots = Snapshots(self.cfg, [n for n, _ in self.modules])

@@ -62,7 +62,9 @@ class StepRecord:
     over the step's micro-batches (0: not counted): it is proportional to the data the step
     saw, so an epoch's last, short batch shows as a small volume. Under torch.distributed,
     ``ranks`` is ``(n, lowest, highest, world)`` of the ranks whose own tensors held the
-    step's non-finite values (None: none did, or not distributed).
+    step's non-finite values (None: none did, or not distributed). ``lr_groups`` holds
+    ``(learning rate, parameter names)`` per group of the probe's optimizer, on every
+    checked step (update sizes need a scheduled one).
     """
 
     step: int
@@ -75,3 +77,4 @@ class StepRecord:
     lrs: Mapping[str, float] = field(default_factory=dict)  # learning rate per updated param
     volume: int = 0
     ranks: tuple[int, int, int, int] | None = None
+    lr_groups: tuple = ()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def run_with_probe(arch, kind, logdir, opt="adam"):
+def run_with_probe(arch, kind, logdir, opt="adam", every=None):
     """Train with the fault planted and a Probe attached; returns the probe's anomalies."""
     fault = Fault(arch, kind, step=STEP)
     model = make_model(arch)
@@ -27,7 +27,8 @@ def run_with_probe(arch, kind, logdir, opt="adam"):
     with one_thread(), SummaryWriter(logdir) as w:
         # Non-finite checks run every step whatever `every` is; update sizes need a scheduled
         # step, so the learning-rate spike runs with every=1.
-        every = 1 if kind == "lr_spike" else 50
+        if every is None:
+            every = 1 if kind == "lr_spike" else 50
         probe = Probe(model, w, optimizer, every=every, on_anomaly=seen.append)
         try:
             for step in range(STEP + 2):
@@ -55,3 +56,14 @@ def test_probe_reports_planted_fault(arch, kind, tmp_path):
         assert "its learning rate rose ×" in first.message, first.message
     logged = diagnose_logdir(str(tmp_path / "run"))["runs"]["."]["logged_anomalies"]
     assert (logged[0]["step"], logged[0]["kind"]) == (first.step, first.kind)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_learning_rate_spike_on_an_unscheduled_step(arch, tmp_path):
+    """With the default schedule (every=50) update sizes are measured at steps 0 and 50
+    only; the planted learning-rate spike (step 17) is found from the optimizer group's
+    rate, read on every checked step, at the planted module, pass and step, once."""
+    fault, anomalies, _ = run_with_probe(arch, "lr_spike", str(tmp_path / "run"), every=50)
+    assert [(a.module, a.pass_, a.step) for a in anomalies][:1] == [fault.expected], anomalies
+    assert "its peak so far" in anomalies[0].message
+    assert [a.step for a in anomalies].count(STEP) == 1

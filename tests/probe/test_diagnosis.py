@@ -554,3 +554,31 @@ def test_a_short_last_batch_is_judged_for_its_noise():
     assert "norms divided by 32" in a.message and "0.00098× the usual data" in a.message
     # Half the usual data or more: judged as usual.
     assert _volume_run(600, 25.0)[0].kind == "spike"
+
+
+def _lr_records(lrs, updates_at=()):
+    """Unscheduled records of one group ("fc.weight", "fc.bias") at rates ``lrs``; update
+    sizes (a calm 1e-3) on the steps ``updates_at``."""
+    out = []
+    for i, lr in enumerate(lrs):
+        ups = {"fc.weight": 1e-3} if i in updates_at else {}
+        out.append(StepRecord(step=i, scheduled=bool(ups), update_ratios=ups,
+                              lr_groups=((lr, ("fc.weight", "fc.bias")),)))  # fmt: skip
+    return out
+
+
+def test_a_learning_rate_far_above_its_peak_is_an_update_spike_on_any_step():
+    """A group's rate ≥ spike_factor × its peak so far is reported at that step (pass
+    "update", its module), once while it stays up; again after it came down. A warm-up from
+    a tiny start factor (fast at first: its first `warmup` steps are not judged), a decay and
+    a warm restart back to the peak are not; nor is a jump on a step whose update sizes were
+    measured (the ‖Δw‖ check covers it)."""
+    warm = [1e-3 * min(1.0, 1e-3 + i / 20) for i in range(25)]
+    lrs = warm + [1e-3] * 5 + [1.0, 1.0, 1e-3] + [1e-6] * 10 + [1e-3] * 3 + [0.5]
+    found = feed_all(Diagnosis(), _lr_records(lrs))
+    assert [(a.step, a.kind, a.module, a.pass_, a.where) for a in found] == [
+        (30, "spike", "fc", "update", "fc.weight"),
+        (46, "spike", "fc", "update", "fc.weight"),
+    ]
+    assert "is 1e+03× its peak so far (1 vs 0.001)" in found[0].message
+    assert feed_all(Diagnosis(), _lr_records(lrs, updates_at=(30, 46))) == []
