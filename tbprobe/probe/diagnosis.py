@@ -175,8 +175,8 @@ class Diagnosis:
         bad_params = not broken and not all(math.isfinite(v) for v in record.param_norms.values())
         if self.check_nonfinite:
             found += _rank_note(self._check_nonfinite(record, skipped, broken, bad_params), record)
-        if self.check_warnings:
-            found += self._check_dead(record)
+        if self.check_warnings and not broken and not self._state["in_nonfinite"]:
+            found += self._check_dead(record)  # NaN everywhere but in a padding row: not dead
         if broken or bad_params:
             return found  # its norms are those of a broken step: no baseline, no spike
         grads = _items(record.grad_norms)

@@ -105,6 +105,8 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
         if enclosing is not None:
             chosen, producer = enclosing, True
     outside = False
+    if producer is False and chosen.pass_ == "forward" and not _earlier_forward(chosen, bad):
+        outside = True  # its inputs were not finite, and no hooked module before it made them
     if producer is None and chosen.pass_ == "backward" and chosen.tensor == "grad_output":
         made = _made_in_backward(chosen, events, bad)
         if made is not None:
@@ -113,14 +115,17 @@ def attribute(step: int, events: Sequence[TensorEvent]) -> Anomaly:
             outside = True
     module = owner_module(chosen.module) if chosen.pass_ == "grad" else chosen.module
     name = chosen.module or "<root>"
-    what = "gradient" if chosen.pass_ == "grad" else f"{chosen.pass_} {chosen.tensor}"
     origin = _ORIGIN[producer]
-    if outside:
+    if outside and chosen.pass_ == "forward":
+        origin += (
+            ", and no hooked module before it made them so: the model's input, or code "
+            "between modules"
+        )
+    elif outside:
         origin = "it came from outside the hooked modules: the loss, or code between modules"
-    msg = f"{chosen.nonfinite} NaN/Inf in the {what} of {name} ({origin})"
+    msg = f"{chosen.nonfinite} NaN/Inf in the {_what(chosen)} of {name} ({origin})"
     if chosen is not first:
-        msg += f"; first non-finite hooked tensor: {first.pass_} {first.tensor} of "
-        msg += first.module or "<root>"
+        msg += f"; first non-finite hooked tensor: {_what(first)} of {first.module or '<root>'}"
     return Anomaly(
         step,
         "nonfinite",
@@ -207,4 +212,19 @@ def param_anomaly(step: int, param_norms: Mapping[str, float], grad_norms) -> An
         f"learning rate made it; {len(bad)} parameter(s) in all",
         pass_="update",
         module=owner_module(where),
+    )
+
+
+def _what(e: TensorEvent) -> str:
+    """How a message names an event's tensor: "gradient" (a parameter's), "forward output",
+    "backward grad_input"."""
+    return "gradient" if e.pass_ == "grad" else f"{e.pass_} {e.tensor}"
+
+
+def _earlier_forward(chosen: TensorEvent, bad: list) -> bool:
+    """Whether a hooked forward output before ``chosen`` (not one of the modules around it,
+    whose calls start before it) was non-finite."""
+    return any(
+        e.pass_ == "forward" and e.seq < chosen.seq and not _is_ancestor(e.module, chosen.module)
+        for e in bad
     )

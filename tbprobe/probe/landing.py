@@ -19,7 +19,7 @@ class AnomalyError(RuntimeError):
 
     def __init__(self, anomalies):
         self.anomalies = list(anomalies)
-        msgs = "; ".join(str(getattr(a, "message", a)) for a in self.anomalies)
+        msgs = "; ".join(str(a).removeprefix("tbprobe: ") for a in self.anomalies)  # step, place
         super().__init__(f"tbprobe found {len(self.anomalies)} anomalies: {msgs}")
 
 

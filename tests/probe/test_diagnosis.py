@@ -87,6 +87,13 @@ def test_propagator_without_producing_ancestor_stays_a_propagator():
     """Non-finite data entering the first module is reported there as propagated."""
     (a,) = Diagnosis().feed(rec(0, [ev(0, "l0", nonfinite=2, inputs=2)]))
     assert (a.where, a.producer) == ("l0", False)
+    assert "no hooked module before it made them so: the model's input" in a.message
+    # After a finite first module: code between modules (an in-place write, a log(0)).
+    (c,) = Diagnosis().feed(rec(0, [ev(0, "l0"), ev(1, "l1", nonfinite=2, inputs=2)]))
+    assert (c.where, c.producer) == ("l1", False) and "code between modules" in c.message
+    # Passed on from an earlier hooked module's output: that one is the producer.
+    (d,) = Diagnosis().feed(rec(0, [ev(0, "l0", nonfinite=2), ev(1, "l1", nonfinite=2, inputs=2)]))
+    assert d.where == "l0" and "before it" not in d.message
     (b,) = Diagnosis().feed(rec(0, [ev(0, "l0", nonfinite=2, inputs=None)]))
     assert b.producer is None
 
@@ -271,6 +278,13 @@ def test_parameter_gradient_message_reads_plainly():
     events = [ev(0, "l0"), ev(1, "l0.weight", "grad", "grad", 8, None)]
     (a,) = Diagnosis().feed(rec(3, events, grads={"l0.weight": float("nan")}))
     assert a.message.startswith("8 NaN/Inf in the gradient of l0.weight (")
+    # Refined to the module's backward, the first tensor named is "gradient of", too.
+    events = [
+        ev(0, "l0.weight", "grad", "grad", 8, None),
+        ev(1, "l0", "backward", "grad_input", 8, 0),
+    ]
+    (b,) = Diagnosis().feed(rec(3, events))
+    assert b.message.endswith("first non-finite hooked tensor: gradient of l0.weight"), b.message
 
 
 def test_amp_skips_that_never_end_are_reported_at_the_first_one():
@@ -481,6 +495,19 @@ def test_dead_activation_after_warmup():
     recs = [rec(i, [ev(0, "relu_block", stats=s)]) for i, s in enumerate(stats)]
     found = feed_all(Diagnosis(warmup=5), recs)
     assert [(a.kind, a.where, a.step) for a in found] == [("dead", "relu_block", 13)]
+
+
+def test_no_dead_warning_while_outputs_are_not_finite():
+    """After a NaN, an embedding's output is NaN but for its padding row of zeros: its finite
+    elements are all 0, which is not a dead module; nor does the NaN episode re-arm warnings."""
+    live = np.zeros(10)
+    live[0], live[5] = 64.0, 2.5
+    nan_but_zeros = np.zeros(10)
+    nan_but_zeros[0], nan_but_zeros[6] = 64.0, 48.0  # 48 NaN, 16 finite zeros
+    recs = [rec(i, [ev(0, "emb", stats=live)]) for i in range(12)]
+    recs += [rec(12 + i, [ev(0, "emb", nonfinite=48, stats=nan_but_zeros)]) for i in range(8)]
+    found = feed_all(Diagnosis(warmup=5), recs)
+    assert [(a.kind, a.step) for a in found] == [("nonfinite", 12)]
 
 
 @pytest.mark.parametrize(
