@@ -142,6 +142,10 @@ def _damage_note(err: EventFileError) -> str:
 
 
 def _records(scalars) -> list[StepRecord]:
+    """The steps' records from their scalars. A step whose gradient norms are not finite
+    while every parameter norm (measured after the optimizer step) is counts as skipped:
+    the optimizer did not apply those gradients, as an AMP GradScaler does on its normal
+    overflow steps (which the probe, told so by the scaler, does not report either)."""
     maps = {"grad_norm": {}, "param_norm": {}, "update_ratio": {}}
     for tag, series in scalars.items():
         prefix, _, name = tag.partition("/")
@@ -149,16 +153,25 @@ def _records(scalars) -> list[StepRecord]:
             for step, x in series.items():
                 maps[prefix].setdefault(step, {})[name] = x
     steps = sorted(set().union(*(m.keys() for m in maps.values())))
-    return [
-        StepRecord(
-            step=s,
-            scheduled=True,
-            grad_norms=maps["grad_norm"].get(s, {}),
-            param_norms=maps["param_norm"].get(s, {}),
-            update_ratios=maps["update_ratio"].get(s, {}),
+    out = []
+    for s in steps:
+        grads, params = maps["grad_norm"].get(s, {}), maps["param_norm"].get(s, {})
+        skipped = (
+            bool(params)
+            and not all(math.isfinite(x) for x in grads.values())
+            and all(math.isfinite(x) for x in params.values())
         )
-        for s in steps
-    ]
+        out.append(
+            StepRecord(
+                step=s,
+                scheduled=True,
+                skipped=skipped,
+                grad_norms=grads,
+                param_norms=params,
+                update_ratios=maps["update_ratio"].get(s, {}),
+            )
+        )
+    return out
 
 
 def _json_float(x: float) -> float | str:

@@ -181,6 +181,20 @@ def test_text_report_shows_nonfinite_norms(tmp_path, capsys):
         assert a["message"] in section
 
 
+def test_amp_skipped_steps_are_not_reported(tmp_path, capsys):
+    """A GradScaler's normal overflow steps (non-finite gradient norms, parameters left
+    finite: the optimizer step was skipped) are no anomaly in the report, as in the probe;
+    a non-finite gradient that reached the parameters is."""
+    inf, nan = float("inf"), float("nan")
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        for step in range(30):
+            bad = step in (7, 14, 21, 25)
+            w.add_scalar("grad_norm/fc.weight", inf if bad else 1.0 + step % 3, step)
+            w.add_scalar("param_norm/fc.weight", nan if step >= 25 else 5.0, step)
+    run = report_json(capsys, tmp_path / "run")["runs"]["."]
+    assert [a["step"] for a in run["nonfinite_norms"]] == [25]
+
+
 def test_bare_event_file_name_in_cwd(tmp_path, monkeypatch, capsys):
     """`tbprobe report events.out.tfevents.X` from the file's directory reads that file."""
     with SummaryWriter(str(tmp_path / "run")) as w:
