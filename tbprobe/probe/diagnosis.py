@@ -47,10 +47,11 @@ class Diagnosis:
       new episode is reported again. On a step whose optimizer step an AMP ``GradScaler``
       skipped (``record.skipped``), non-finite gradients are a normal overflow, not reported;
       non-finite forward outputs still are. An overflow the scaler's backoff does not cure
-      (``max_skipped`` skipped steps in a row: a NaN made in the backward pass on every
-      step) is reported at the first step of the run of skips. A parameter that the
-      optimizer step made non-finite from finite gradients is reported at that step, pass
-      ``"update"``.
+      (``max_skipped`` skipped steps in a row, and the scale, where known, down to 1 or
+      less: a NaN made in the backward pass on every step) is reported at the first step
+      of the run of skips; a scale that starts high halves many times before it fits. A
+      parameter that the optimizer step made non-finite from finite gradients is reported
+      at that step, pass ``"update"``.
     - **spike**: a gradient norm (per parameter or ``_total``) or an update size ‖Δw‖ at
       least ``spike_factor`` × its baseline, the median of its last ``window`` finite values
       (the first ``warmup`` observations of a series are skipped, and at least ``min_history``
@@ -152,7 +153,7 @@ class Diagnosis:
             "act_seen": {},  # module -> scheduled forward observations
             "dead": set(),
             "grad_top": None,  # (names, largest stored grad norms) from the last observation
-            "skips": (0, None),  # AMP-skipped steps in a row, the first one's attribution
+            "skips": (0, None, False),  # AMP skips in a row, the first's attribution, told
             "volumes": deque(maxlen=self.window),  # StepRecord.volume of recent steps
             "vol_last": (0, 1.0, 0),  # the last volume, its allowance, the usual volume
             "peak_lr": ([], np.zeros(0)),  # (update series, their peak learning rates)
@@ -226,22 +227,30 @@ class Diagnosis:
         return [_first_nonfinite(record.step, events, grad_norms)]
 
     def _skips(self, record: StepRecord, skipped: bool, broken: bool) -> Anomaly | None:
-        """Count AMP-skipped steps in a row; on the ``max_skipped``-th, the first one's
-        attribution, unless an episode is already reported. A scaler's backoff cures an
-        overflow in a step or a few; a NaN the backward pass makes on every step never is."""
-        n, first = self._state["skips"]
+        """Count AMP-skipped steps in a row; from the ``max_skipped``-th on, once the scale
+        (``record.loss_scale``, where known) is at most 1, the first one's attribution,
+        unless an episode is already reported. A scaler's backoff cures an overflow within
+        a few halvings of a fitting scale (from an ``init_scale`` of 2**24, a dozen); a
+        NaN the backward pass makes on every step never is, and at a scale of 1 an fp16
+        gradient that still overflows is above 65504 itself."""
+        n, first, told = self._state["skips"]
         if not skipped:
-            self._state["skips"] = (0, None)
+            self._state["skips"] = (0, None, False)
             return None
         if first is None and broken:
             first = _first_nonfinite(record.step, record.events, record.grad_norms)
-        self._state["skips"] = (n + 1, first)
-        if n + 1 != self.max_skipped or first is None or self._state["in_nonfinite"]:
+        self._state["skips"] = (n + 1, first, told)
+        scale = getattr(record, "loss_scale", None)
+        if told or n + 1 < self.max_skipped or first is None or self._state["in_nonfinite"]:
             return None
+        if scale is not None and scale > 1.0:  # the backoff is still at work
+            return None
+        self._state["skips"] = (n + 1, first, True)  # once per run of skips
         self._state["in_nonfinite"] = True
+        at = "" if scale is None else f", its scale down to {scale:.3g}"
         msg = (
-            f"{first.message}; the GradScaler then skipped {self.max_skipped} optimizer steps "
-            f"in a row (to step {record.step}): not an overflow its backoff cures"
+            f"{first.message}; the GradScaler then skipped {n + 1} optimizer steps in a row "
+            f"(to step {record.step}{at}): not an overflow its backoff cures"
         )
         return replace(first, message=msg)
 

@@ -208,6 +208,8 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
             ratios[name] = u / w if w > 0 else math.nan
     events.sort(key=lambda e: e.seq)
     skip = data.get("skip")
+    scale = data.get("scale")
+    scale = float(scale.reshape(-1)[0]) if scale is not None else None
     ranks = data.get("ranks")
     if ranks is not None:
         r = ranks.reshape(-1).tolist()  # sync-ok: numpy
@@ -224,6 +226,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         volume=meta.volume,
         ranks=ranks,
         lr_groups=meta.lr_groups,
+        loss_scale=scale,
     )
 
 

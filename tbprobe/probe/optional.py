@@ -75,6 +75,12 @@ class AmpScale:
             return list(tensors)
         return torch._foreach_div(list(tensors), s.reshape(()))
 
+    def loss_scale(self) -> torch.Tensor | None:
+        """The scaler's device scale of this step (before its update), or None."""
+        if not self.enabled or self.scaler._scale is None:
+            return None
+        return self.scaler._scale
+
     def found_inf(self) -> torch.Tensor | None:
         """A device ``()`` count of the devices on which the scaler found Inf/NaN gradients
         this step (> 0: it skipped the optimizer step), or None when it has not checked."""

@@ -30,6 +30,7 @@ def pack_step(probe, st: StepState):
     skip = probe.amp.found_inf()
     if skip is not None:
         pk.add("skip", skip)
+        pk.add("scale", probe.amp.loss_scale().double())
     for name, (img, shape, kind) in st.thumbs.items():
         pk.add(("t", len(meta.thumbs)), img)
         meta.thumbs.append((name, shape, kind))

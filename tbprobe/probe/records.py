@@ -64,7 +64,8 @@ class StepRecord:
     ``ranks`` is ``(n, lowest, highest, world)`` of the ranks whose own tensors held the
     step's non-finite values (None: none did, or not distributed). ``lr_groups`` holds
     ``(learning rate, parameter names)`` per group of the probe's optimizer, on every
-    checked step (update sizes need a scheduled one).
+    checked step (update sizes need a scheduled one). ``loss_scale`` is an AMP
+    ``GradScaler``'s scale in this step (None without one).
     """
 
     step: int
@@ -78,3 +79,4 @@ class StepRecord:
     volume: int = 0
     ranks: tuple[int, int, int, int] | None = None
     lr_groups: tuple = ()
+    loss_scale: float | None = None

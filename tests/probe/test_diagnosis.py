@@ -324,6 +324,27 @@ def test_amp_skips_that_never_end_are_reported_at_the_first_one():
         Diagnosis(max_skipped=2.5)
 
 
+def test_amp_skips_wait_for_the_scale_to_fall_to_one():
+    """Where the scale is known, a run of skips is reported once it is down to 1 or less:
+    from an init_scale of 2**24 a healthy backoff skips a dozen steps before the scale fits
+    (not reported, however long it took), while a NaN the backward pass makes on every
+    step halves it to 1 and is reported then, at the first skipped step."""
+    bad = {"l0.weight": float("inf"), "_total": float("inf")}
+    ok = {"l0.weight": 1.0, "_total": 1.0}
+
+    def step(s, scale, skipped):
+        return StepRecord(step=s, scheduled=False, skipped=skipped, loss_scale=scale,
+                          events=(ev(0, "l0"),), grad_norms=bad if skipped else ok)  # fmt: skip
+
+    healthy = [step(s, 2.0 ** (24 - s), True) for s in range(12)]
+    healthy += [step(s, 2.0**12, False) for s in range(12, 40)]
+    assert feed_all(Diagnosis(), healthy) == []
+    endless = [step(s, 2.0 ** (16 - s), True) for s in range(30)]
+    (a,) = feed_all(Diagnosis(), endless)
+    assert a.step == 0
+    assert "skipped 17 optimizer steps in a row (to step 16, its scale down to 1)" in a.message
+
+
 def test_parameter_made_nonfinite_by_the_optimizer_step():
     """Finite gradients, then a NaN parameter norm (the optimizer's state went bad): reported
     at that step, pass "update", at the parameter; the next step's NaN forward output is the
