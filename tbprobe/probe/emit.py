@@ -205,7 +205,9 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         upd = norms_of(data["upd"])
         for name, u in zip(meta.updates, upd.tolist(), strict=True):  # sync-ok: numpy
             w = param_norms.get(name, math.nan)
-            ratios[name] = u / w if w > 0 else math.nan
+            # No update (a zero learning rate in a warm-up) is a ratio of 0, also for a
+            # parameter still at 0 (a zero-initialised bias): 0/0 is no non-finite value.
+            ratios[name] = u / w if w > 0 else (0.0 if u == 0 else math.nan)
     events.sort(key=lambda e: e.seq)
     skip = data.get("skip")
     scale = data.get("scale")

@@ -79,3 +79,25 @@ def test_a_warm_restart_of_the_learning_rate_raises_no_update_spike(tmp_path):
     assert lrs[200] > 100 * lrs[199]  # the restart
     assert sizes[200] > 10 * sorted(sizes[150:200])[25]  # what made the false alarm
     assert probe.anomalies == []
+
+
+def test_a_warmup_from_zero_writes_no_nonfinite_update_ratio(tmp_path):
+    """A warm-up from a learning rate of 0 leaves a zero-initialised bias at 0 on the first
+    step: its update ratio ‖Δw‖/‖w‖ is 0/0. It is written as 0 (no update), so that
+    `tbprobe report` finds no "first non-finite value" in a healthy run."""
+    from tbprobe.probe.report import diagnose_logdir
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    nn.init.zeros_(model[2].bias)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 5))
+    with SummaryWriter(str(tmp_path)) as w, Probe(model, w, opt, every=1):
+        for _ in range(8):
+            x = torch.randn(16, 4)
+            nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    run = diagnose_logdir(str(tmp_path))["runs"]["."]
+    assert run["first_nonfinite"] is None or not run["first_nonfinite"].get("scalars"), run
