@@ -76,8 +76,10 @@ class Diagnosis:
       included) for ``patience`` observations in a row; a series that vanishes again within
       ``window`` steps of recovering (an MoE expert that gets tokens now and then) is the
       same episode, not reported again.
-    - **dead** (warning): a module's forward output all zeros on a scheduled step, after the
-      module's first ``warmup`` observations.
+    - **dead** (warning): a module's forward output all zeros on ``patience`` scheduled
+      steps in a row, after the module's first ``warmup`` observations; once per module (an
+      MoE expert or an optional feature's embedding without input on some steps is zero
+      now and then, not dead).
 
     Example::
 
@@ -151,7 +153,8 @@ class Diagnosis:
             "vanished": {},  # grad series -> baseline when reported
             "recovered": {},  # grad series -> step its last vanishing episode ended
             "act_seen": {},  # module -> scheduled forward observations
-            "dead": set(),
+            "dead": set(),  # modules reported dead (once each)
+            "zero_run": {},  # module -> all-zero scheduled observations in a row
             "grad_top": None,  # (names, largest stored grad norms) from the last observation
             "skips": (0, None, False),  # AMP skips in a row, the first's attribution, told
             "volumes": deque(maxlen=self.window),  # StepRecord.volume of recent steps
@@ -491,14 +494,17 @@ class Diagnosis:
                 prev = this_step.get(e.module)
                 if prev is None or not _all_zero(e):
                     this_step[e.module] = e
+        run = self._state["zero_run"]
         for module, e in this_step.items():
             n = seen.get(module, 0)
             seen[module] = n + 1
             if not _all_zero(e):
-                dead.discard(module)
-            elif n >= self.warmup and module not in dead:
-                dead.add(module)
-                count = int(e.stats[_COUNT])
+                run.pop(module, None)
+                continue
+            run[module] = k = run.get(module, 0) + 1
+            if n >= self.warmup and k >= self.patience and module not in dead:
+                dead.add(module)  # once per module: an MoE expert or an optional feature
+                count = int(e.stats[_COUNT])  # without input on some steps flaps
                 found.append(
                     Anomaly(
                         record.step,

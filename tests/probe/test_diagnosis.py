@@ -507,15 +507,17 @@ def test_vanishing_shortcut_reports_what_the_full_check_reports(seed):
 
 
 def test_dead_activation_after_warmup():
-    """An all-zero forward output warns once, after the module's warm-up observations."""
+    """An all-zero forward output on `patience` (3) scheduled steps in a row warns once,
+    after the module's warm-up observations; zero on single steps now and then (an MoE
+    expert without tokens) does not."""
     zero = np.zeros(10)
     zero[0] = zero[9] = 64.0  # count, zeros; abs_max 0
     live = zero.copy()
     live[5], live[9] = 2.5, 10.0
-    stats = [zero] * 3 + [live] * 10 + [zero] * 5
+    stats = [zero] * 3 + [live] * 10 + [zero, live, zero, zero, live] * 4 + [zero] * 5
     recs = [rec(i, [ev(0, "relu_block", stats=s)]) for i, s in enumerate(stats)]
     found = feed_all(Diagnosis(warmup=5), recs)
-    assert [(a.kind, a.where, a.step) for a in found] == [("dead", "relu_block", 13)]
+    assert [(a.kind, a.where, a.step) for a in found] == [("dead", "relu_block", 35)]
 
 
 def test_no_dead_warning_while_outputs_are_not_finite():
