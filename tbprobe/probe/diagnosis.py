@@ -357,6 +357,12 @@ class Diagnosis:
             scale = np.where(use, peaks / lr, 1.0)  # lr 0: inf (peak 0: NaN): no observation
         self._state["peak_new"] = (list(names), peaks)
         sized = values[:n] * scale
+        # A series observed again (a group that a learning rate of 0 kept frozen starts to
+        # train) joins the total: its baseline restarts, as for a new series.
+        seen, prev = np.isfinite(sized), self._state.get("upd_seen")
+        if prev is not None and prev[0] == names and (seen & ~prev[1]).any():
+            self._state["update"].forget("_total")
+        self._state["upd_seen"] = (list(names), seen)
         finite = sized[np.isfinite(sized)]
         sized = np.append(sized, np.sqrt(np.sum(finite * finite)))
         return (names, sized), np.append(scale, 1.0)

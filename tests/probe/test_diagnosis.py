@@ -632,3 +632,18 @@ def test_a_learning_rate_far_above_its_peak_is_an_update_spike_on_any_step():
     ]
     assert "is 1e+03× its peak so far (1 vs 0.001)" in found[0].message
     assert feed_all(Diagnosis(), _lr_records(lrs, updates_at=(30, 46))) == []
+
+
+def test_a_group_frozen_by_a_zero_learning_rate_joins_the_total_quietly():
+    """A backbone group kept at lr 0 (linear probe, then fine-tune through a per-group LR
+    multiplier) starts to train: the total ‖Δw‖ grows 20x because many more parameters move,
+    as when a layer is unfrozen by requires_grad: the total's baseline restarts, no spike."""
+    recs = []
+    for i in range(60):
+        lr_b = 0.0 if i < 30 else 1e-3
+        ups = {"head.w": 1e-3 * (1 + 0.1 * RNG.standard_normal()), "body.w": 2e-2 if lr_b else 0.0}
+        recs.append(
+            StepRecord(step=i, scheduled=True, param_norms=dict.fromkeys(ups, 1.0),
+                       update_ratios=ups, lrs={"head.w": 1e-3, "body.w": lr_b})
+        )  # fmt: skip
+    assert feed_all(Diagnosis(), recs) == []
