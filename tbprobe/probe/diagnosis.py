@@ -75,11 +75,14 @@ class Diagnosis:
     - **vanishing** (warning): a gradient norm at most ``vanishing`` × its baseline (exactly 0
       included) for ``patience`` observations in a row; a series that vanishes again within
       ``window`` steps of recovering (an MoE expert that gets tokens now and then) is the
-      same episode, not reported again.
+      same episode, not reported again; a series that was exactly 0 and came back (a
+      multi-task head without labels in some batches, an optional feature's embedding) is
+      never reported for being exactly 0 again, and a run of exact zeros needs
+      max(``patience``, ``window`` // 5) observations.
     - **dead** (warning): a module's forward output all zeros on ``patience`` scheduled
-      steps in a row, after the module's first ``warmup`` observations; once per module (an
-      MoE expert or an optional feature's embedding without input on some steps is zero
-      now and then, not dead).
+      steps in a row, after the module's first ``warmup`` observations; once per module,
+      and never for a module seen all zeros before and back since (an MoE expert or an
+      optional feature's embedding without input on some steps is zero now and then).
 
     Example::
 
@@ -152,6 +155,8 @@ class Diagnosis:
             "low": {},  # grad series -> consecutive low observations
             "vanished": {},  # grad series -> baseline when reported
             "recovered": {},  # grad series -> step its last vanishing episode ended
+            "zero_low": set(),  # grad series whose current low run is of exact zeros
+            "intermittent": set(),  # grad series seen exactly 0, then back: never reported 0
             "act_seen": {},  # module -> scheduled forward observations
             "dead": set(),  # modules reported dead (once each)
             "zero_run": {},  # module -> all-zero scheduled observations in a row
@@ -457,24 +462,39 @@ class Diagnosis:
         at = np.flatnonzero(cand).tolist()  # sync-ok: numpy
         if low or vanished:  # series with a run or a report going on are looked at too
             at = sorted({*at, *(i for i, n in enumerate(names) if n in low or n in vanished)})
+        zeros, intermittent = self._state["zero_low"], self._state["intermittent"]
         for i in at:
             name, v, m = names[i], values[i], med[i]
             if name in vanished:
                 if v > self.vanishing * vanished[name]:
                     del vanished[name]
                     recovered[name] = step
+                    if name in zeros:  # exactly 0 for a while, then back: by design
+                        intermittent.add(name)
+                    zeros.discard(name)
                 continue
             if not (m > 0 and v <= self.vanishing * m):
-                low.pop(name, None)
+                if low.pop(name, None) is not None and name in zeros and v > 0:
+                    intermittent.add(name)  # exactly 0 for a step or two, then back
+                zeros.discard(name)
                 continue
+            if v != 0:
+                zeros.discard(name)
+            elif name not in low:
+                zeros.add(name)  # a run of exact zeros, so far
             low[name] = low.get(name, 0) + 1
-            if low[name] < self.patience:
+            # Exact zeros by design (no labels for a head in this batch) come in short runs:
+            # a run of them needs a fifth of a window, a collapse to a tiny norm `patience`.
+            need = max(self.patience, self.window // 5) if name in zeros else self.patience
+            if low[name] < need:
                 continue
             del low[name]
             vanished[name] = float(m)
             back = recovered.pop(name, None)
             if back is not None and step - back < self.window + self.patience:
                 continue  # vanishing again soon after a brief recovery: the same episode
+            if name in zeros and name in intermittent:
+                continue  # its gradient is exactly 0 on some steps by design
             state = "exactly 0" if v == 0 else f"{v / m:.3g}× its baseline"
             found.append(
                 Anomaly(
@@ -485,7 +505,7 @@ class Diagnosis:
                     float(v),
                     float(m),
                     f"gradient norm of {name} is {state} (median {fmt_number(m)}) for "
-                    f"{self.patience} observations",
+                    f"{need} observations",
                     pass_="grad",
                     module="" if name == "_total" else owner_module(name),
                 )
@@ -505,7 +525,8 @@ class Diagnosis:
             n = seen.get(module, 0)
             seen[module] = n + 1
             if not _all_zero(e):
-                run.pop(module, None)
+                if run.pop(module, None) and n >= self.warmup:
+                    dead.add(module)  # zero on some steps only (no input): not dead, ever
                 continue
             run[module] = k = run.get(module, 0) + 1
             if n >= self.warmup and k >= self.patience and module not in dead:
