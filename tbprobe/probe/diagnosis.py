@@ -342,8 +342,9 @@ class Diagnosis:
         None without learning rates), so that a schedule (warm-up, decay, a warm restart
         back to the peak) moves no baseline, while a learning rate above any the parameter
         had before counts in full (the peak takes a new rate once a step at it is calm: a
-        planted LR spike does not become the reference). A zero learning rate makes no
-        observation."""
+        planted LR spike does not become the reference; it starts from the rate the
+        group's schedule set out from, so a run resumed late in a cycle knows the rate a
+        warm restart returns to). A zero learning rate makes no observation."""
         names, values = _update_sizes(record)
         lrs = record.lrs
         if not lrs or not names:
@@ -355,6 +356,10 @@ class Diagnosis:
             peak = self._state["peak_by_name"]
             for k, v in zip(known, peaks.tolist(), strict=True):  # sync-ok: numpy
                 peak[k] = v
+            for _, group, *hint in getattr(record, "lr_groups", ()):  # the schedules' peaks
+                for k in group if hint else ():
+                    if k not in peak and math.isfinite(hint[0]):
+                        peak[k] = hint[0]
             peaks = np.fromiter((peak.get(k, 0.0) for k in names[:n]), np.float64, n)
         with np.errstate(invalid="ignore", divide="ignore"):
             use = np.isfinite(lr) & (lr >= 0)

@@ -37,15 +37,17 @@ class LrWatch:
         self.groups: dict[tuple, list] = {}  # names -> [seen, peak, high]
 
     def feed(self, step: int, groups, report: bool) -> list[Anomaly]:
-        """The anomalies of one step's ``groups`` ``((lr, names), ...)``; ``report``: False on
+        """The anomalies of one step's ``groups`` ``((lr, names[, peak]), ...)`` (``peak``:
+        the rate the group's schedule set out from, the peak's floor); ``report``: False on
         a step whose update sizes were measured (their own check covers it)."""
         found = []
-        for lr, names in groups:
+        for lr, names, *hint in groups:
             if not (isinstance(lr, float) and math.isfinite(lr) and lr >= 0):
                 continue
             s = self.groups.get(names)
             if s is None:
-                s = self.groups[names] = [0, 0.0, False]
+                floor = hint[0] if hint and math.isfinite(hint[0]) else 0.0
+                s = self.groups[names] = [0, max(floor, 0.0), False]
             seen, peak, was = s
             high = seen >= self.warmup and peak > 0 and lr >= self.factor * peak
             if high and not was and report:

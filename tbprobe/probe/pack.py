@@ -204,9 +204,12 @@ def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, lis
 
 
 def lr_groups(probe) -> tuple:
-    """``((lr, names), ...)``: the learning rate of each group of the probe's optimizer that
-    holds probed parameters (their names, a tuple) and a host number (or CPU tensor) as
-    ``lr``. The names per group are worked out once (again when the groups change)."""
+    """``((lr, names, peak), ...)``: the learning rate of each group of the probe's optimizer
+    that holds probed parameters (their names, a tuple) and a host number (or CPU tensor) as
+    ``lr``, and the peak its schedule set out from (the larger of a torch scheduler's
+    ``initial_lr`` and OneCycleLR's ``max_lr``; 0.0 without): a run resumed late in a cycle
+    knows the rate a warm restart will return to. The names per group are worked out once
+    (again when the groups change)."""
     groups = probe.optimizer.param_groups
     key = [id(g["params"]) for g in groups] + [len(g["params"]) for g in groups]
     cached = probe._lr_names
@@ -218,7 +221,8 @@ def lr_groups(probe) -> tuple:
     for group, names in zip(groups, cached[1], strict=True):
         lr = _host_lr(group.get("lr"))
         if names and lr is not None:
-            out.append((lr, names))
+            hints = (_host_lr(group.get(k)) for k in ("initial_lr", "max_lr"))
+            out.append((lr, names, max((h for h in hints if h is not None), default=0.0)))
     return tuple(out)
 
 

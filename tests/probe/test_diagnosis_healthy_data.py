@@ -101,3 +101,28 @@ def test_a_warmup_from_zero_writes_no_nonfinite_update_ratio(tmp_path):
             sched.step()
     run = diagnose_logdir(str(tmp_path))["runs"]["."]
     assert run["first_nonfinite"] is None or not run["first_nonfinite"].get("scalars"), run
+
+
+def test_a_warm_restart_after_a_resume_late_in_the_cycle_raises_nothing(tmp_path):
+    """Resumed at step 170 of a 200-step cosine cycle (learning rate ~2% of its peak), the
+    probe has never seen the peak; the warm restart at 200 returns to the rate the schedule
+    set out from (its groups' `initial_lr`), so it is no update spike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=200)
+    gen = torch.Generator().manual_seed(1)
+
+    def step():
+        x = torch.randn(64, 8, generator=gen)
+        nn.functional.mse_loss(model(x), x.sum(1, keepdim=True).sin()).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    for _ in range(170):  # the run before the checkpoint
+        step()
+    with SummaryWriter(str(tmp_path)) as w, Probe(model, w, opt, every=1, start_step=170) as p:
+        for _ in range(45):
+            step()
+    assert p.anomalies == []
