@@ -6,13 +6,14 @@ Pure host code on plain floats and numpy: no torch, no device. The probe calls
 record may arrive a step late; the diagnosis only needs the order). ``tbprobe report`` feeds it
 records rebuilt from the scalars of an event file, so both apply the same baselines.
 The attribution of non-finite values is in :mod:`tbprobe.probe.diagnosis_nonfinite`, the
-running baselines in :mod:`tbprobe.probe.diagnosis_baseline`.
+running baselines in :mod:`tbprobe.probe.diagnosis_baseline`, update sizes and short batches
+in :mod:`tbprobe.probe.diagnosis_updates`, the learning rates in
+:mod:`tbprobe.probe.diagnosis_lr`, the warnings in :mod:`tbprobe.probe.diagnosis_warnings`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,13 +28,12 @@ from tbprobe.probe.diagnosis_nonfinite import (
     owner_module,
     param_anomaly,
 )
-from tbprobe.probe.records import StepRecord, TensorEvent
+from tbprobe.probe.diagnosis_updates import ShortBatch, UpdateSizes
+from tbprobe.probe.diagnosis_warnings import Warnings
+from tbprobe.probe.records import StepRecord
 
 __all__ = ["Diagnosis", "owner_module"]
 
-# Columns of a stats row, in kernels.STAT_NAMES order (checked by the tests); not imported from
-# tbprobe.kernels so that the diagnosis and `tbprobe report` never import torch.
-_COUNT, _ABS_MAX = 0, 5
 _NO_SERIES: tuple[list[str], np.ndarray] = ([], np.zeros(0))
 
 
@@ -152,22 +152,13 @@ class Diagnosis:
             "update": Baselines(*args),
             "in_nonfinite": False,
             "spiking": {"grad": False, "update": False},
-            "low": {},  # grad series -> consecutive low observations
-            "vanished": {},  # grad series -> baseline when reported
-            "recovered": {},  # grad series -> step its last vanishing episode ended
-            "zero_low": set(),  # grad series whose current low run is of exact zeros
-            "intermittent": set(),  # grad series seen exactly 0, then back: never reported 0
-            "act_seen": {},  # module -> scheduled forward observations
-            "dead": set(),  # modules reported dead (once each)
-            "zero_run": {},  # module -> all-zero scheduled observations in a row
             "grad_top": None,  # (names, largest stored grad norms) from the last observation
             "skips": (0, None, False),  # AMP skips in a row, the first's attribution, told
-            "volumes": deque(maxlen=self.window),  # StepRecord.volume of recent steps
-            "vol_last": (0, 1.0, 0),  # the last volume, its allowance, the usual volume
-            "peak_lr": ([], np.zeros(0)),  # (update series, their peak learning rates)
-            "peak_by_name": {},  # peak learning rates of series no longer in the last step
-            "lr": LrWatch(self.spike_factor, self.warmup),  # every checked step's rates
         }
+        self._warn = Warnings(self.vanishing, self.patience, self.window, self.warmup)
+        self._short = ShortBatch(self.window, self.min_history)
+        self._updates = UpdateSizes()
+        self._lrs = LrWatch(self.spike_factor, self.warmup)  # every checked step's rates
 
     def feed(self, record: StepRecord) -> list[Anomaly]:
         """The anomalies that ``record`` reveals, in the order found (often none).
@@ -185,24 +176,27 @@ class Diagnosis:
         if self.check_nonfinite:
             found += _rank_note(self._check_nonfinite(record, skipped, broken, bad_params), record)
         if self.check_warnings and not broken and not self._state["in_nonfinite"]:
-            found += self._check_dead(record)  # NaN everywhere but in a padding row: not dead
+            found += self._warn.dead(record)  # NaN everywhere but in a padding row: not dead
         if broken or bad_params:
             return found  # its norms are those of a broken step: no baseline, no spike
         grads = _items(record.grad_norms)
         # A skipped optimizer step made no update: its zero ‖Δw‖ is no observation.
-        updates, scale = (_NO_SERIES, None) if skipped else self._update_sizes(record)
+        sizes = self._updates
+        updates, scale = (
+            (_NO_SERIES, None) if skipped else sizes.measure(record, self._state["update"])
+        )
         if self.check_spikes:
-            allow = self._allowance(record)
+            allow = self._short.allowance(record)
             found += self._check_spikes(record.step, "grad", grads, allow)
             spikes = self._check_spikes(record.step, "update", updates, allow)
-            found += self._lr_note(self._peak_note(spikes, updates[0], scale), record)
+            found += sizes.lr_note(sizes.peak_note(spikes, updates[0], scale), record)
             lr_groups = getattr(record, "lr_groups", ())
             if lr_groups:  # update sizes, where measured, say it with ‖Δw‖ (above)
-                found += self._state["lr"].feed(record.step, lr_groups, not updates[0])
+                found += self._lrs.feed(record.step, lr_groups, not updates[0])
         else:
             self._observe("grad", grads)
         if scale is not None and not self._state["spiking"]["update"]:
-            self._state["peak_lr"] = self._state["peak_new"]  # a calm step: rates it had
+            sizes.commit()  # a calm step: the learning rates it had become peaks
         if self.check_warnings:
             found += self._check_vanishing(record.step, grads)
         return found
@@ -275,32 +269,8 @@ class Diagnosis:
             self._state["grad_top"] = (names, top)
         return names, values, med, peak
 
-    def _allowance(self, record: StepRecord) -> tuple[float, str]:
-        """``(a, note)``: how much noisier than usual this step's gradients may be, and
-        the message's note on it. ``a`` is √(usual volume ÷ this one) when the step saw
-        under half the median volume of the last ``window`` steps (an epoch's last, short
-        batch), else 1; the mean gradient of b samples has a norm at most √(B/b)× that of
-        B samples when noise dominates it, and less when the signal does."""
-        v = record.volume if isinstance(record.volume, int) else 0
-        if v <= 0:
-            return 1.0, ""
-        vols = self._state["volumes"]
-        last, a, usual = self._state["vol_last"]
-        if v != last or a != 1.0 or len(vols) < self.min_history:  # else a constant batch
-            usual = sorted(vols)[len(vols) // 2] if len(vols) >= self.min_history else 0
-            a = math.sqrt(usual / v) if 2 * v < usual else 1.0
-            self._state["vol_last"] = (v, a, usual)
-        vols.append(v)
-        if a == 1.0:
-            return 1.0, ""
-        note = (
-            f" (norms divided by {a:.3g}: this step saw {v / usual:.2g}× the usual data, "
-            "a short batch, so its gradients may be that much noisier)"
-        )
-        return a, note
-
     def _check_spikes(self, step: int, family: str, items, allow=(1.0, "")) -> list[Anomaly]:
-        """``allow``: :meth:`_allowance`'s; the values are judged, shown and kept in the
+        """``allow``: :meth:`ShortBatch.allowance`'s; the values are judged, shown and kept in the
         baselines divided by its factor (an explosion still stands out: a short batch's
         gradients are only noisier)."""
         if not items[0]:  # not measured this step (update sizes come on scheduled steps)
@@ -336,79 +306,6 @@ class Diagnosis:
         a = self._spike(step, family, names, values, med, peak, ratio, hit, sudden, total)
         return [replace(a, value=a.value * factor, message=a.message + note) if note else a]
 
-    def _update_sizes(self, record: StepRecord) -> tuple[tuple[list[str], np.ndarray], object]:
-        """``((names, ‖Δw‖ at peak learning rate), scale)``: each parameter's update size
-        times its peak learning rate so far ÷ its learning rate now (``scale``, an array, or
-        None without learning rates), so that a schedule (warm-up, decay, a warm restart
-        back to the peak) moves no baseline, while a learning rate above any the parameter
-        had before counts in full (the peak takes a new rate once a step at it is calm: a
-        planted LR spike does not become the reference; it starts from the rate the
-        group's schedule set out from, so a run resumed late in a cycle knows the rate a
-        warm restart returns to). A zero learning rate makes no observation."""
-        names, values = _update_sizes(record)
-        lrs = record.lrs
-        if not lrs or not names:
-            return (names, values), None
-        n = len(names) - 1  # the last series is the total, rebuilt below
-        lr = np.fromiter((lrs.get(k, math.nan) for k in names[:n]), np.float64, n)
-        known, peaks = self._state["peak_lr"]
-        if known != names:
-            peak = self._state["peak_by_name"]
-            for k, v in zip(known, peaks.tolist(), strict=True):  # sync-ok: numpy
-                peak[k] = v
-            for _, group, *hint in getattr(record, "lr_groups", ()):  # the schedules' peaks
-                for k in group if hint else ():
-                    if k not in peak and math.isfinite(hint[0]):
-                        peak[k] = hint[0]
-            peaks = np.fromiter((peak.get(k, 0.0) for k in names[:n]), np.float64, n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            use = np.isfinite(lr) & (lr >= 0)
-            peaks = np.where(use, np.fmax(peaks, lr), peaks)
-            scale = np.where(use, peaks / lr, 1.0)  # lr 0: inf (peak 0: NaN): no observation
-        self._state["peak_new"] = (list(names), peaks)
-        sized = values[:n] * scale
-        # A series observed again (a group that a learning rate of 0 kept frozen starts to
-        # train) joins the total: its baseline restarts, as for a new series.
-        seen, prev = np.isfinite(sized), self._state.get("upd_seen")
-        if prev is not None and prev[0] == names and (seen & ~prev[1]).any():
-            self._state["update"].forget("_total")
-        self._state["upd_seen"] = (list(names), seen)
-        finite = sized[np.isfinite(sized)]
-        sized = np.append(sized, np.sqrt(np.sum(finite * finite)))
-        return (names, sized), np.append(scale, 1.0)
-
-    def _peak_note(self, found: list[Anomaly], names: list[str], scale) -> list[Anomaly]:
-        """An update spike judged at a learning rate below its parameter's peak says so,
-        and its ``value`` is the ‖Δw‖ measured."""
-        if scale is None or not found:
-            return found
-        out = []
-        for a in found:
-            s = float(scale[names.index(a.where)]) if a.where in names else 1.0
-            if s != 1.0 and math.isfinite(s):
-                note = " (sizes at each parameter's peak learning rate so far: "
-                note += f"this one's ×{s:.3g})"
-                a = replace(a, value=a.value / s, message=a.message + note)
-            out.append(a)
-        return out
-
-    def _lr_note(self, found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
-        """Say so in an update spike's message when its parameter's learning rate rose since
-        the last step that measured updates (a schedule's warm restart, a planted spike):
-        the likely cause. Remembers this step's learning rates."""
-        lrs, prev = record.lrs, self._state.get("lrs") or {}
-        if lrs:
-            self._state["lrs"] = lrs
-        out = []
-        for a in found:
-            now, before = lrs.get(a.where), prev.get(a.where)
-            if now is not None and before is not None and before >= 0 and now > 2 * before:
-                rise = f"×{now / before:.3g}" if before > 0 else "from 0"
-                note = f"; its learning rate rose {rise} (to {fmt_number(now)}) since the last"
-                a = replace(a, message=a.message + note + " measured update")
-            out.append(a)
-        return out
-
     def _spike(self, step, family, names, values, med, peak, ratio, hit, sudden, total):
         params = [i for i in range(len(names)) if i != total and np.isfinite(ratio[i])]
         params.sort(key=lambda i: -ratio[i])
@@ -442,114 +339,7 @@ class Diagnosis:
 
     # ------------------------------------------------------------------ warnings
     def _check_vanishing(self, step: int, items) -> list[Anomaly]:
-        names, values = items
-        if not names:
-            return []
-        low, vanished, found = self._state["low"], self._state["vanished"], []
-        recovered = self._state["recovered"]
-        seen = self._state["grad_top"]
-        # The median below also holds this step's value, so it is at most the largest value
-        # stored before it or this value: a value above vanishing × that largest one (or NaN)
-        # cannot be a candidate, and on most steps nothing needs sorting.
-        if (
-            not low
-            and not vanished
-            and seen is not None
-            and seen[0] is names
-            and not (values <= self.vanishing * seen[1]).any()
-        ):
-            return []
-        base: Baselines = self._state["grad"]
-        rows = base.rows(names)
-        med = base.median(rows)  # already holds this step's value: a collapse must persist
-        with np.errstate(invalid="ignore"):
-            cand = (med > 0) & (values <= self.vanishing * med)  # NaN: False
-        at = np.flatnonzero(cand).tolist()  # sync-ok: numpy
-        if low or vanished:  # series with a run or a report going on are looked at too
-            at = sorted({*at, *(i for i, n in enumerate(names) if n in low or n in vanished)})
-        zeros, intermittent = self._state["zero_low"], self._state["intermittent"]
-        for i in at:
-            name, v, m = names[i], values[i], med[i]
-            if name in vanished:
-                if v > self.vanishing * vanished[name]:
-                    del vanished[name]
-                    recovered[name] = step
-                    if name in zeros:  # exactly 0 for a while, then back: by design
-                        intermittent.add(name)
-                    zeros.discard(name)
-                continue
-            if not (m > 0 and v <= self.vanishing * m):
-                if low.pop(name, None) is not None and name in zeros and v > 0:
-                    intermittent.add(name)  # exactly 0 for a step or two, then back
-                zeros.discard(name)
-                continue
-            if v != 0:
-                zeros.discard(name)
-            elif name not in low:
-                zeros.add(name)  # a run of exact zeros, so far
-            low[name] = low.get(name, 0) + 1
-            # Exact zeros by design (no labels for a head in this batch) come in short runs:
-            # a run of them needs a fifth of a window, a collapse to a tiny norm `patience`.
-            need = max(self.patience, self.window // 5) if name in zeros else self.patience
-            if low[name] < need:
-                continue
-            del low[name]
-            vanished[name] = float(m)
-            back = recovered.pop(name, None)
-            if back is not None and step - back < self.window + self.patience:
-                continue  # vanishing again soon after a brief recovery: the same episode
-            if name in zeros and name in intermittent:
-                continue  # its gradient is exactly 0 on some steps by design
-            state = "exactly 0" if v == 0 else f"{v / m:.3g}× its baseline"
-            found.append(
-                Anomaly(
-                    step,
-                    "vanishing",
-                    name,
-                    "grad norm",
-                    float(v),
-                    float(m),
-                    f"gradient norm of {name} is {state} (median {fmt_number(m)}) for "
-                    f"{need} observations",
-                    pass_="grad",
-                    module="" if name == "_total" else owner_module(name),
-                )
-            )
-        return found
-
-    def _check_dead(self, record: StepRecord) -> list[Anomaly]:
-        seen, dead, found = self._state["act_seen"], self._state["dead"], []
-        this_step: dict[str, TensorEvent] = {}
-        for e in record.events:
-            if e.pass_ == "forward" and e.tensor == "output" and e.stats is not None:
-                prev = this_step.get(e.module)
-                if prev is None or not _all_zero(e):
-                    this_step[e.module] = e
-        run = self._state["zero_run"]
-        for module, e in this_step.items():
-            n = seen.get(module, 0)
-            seen[module] = n + 1
-            if not _all_zero(e):
-                if run.pop(module, None) and n >= self.warmup:
-                    dead.add(module)  # zero on some steps only (no input): not dead, ever
-                continue
-            run[module] = k = run.get(module, 0) + 1
-            if n >= self.warmup and k >= self.patience and module not in dead:
-                dead.add(module)  # once per module: an MoE expert or an optional feature
-                count = int(e.stats[_COUNT])  # without input on some steps flaps
-                found.append(
-                    Anomaly(
-                        record.step,
-                        "dead",
-                        module,
-                        "output",
-                        0.0,
-                        None,
-                        f"forward output of {module or '<root>'} is all zeros ({count} elements)",
-                        pass_="forward",
-                    )
-                )
-        return found
+        return self._warn.vanishing(step, items, self._state["grad"], self._state["grad_top"])
 
 
 def _first_nonfinite(step: int, events, grad_norms) -> Anomaly:
@@ -576,31 +366,6 @@ def _rank_note(found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
     return [replace(a, message=f"{a.message}; {where}") for a in found]
 
 
-def _all_zero(e: TensorEvent) -> bool:
-    """Every finite element is 0 (``abs_max`` is over finite elements; on the CPU the probe
-    does not count zeros, see ``batch.probe_stats``)."""
-    return bool(e.stats[_COUNT] > 0 and e.stats[_ABS_MAX] == 0)
-
-
 def _items(mapping) -> tuple[list[str], np.ndarray]:
     names = list(mapping)
     return names, np.fromiter(mapping.values(), np.float64, len(names))
-
-
-def _update_sizes(record: StepRecord) -> tuple[list[str], np.ndarray]:
-    """‖Δw‖ per parameter: the update ratio times ‖w‖ (the ratio alone without ‖w‖).
-
-    ‖Δw‖ rather than ‖Δw‖/‖w‖: the ratio of a parameter whose norm passes near zero (a scalar
-    or a zero-initialised bias) jumps without anything being wrong.
-    """
-    names, values = _items(record.update_ratios)
-    if record.param_norms:
-        norms = np.fromiter(
-            (float(record.param_norms.get(k, 1.0)) for k in names), np.float64, len(names)
-        )
-        values = values * norms
-    if len(names) and "_total" not in names:
-        finite = values[np.isfinite(values)]
-        names = [*names, "_total"]
-        values = np.append(values, np.sqrt(np.sum(finite * finite)))
-    return names, values

@@ -50,7 +50,7 @@ def feed_all(diag, records):
 def test_stat_columns_match_the_kernels():
     """The diagnosis reads the count and zeros columns where kernels.STAT_NAMES puts them."""
     from tbprobe.kernels import STAT_NAMES
-    from tbprobe.probe import diagnosis
+    from tbprobe.probe import diagnosis_warnings as diagnosis
 
     assert STAT_NAMES[diagnosis._COUNT] == "count"
     assert STAT_NAMES[diagnosis._ABS_MAX] == "abs_max"
