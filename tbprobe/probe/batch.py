@@ -182,6 +182,8 @@ class Rows:
             rid = self.n
             self.n += 1
             count = host_stats.nonfinite_count(t)
+            if count > 0:
+                self.bad.add(rid)
             self._host.append(_count_row(count) if self.full else count)
             self._host_rids.append(rid)
             return rid

@@ -109,6 +109,9 @@ class StepState:
         # reduction): how much data the step saw, so the diagnosis can tell an epoch's last,
         # short batch (noisier gradients) from an explosion.
         self.volume = 0
+        # (module, parameter) pairs: a module whose host output a non-finite parameter of
+        # its own made non-finite at this step's forward (hooks.HookSet._params_at_fault)
+        self.param_faults: list[tuple[str, str]] = []
         self._hist_queue: list[tuple[str, torch.Tensor]] = []
         self._hist_bytes = 0
         self._seq = 0

@@ -222,11 +222,35 @@ class Diagnosis:
         if not broken:
             if events or grad_norms:  # a step that was checked and is clean ends an episode
                 self._state["in_nonfinite"] = False
+                self._state["clean_step"] = record.step
             return []
         if self._state["in_nonfinite"]:
             return []
         self._state["in_nonfinite"] = True
-        return [_first_nonfinite(record.step, events, grad_norms)]
+        return [self._param_origin(_first_nonfinite(record.step, events, grad_norms), record)]
+
+    def _param_origin(self, a: Anomaly, record: StepRecord) -> Anomaly:
+        """``a``, or, where a module made a forward output non-finite because one of its
+        parameters already was (``record.param_faults``, known on the CPU), the report of
+        that parameter: it turned non-finite after the forward of the last clean checked
+        step (its optimizer step, or code that changed it), pass ``"update"``; at the first
+        checked step it came in non-finite (a bad initialisation or checkpoint)."""
+        faults = getattr(record, "param_faults", ())
+        if not faults or a.pass_ != "forward" or a.producer is not True:
+            return a
+        pname = next((p for m, p in faults if m == a.where), None)
+        if pname is None:
+            return a
+        where = f"{a.where}.{pname}" if a.where else pname
+        made = f"made the forward output of {a.where or '<root>'} non-finite at step {a.step}"
+        clean = self._state.get("clean_step")
+        if clean is None:
+            msg = f"{where} was non-finite before the forward of step {a.step}, the first "
+            msg += f"checked (a bad initialisation or checkpoint), and {made}"
+            return replace(a, where=where, tensor="param", message=msg)
+        msg = f"{where} is non-finite: it turned so after the forward of step {clean} (its "
+        msg += f"optimizer step, or code that changed it), and {made}"
+        return replace(a, step=clean, where=where, tensor="param", pass_="update", message=msg)
 
     def _skips(self, record: StepRecord, skipped: bool, broken: bool) -> Anomaly | None:
         """Count AMP-skipped steps in a row; from the ``max_skipped``-th on, once the scale

@@ -37,6 +37,7 @@ class StepMeta:
     updates: list = field(default_factory=list)  # param names with a pre-step copy
     lrs: dict = field(default_factory=dict)  # {param name: its group's learning rate}
     volume: int = 0  # StepState.volume
+    param_faults: tuple = ()  # StepState.param_faults
     lr_groups: tuple = ()  # ((lr, param names), ...) per optimizer group: pack.lr_groups
     hists: list = field(default_factory=list)  # tags
     ghists: list = field(default_factory=list)  # tags binned over all ranks, fixed edges
@@ -229,6 +230,7 @@ def build_record(meta: StepMeta, data: dict) -> StepRecord:
         ranks=ranks,
         lr_groups=meta.lr_groups,
         loss_scale=scale,
+        param_faults=meta.param_faults,
     )
 
 

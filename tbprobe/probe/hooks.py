@@ -28,6 +28,7 @@ import weakref
 
 import torch
 
+from tbprobe.kernels import host_stats
 from tbprobe.probe.collect import StepState
 from tbprobe.probe.pack import reduce_grads
 from tbprobe.probe.selection import floating_tensors
@@ -258,7 +259,9 @@ class HookSet:
             st.rows.maybe_compact()
             ins = floating_tensors(args) or floating_tensors(kwargs)
             now = not grad and torch.is_inference_mode_enabled()  # no version counter
-            self._forward_stats(st, name, outs, ins, now)
+            made = self._forward_stats(st, name, outs, ins, now)
+            if made:  # on the host (CPU) a non-finite output is known right here
+                self._params_at_fault(st, name, module)
         elif watch:
             ins = floating_tensors(args) or floating_tensors(kwargs)
         if watch:
@@ -270,8 +273,11 @@ class HookSet:
             keys = self._module_keys[name] = _Keys(name)
         return keys
 
-    def _forward_stats(self, st: StepState, name, outs, ins, now=False) -> None:
+    def _forward_stats(self, st: StepState, name, outs, ins, now=False) -> bool:
+        """Queue (or, on the host, reduce) the module's outputs and, where needed, inputs;
+        True when host rows show the module made a non-finite output from finite inputs."""
         ev = st.event_at(self._keys(name).forward)
+        made = False
         if ev.rows:  # called before in this step
             ev.new_call(st.next_seq())
         if len(outs) == 1:  # one slot: found or made once (its backward hook reuses it)
@@ -296,6 +302,8 @@ class HookSet:
                 s = st.slot(t, create=False)
                 inputs.append(s.row if s is not None and s.row is not None else st.rows.add_nf(t))
             ev.inputs = inputs if ev.inputs is None else ev.inputs + inputs
+            bad = st.rows.bad
+            made = not bad.isdisjoint(rids) and bad.isdisjoint(inputs) and st.rows.all_host()
         snap = st.snap is not None and name in st.snap
         if (st.hist or snap) and name not in st.act_hists:
             st.add_hist(name, outs[0], self.owner.cfg.hist_bins)
@@ -304,6 +312,18 @@ class HookSet:
                 st.thumbs[name] = self.owner.snapshots.capture(outs[0], name)
             except Exception as exc:
                 self.fail("snapshot", name, exc)
+        return made
+
+    def _params_at_fault(self, st: StepState, name, module) -> None:
+        """``module`` made a host output non-finite from finite inputs: if one of its
+        parameters is non-finite now, before any backward of the step, the optimizer step
+        (or code) before this forward made it so; ``st.param_faults`` says which."""
+        for pname, p in module.named_parameters():
+            if not (p.is_floating_point() and p.is_cpu):
+                continue
+            if host_stats.nonfinite_count(p) > 0:  # host code, as the hooks' own counts
+                st.param_faults.append((name, pname))
+                return
 
     def _watch_grads(self, st: StepState, name, outs, ins) -> None:
         one = self._keys(name).one

@@ -19,6 +19,7 @@ def pack_step(probe, st: StepState):
     meta = StepMeta(step=st.step, scheduled=st.scheduled, full=st.full)
     meta.snap_modules = st.snap or frozenset()
     meta.volume = st.volume
+    meta.param_faults = tuple(st.param_faults)
     if probe._dist is not None:  # first: a later failure must not keep a rank from the gather
         from tbprobe.probe.dist_pack import pack_distributed
 

@@ -65,7 +65,9 @@ class StepRecord:
     step's non-finite values (None: none did, or not distributed). ``lr_groups`` holds
     ``(learning rate, parameter names)`` per group of the probe's optimizer, on every
     checked step (update sizes need a scheduled one). ``loss_scale`` is an AMP
-    ``GradScaler``'s scale in this step (None without one).
+    ``GradScaler``'s scale in this step (None without one). ``param_faults`` lists
+    ``(module, parameter)`` where a module's forward output was non-finite from finite
+    inputs while its parameter already was (known on the CPU, in the hook).
     """
 
     step: int
@@ -80,3 +82,4 @@ class StepRecord:
     ranks: tuple[int, int, int, int] | None = None
     lr_groups: tuple = ()
     loss_scale: float | None = None
+    param_faults: tuple[tuple[str, str], ...] = ()

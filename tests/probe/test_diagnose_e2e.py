@@ -2,6 +2,8 @@
 diagnosis) at the planted module, pass and step; the `anomaly` text reaches the event file."""
 
 import pytest
+import torch
+from torch import nn
 
 from tbprobe import Probe, SummaryWriter
 from tbprobe.probe.report import diagnose_logdir
@@ -67,3 +69,33 @@ def test_learning_rate_spike_on_an_unscheduled_step(arch, tmp_path):
     assert [(a.module, a.pass_, a.step) for a in anomalies][:1] == [fault.expected], anomalies
     assert "its peak so far" in anomalies[0].message
     assert [a.step for a in anomalies].count(STEP) == 1
+
+
+@pytest.mark.parametrize("at", [17, 0])
+def test_parameter_made_nonfinite_on_an_unscheduled_step(at, tmp_path):
+    """A NaN learning rate at step 17 (every=50: parameters are not measured there) makes the
+    first layer's parameters NaN in that step's optimizer step; step 18's forward shows it.
+    On the CPU the hook sees the parameter is already non-finite when the output turns so:
+    the report names it, pass "update", step 17, as with every=1, not a forward "producer"
+    at step 18. A parameter non-finite from the start (a bad checkpoint, at=0) is named at
+    step 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    if at == 0:
+        with torch.no_grad():
+            model[0].bias[3] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with SummaryWriter(str(tmp_path)) as w, Probe(model, w, opt, every=50) as probe:
+        for i in range(at + 3):
+            opt.param_groups[0]["lr"] = float("nan") if i == at and at else 0.01
+            x = torch.randn(16, 8)
+            nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+            opt.zero_grad()
+    first = probe.anomalies[0]
+    where = "0.bias" if at == 0 else "0.weight"
+    assert (first.step, first.where, first.module, first.kind) == (at, where, "0", "nonfinite")
+    assert first.pass_ == ("forward" if at == 0 else "update"), first
+    assert ("before the forward of step 0" if at == 0 else "after the forward of step 17") in str(
+        first
+    )
