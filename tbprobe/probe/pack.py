@@ -110,7 +110,7 @@ def _pack_local(probe, st: StepState, pk: Packer, meta: StepMeta) -> None:
             # no backward pass reduced them (gradients set by hand), or hooks fired after
             # the last one's end: reduce them now
             taken = _grad_results(probe, st, grads)
-        order = st.grad_seq
+        order = st.grad_seq if st.events else _backward_order(probe, st)
         meta.grads = [(order.get(n) or st.next_seq(), n) for n, _ in grads]
         pk.add("grad", taken[1])
     ps, upd = _params_and_updates(probe, st, meta)
@@ -153,6 +153,17 @@ def _clean_on_host(st: StepState, meta: StepMeta, grad_rows) -> bool:
     if grad_rows is None or grad_rows.device.type != "cpu":
         return False
     return not host_stats.any_nonfinite(grad_rows)
+
+
+def _backward_order(probe, st: StepState) -> dict:
+    """Gradient ``seq`` numbers for a step whose hooks recorded no module event (a forward
+    compiled by ``torch.compile``: its hooks are not run): a compiled backward accumulates
+    the gradients in its graph's output order, not in backward order, so they are
+    numbered in reverse parameter order, which a backward pass roughly follows; the first
+    non-finite gradient is then the one nearest the output, where a NaN made in the
+    backward pass starts."""
+    names = [n for n, _ in probe._params]
+    return {n: st.next_seq() for n in reversed(names)}
 
 
 def pack_events(st: StepState, pk: Packer, meta: StepMeta) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import tbprobe
 from tests.probe import models
@@ -152,3 +153,35 @@ class _Collect:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_a_backward_nan_under_a_compiled_forward_is_placed_near_its_origin(tmp_path):
+    """The model's forward compiled (aot_eager): its hooks do not run, and the compiled
+    backward accumulates the gradients in its graph's output order (fc1.weight first), not
+    backward order. A NaN made in the backward pass after `mid` (sqrt at 0) makes mid's and
+    fc1's gradients NaN, fc2's finite: the report names mid, the gradient nearest the
+    output, not fc1 (the first in graph order)."""
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.mid, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x, bad):
+            z = self.mid(torch.tanh(self.fc1(x)))
+            return self.fc2(torch.tanh(z + torch.sqrt(z.abs() * bad)))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model._c = torch.compile(model, backend="aot_eager")
+    with tbprobe.SummaryWriter(str(tmp_path)) as w, tbprobe.attach(model, w, opt, every=1) as p:
+        for s in range(14):
+            x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+            bad = torch.tensor(0.0 if s == 12 else 1.0)
+            F.cross_entropy(model._c(x, bad), y).backward()
+            opt.step()
+            opt.zero_grad()
+    first = p.anomalies[0]
+    assert (first.step, first.module, first.pass_) == (12, "mid", "grad"), first
