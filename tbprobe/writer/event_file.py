@@ -24,12 +24,14 @@ import threading
 import time
 import warnings
 
+from tbprobe.writer import process_hooks
 from tbprobe.writer.event_file_disk import EventFile
 from tbprobe.writer.event_file_disk import event_file_name as event_file_name
 from tbprobe.writer.process_hooks import (
     _install_process_hooks,
     _register_exit_finalizer,
     _writers,
+    ensure_sigterm,
 )
 from tbprobe.writer.record import frame_into
 
@@ -132,6 +134,16 @@ class AsyncEventWriter:
         _register_exit_finalizer()
         self._start_thread()
 
+    def file_token(self, key: str | None) -> str | None:
+        """The path of this process's file for ``key`` while it is open and still in its
+        directory, else None: plugin metadata sent while the token was the same stands
+        (else it must go out again: a forked child's new file, a file reopened after its
+        run directory was deleted, a file not opened yet)."""
+        if self._pid != os.getpid():
+            return None
+        f = self._files.get(key)
+        return None if f is None or f.unlinked() else f.path
+
     @property
     def path(self) -> str:
         f = self._files.get(None)
@@ -140,6 +152,8 @@ class AsyncEventWriter:
     def put(self, key: str | None, item, nbytes: int) -> None:
         if self._generation != _fork_generation:
             self._after_fork()
+        if not process_hooks._sigterm_installed:  # made off the main thread: maybe now
+            ensure_sigterm()
         if self._error is not None:
             self._surface_error()
         if self._closed:

@@ -97,7 +97,7 @@ class FileWriter:
         if owner._writer is not None:
             owner._writer.close_file(self._key)
             # the new file must carry each tag's plugin metadata again
-            owner._meta_sent = {seen for seen in owner._meta_sent if seen[0] != self._key}
+            owner._meta_sent = {s: t for s, t in owner._meta_sent.items() if s[0] != self._key}
 
     def reopen(self):
         """Nothing to do: after ``close()`` the next event opens a new file by itself."""

@@ -78,16 +78,25 @@ def _register_exit_finalizer() -> None:
 def _install_process_hooks(after_fork_in_child) -> None:
     """atexit close, SIGTERM flush (chaining to any handler already installed), and
     ``after_fork_in_child`` (``event_file``'s fork counter) run in a forked child."""
-    global _hooks_installed_pid, _prev_sigterm, _sigterm_installed
+    global _hooks_installed_pid
     if _hooks_installed_pid is None:
         _hooks_installed_pid = os.getpid()
         os.register_at_fork(after_in_child=after_fork_in_child)
         atexit.register(_close_all)
-        _register_exit_finalizer()
-    # signal handlers can only be set from the main thread: the first writer made there does it
-    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
-        _sigterm_installed = True
-        prev = signal.getsignal(signal.SIGTERM)
-        if prev is not _on_sigterm:
-            _prev_sigterm = prev
-            signal.signal(signal.SIGTERM, _on_sigterm)
+    # Per process: a multiprocessing child started by fork (its finalizers emptied) that
+    # makes a writer of its own must close it at its exit too.
+    _register_exit_finalizer()
+    ensure_sigterm()
+
+
+def ensure_sigterm() -> None:
+    """Install the SIGTERM flush unless it is: signal handlers can only be set from the main
+    thread, so a writer made in another thread leaves it to the main thread's next write."""
+    global _prev_sigterm, _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_installed = True
+    prev = signal.getsignal(signal.SIGTERM)
+    if prev is not _on_sigterm:
+        _prev_sigterm = prev
+        signal.signal(signal.SIGTERM, _on_sigterm)

@@ -147,12 +147,14 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         self._max_queue_bytes = max_queue_bytes
         self._scalar_head: dict[str, bytes] = {}
         self._scalar_field: dict[str, bytes] = {}
-        self._meta_sent: set[tuple[str | None, str]] = set()
+        # (file key, tag) -> the file token (path) its plugin metadata went to
+        self._meta_sent: dict[tuple[str | None, str], str | None] = {}
         self._defaults: dict | None = None
         self.scalar_dict: dict[str, list] = {}
         self._writer: AsyncEventWriter | None = None
         self._file_writers: dict[str | None, FileWriter] | None = None
         self._dropped_before = 0
+        self._write_failed = False  # the log directory could not be written (on_error="warn")
         self._get_writer()
 
     # ------------------------------------------------------------------ plumbing
@@ -196,7 +198,8 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
                     stacklevel=3,
                 )
                 self._write_to_disk = False
-            self._meta_sent = set()
+                self._write_failed = True
+            self._meta_sent = {}
         return self._writer
 
     def _skip(self, step) -> bool:
@@ -215,6 +218,8 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         w = self._writer if self._writer is not None else self._get_writer()
         if w is not None:
             w.put(key, item, nbytes)
+        elif self._write_failed:  # on_error="warn" and the directory cannot be written
+            self._dropped_before += 1
 
     def _emit(self, values, step, wall, key: str | None = None) -> None:
         """Queue one event holding ``values`` (``Summary.Value`` protos) for file ``key``.
@@ -223,14 +228,19 @@ class SummaryWriter(ScalarMixin, HistogramMixin, ExtrasMixin):
         encoded = []
         for v in values:
             if v.metadata.plugin_data.plugin_name:
-                seen = (key, v.tag)
-                if seen in self._meta_sent:
+                seen, token = (key, v.tag), self._file_token(key)
+                if token is not None and self._meta_sent.get(seen) == token:
                     v = _without_metadata(v)
                 else:
-                    self._meta_sent.add(seen)
+                    self._meta_sent[seen] = token
             encoded.append(v.SerializeToString())
         data = event_bytes(wall, step, summary_bytes(encoded))
         self._put(key, data, len(data))
+
+    def _file_token(self, key: str | None) -> str | None:
+        """``AsyncEventWriter.file_token`` (a syscall: for plugin metadata only)."""
+        w = self._writer
+        return None if w is None else w.file_token(key)
 
     def _emit_deferred(self, tensors, build, step, wall, key: str | None = None) -> None:
         from tbprobe.writer.device import host_copy

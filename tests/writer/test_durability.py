@@ -394,6 +394,128 @@ def test_fork_child_writes_its_own_file(logdir, mode):
     assert _tags(child_path) == {"child"}
 
 
+FORK_POOL_OWN_WRITERS = """
+import json, multiprocessing as mp, os, sys
+from tbprobe import SummaryWriter
+W = None
+
+def task(i):
+    global W
+    if W is None:  # each worker's own writer, in a run of its own; never closed by hand
+        W = SummaryWriter(os.path.join(sys.argv[1], f"worker{os.getpid()}"))
+        W.add_text("notes", "a worker", 0)
+    for s in range(250):
+        W.add_scalar("x", float(s), i * 1000 + s)
+    return os.getpid()
+
+if __name__ == "__main__":
+    parent = SummaryWriter(os.path.join(sys.argv[1], "parent"))  # hooks predate the fork
+    parent.add_text("notes", "the parent", 0)
+    with mp.get_context("fork").Pool(2) as pool:
+        pids = sorted(set(pool.map(task, range(8))))
+        pool.close()
+        pool.join()
+    parent.close()
+    print(json.dumps(pids))
+"""
+
+
+def test_fork_pool_workers_with_writers_of_their_own_lose_nothing(tmp_path):
+    """Pool workers started by fork (the parent has a writer) each make their own writer and
+    leave through the pool's normal end, without close(): their exit closes it, every scalar
+    is there and each text keeps its plugin metadata. They used to lose everything (only
+    the file header was written): no exit close was registered in a forked child."""
+    r = _run(FORK_POOL_OWN_WRITERS, tmp_path, timeout=CHILD_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    pids = json.loads(r.stdout)
+    steps, plugins = [], set()
+    for pid in pids:
+        for ev in read_events(str(tmp_path / f"worker{pid}")):
+            for v in ev.summary.value:
+                if v.tag == "x":
+                    steps.append(ev.step)
+                else:
+                    plugins.add((pid, v.tag, v.metadata.plugin_data.plugin_name))
+    assert sorted(steps) == sorted(i * 1000 + s for i in range(8) for s in range(250))
+    assert plugins == {(pid, "notes/text_summary", "text") for pid in pids}
+
+
+THREAD_WRITER_SIGTERM = """
+import sys, threading
+from tbprobe import SummaryWriter
+logdir = sys.argv[1]
+box = []
+t = threading.Thread(target=lambda: box.append(SummaryWriter(logdir)))  # made off the main thread
+t.start()
+t.join()
+w, n = box[0], 0
+while True:
+    w.add_scalar("x", float(n), n)
+    n += 1
+    print(n, flush=True)
+"""
+
+
+def test_sigterm_flushes_a_writer_made_off_the_main_thread(tmp_path):
+    """The first writer made in another thread cannot install the SIGTERM flush (signal
+    handlers are the main thread's); the main thread's first write does. SIGTERM then loses
+    nothing; it used to lose every event."""
+    logdir = str(tmp_path / "run")
+    p = _popen(
+        THREAD_WRITER_SIGTERM, logdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        last, deadline = 0, time.monotonic() + CHILD_TIMEOUT
+        while last < 2000:
+            line = p.stdout.readline()
+            assert line, f"child ended early: {p.stderr.read()}"
+            last = int(line)
+            assert time.monotonic() < deadline, "child too slow"
+        p.send_signal(signal.SIGTERM)
+        out = p.stdout.read()
+        p.wait(CHILD_TIMEOUT)
+    finally:
+        _reap(p)
+    assert p.returncode == -signal.SIGTERM
+    logged = max([last, *map(int, out.split())])
+    assert logged <= len(_steps(logdir, "x")) <= logged + 1
+
+
+def test_metadata_goes_out_again_after_the_run_directory_is_deleted(tmp_path):
+    """A run directory deleted while logging: the writer reopens a new file there, and the
+    plugin metadata of tags it had already described goes into it again (TensorBoard keeps
+    a tag's plugin from its metadata: without it the Text tab was empty)."""
+    logdir = tmp_path / "run"
+    w = SummaryWriter(str(logdir))
+    w.add_text("notes", "before", 0)
+    w.flush()
+    shutil.rmtree(logdir)
+    w.add_scalar("s", 1.0, 1)
+    w.flush()  # the writer finds its file unlinked and opens a new one
+    w.add_text("notes", "after", 2)
+    w.close()
+    got = [
+        (ev.step, v.metadata.plugin_data.plugin_name)
+        for ev in read_events(str(logdir))
+        for v in ev.summary.value
+        if v.tag == "notes/text_summary"
+    ]
+    assert got == [(2, "text")]
+
+
+def test_an_unwritable_directory_counts_what_it_drops(tmp_path):
+    """on_error="warn" with a log directory that cannot be made: a warning once, then every
+    event logged is counted in dropped_events (it stayed 0)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        w = SummaryWriter(str(blocker / "run"), on_error="warn")
+    w.add_scalar("x", 1.0, 0)
+    w.add_text("t", "y", 0)
+    assert w.dropped_events == 2
+    w.close()
+
+
 SPAWN_MAIN = """
 import json, multiprocessing as mp, sys
 
