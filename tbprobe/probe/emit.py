@@ -48,15 +48,32 @@ class StepMeta:
 
 def norm_of(row: np.ndarray) -> float:
     """L2 norm from a stats row: NaN if any NaN, inf if any ±inf, else sqrt(sum of squares)."""
+    bad = _nonfinite_value(row)
+    return math.sqrt(row[SUM_SQ]) if bad is None else bad
+
+
+def _nonfinite_value(row: np.ndarray) -> float | None:
+    """NaN for a row with a NaN, inf for one with ±inf (the tensor's RMS or largest
+    magnitude is that, as its norm is), else None: a chart shows the non-finite value."""
     if row[NAN] > 0:
         return math.nan
     if row[POS_INF] + row[NEG_INF] > 0:
         return math.inf
-    return math.sqrt(row[SUM_SQ])
+    return None
 
 
 def _rms(row: np.ndarray) -> float:
+    bad = _nonfinite_value(row)
+    if bad is not None:
+        return bad
     return math.sqrt(row[SUM_SQ] / row[COUNT]) if row[COUNT] > 0 else math.nan
+
+
+def _absmax(row: np.ndarray) -> float:
+    bad = _nonfinite_value(row)
+    if bad is not None:
+        return bad
+    return float(row[ABS_MAX]) if row[COUNT] > 0 else math.nan
 
 
 def _segments(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +303,7 @@ def _module_scalars(tags: list, values: list, meta: StepMeta, rows, track) -> No
             continue
         if pass_ == "forward" and ("acts" in track or module in meta.snap_modules):
             tags += (f"act_rms/{module}", f"act_absmax/{module}")
-            values += (_rms(row), float(row[ABS_MAX]) if row[COUNT] > 0 else math.nan)
+            values += (_rms(row), _absmax(row))
         elif tensor == "grad_output" and "outgrads" in track and meta.scheduled:
             tags.append(f"outgrad_rms/{module}")
             values.append(_rms(row))

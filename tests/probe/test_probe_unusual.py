@@ -342,3 +342,28 @@ def test_all_nonfinite_output_has_nan_absmax_not_zero(tmp_path):
     _close(writer, probe)
     scalars = read_run(str(tmp_path))["scalars"]
     assert math.isnan(scalars["act_absmax/0"][0]) and math.isnan(scalars["act_rms/0"][0])
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_an_output_with_one_nonfinite_element_shows_it(tmp_path, bad):
+    """One element of a module's output is +inf (or NaN): its act_absmax and act_rms are inf
+    (NaN), as a gradient norm with one is, not the moments of the finite elements
+    (act_absmax was 1.2, hiding the inf from the chart)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+
+    def plant(m, a, out):
+        out = out.clone()
+        out[0, 0] = bad
+        return out
+
+    model[0].register_forward_hook(plant)
+    writer = tbprobe.SummaryWriter(str(tmp_path))
+    probe = tbprobe.Probe(model, writer, every=1, watch_requests=False, on_anomaly=lambda a: None)
+    model(torch.randn(3, 4)).sum().backward()
+    probe.step()
+    _close(writer, probe)
+    scalars = read_run(str(tmp_path))["scalars"]
+    for tag in ("act_absmax/0", "act_rms/0"):
+        got = scalars[tag][0]
+        assert math.isnan(got) if bad != bad else got == math.inf, (tag, got)
+    assert math.isfinite(scalars["outgrad_rms/0"][0])  # d(sum)/d(output) is finite
