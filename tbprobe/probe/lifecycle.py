@@ -16,30 +16,66 @@ __all__ = [
     "flush_at_exit",
     "one_device",
     "register_probe",
+    "unregister_probe",
     "replaced_params",
     "watch_other_optimizers",
 ]
 
-# The probes attached to each model (weakly: neither is kept alive by this).
+# The probes attached to each model and writing to each writer, and the next step of the
+# last probe detached from a writer (weakly: nothing is kept alive by these).
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WRITING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEXT_STEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_probe(probe, model) -> None:
-    """Remember ``probe`` as attached to ``model``, warning when another probe still is (a
-    notebook cell run twice, a training function re-run after an exception): both log every
-    step, doubling the hooks' cost and, into one log directory, every point."""
+    """Remember ``probe`` as attached to ``model`` and writing to its writer, warning when
+    another probe still is attached to the model (a notebook cell run twice, a training
+    function re-run after an exception: both log every step, doubling the cost and, into one
+    log directory, every point), or writes to the same writer (a GAN's two models: their
+    tags are the same, their points mix in one run), or when this one starts below the
+    steps an earlier probe wrote there (a re-attach without ``start_step``)."""
     live = [p for p in _PROBED.get(model, ()) if p is not probe and p._attached]
     if live:
         old = getattr(live[0].writer, "logdir", None)
         where = f" (writing to {old})" if old else ""
-        warnings.warn(
-            f"tbprobe: this {type(model).__name__} already has a Probe attached{where}; both "
-            "now log every step, doubling the cost and, into one log directory, every point. "
-            "Detach the first (probe.detach(), or attach with `with`) before attaching again",
-            RuntimeWarning,
-            stacklevel=4,
+        _warn(
+            f"this {type(model).__name__} already has a Probe attached{where}; both now log "
+            "every step, doubling the cost and, into one log directory, every point. Detach "
+            "the first (probe.detach(), or attach with `with`) before attaching again"
         )
     _PROBED.setdefault(model, weakref.WeakSet()).add(probe)
+    writer = probe.writer
+    if writer is None:
+        return
+    others = [p for p in _WRITING.get(writer, ()) if p is not probe and p._attached]
+    if others and not live:
+        _warn(
+            "this writer already has a Probe writing to it (on another model); both write "
+            "the same tags (grad_norm/_total, ...) into one run, mixing their points. Give "
+            "each probe its own writer, e.g. SummaryWriter(f'{logdir}/generator')"
+        )
+    with contextlib.suppress(TypeError):  # a writer that cannot be weakly referenced
+        _WRITING.setdefault(writer, weakref.WeakSet()).add(probe)
+        after = _NEXT_STEP.get(writer)
+        if after is not None and probe.cfg.start_step < after:
+            _warn(
+                f"an earlier probe wrote steps up to {after - 1} to this writer; this one "
+                f"starts at step {probe.cfg.start_step}, so TensorBoard shows both on one "
+                f"axis. Pass start_step={after} to go on from there"
+            )
+
+
+def unregister_probe(probe) -> None:
+    """At detach: remember the next step of ``probe`` on its writer."""
+    writer = probe.writer
+    if writer is not None:
+        with contextlib.suppress(TypeError):
+            _NEXT_STEP[writer] = max(_NEXT_STEP.get(writer, 0), probe.global_step)
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(f"tbprobe: {msg}", RuntimeWarning, stacklevel=5)
 
 
 OTHER_STEPS = 10  # another optimizer's steps of the probed parameters in a row: warn

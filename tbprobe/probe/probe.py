@@ -27,6 +27,7 @@ from tbprobe.probe.lifecycle import (
     one_device,
     register_probe,
     replaced_params,
+    unregister_probe,
     watch_other_optimizers,
 )
 from tbprobe.probe.optional import AmpScale, make_diagnosis, make_watcher
@@ -251,6 +252,7 @@ class Probe:
         if not self._attached:
             return
         self._attached = False
+        unregister_probe(self)
         try:
             new = self._poll(wait=True)
             if new:

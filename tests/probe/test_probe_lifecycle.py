@@ -239,3 +239,26 @@ def test_parameters_replaced_after_attach_are_noticed_at_the_first_step():
         warnings.simplefilter("error")
         train(model, "mlp", 2, opt=opt)
     probe.detach()
+
+
+def test_two_probes_on_one_writer_and_a_restart_at_step_0_warn(tmp_path):
+    """A GAN's generator and discriminator probed into one writer write the same tags into
+    one run (their points mixed): the second probe warns. A probe re-attached to a writer
+    without start_step starts at 0 below the steps written there: it warns, naming the step
+    to pass; passing it is quiet."""
+    gen, disc = models.make("mlp"), models.make("mlp")
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
+    w = tbprobe.SummaryWriter(str(tmp_path))
+    first = tbprobe.attach(gen, w, opt_g, every=1, watch_requests=False)
+    with pytest.warns(RuntimeWarning, match="already has a Probe writing to it"):
+        second = tbprobe.attach(disc, w, opt_d, every=1, watch_requests=False)
+    second.detach()
+    train(gen, "mlp", 3, opt=opt_g)
+    first.detach()
+    with pytest.warns(RuntimeWarning, match="start_step=3 to go on"):
+        tbprobe.attach(gen, w, opt_g, every=1, watch_requests=False).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tbprobe.attach(gen, w, opt_g, every=1, watch_requests=False, start_step=3).detach()
+    w.close()
