@@ -57,15 +57,15 @@ def select_modules(model: nn.Module, include=(), exclude=()) -> list[tuple[str, 
 
         select_modules(model, include=["transformer.h.*"], exclude=[nn.Dropout])
     """
-    if include:
-        named = _clean_names(model.named_modules())
+    if include:  # the root is named as its tags name it, ROOT_NAME
+        named = [(n or ROOT_NAME, m) for n, m in _clean_names(model.named_modules())]
         chosen = [(n, m) for n, m in named if _matches(n, m, include)]
         for p in include:
             if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n, _ in named):
                 raise ValueError(f"modules: the glob {p!r} matches no module of the model")
     else:
-        chosen = _clean_names(default_modules(model))
-    return [(n or ROOT_NAME, m) for n, m in chosen if not _matches(n, m, exclude)]
+        chosen = [(n or ROOT_NAME, m) for n, m in _clean_names(default_modules(model))]
+    return [(n, m) for n, m in chosen if not _matches(n, m, exclude)]
 
 
 def clean_name(name: str) -> str:

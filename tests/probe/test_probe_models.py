@@ -83,6 +83,9 @@ def test_modules_and_exclude_take_globs_and_types():
     assert [n for n, _ in picked] == ["transformer.h.0.attn", "transformer.h.1.attn"]
     lin = select_modules(models.make("nested"), [nn.Linear], ["blocks.1*"])
     assert [n for n, _ in lin] == ["stem", "blocks.0.0", "blocks.0.2.0"]
+    # The model itself by the name its tags give it (act_rms/_root), in and out.
+    assert [n for n, _ in select_modules(model, ["_root"], ())] == ["_root"]
+    assert "_root" not in [n for n, _ in select_modules(model, ["*"], ["_root"])]
 
 
 def test_module_called_twice_aggregates_both_calls():
