@@ -62,7 +62,7 @@ class UpdateSizes:
         n = len(names) - 1  # the last series is the total, rebuilt below
         lr = np.fromiter((lrs.get(k, math.nan) for k in names[:n]), np.float64, n)
         known, peaks = self.peak_lr
-        if known != names:
+        if known != names[:n]:
             peak = self.peak_by_name
             for k, v in zip(known, peaks.tolist(), strict=True):  # sync-ok: numpy
                 peak[k] = v
@@ -75,7 +75,7 @@ class UpdateSizes:
             use = np.isfinite(lr) & (lr >= 0)
             peaks = np.where(use, np.fmax(peaks, lr), peaks)
             scale = np.where(use, peaks / lr, 1.0)  # lr 0: inf (peak 0: NaN): no observation
-        self.peak_new = (list(names), peaks)
+        self.peak_new = (list(names[:n]), peaks)  # the total has no rate
         sized = values[:n] * scale
         # A series observed again (a group that a learning rate of 0 kept frozen starts to
         # train) joins the total: its baseline restarts, as for a new series.
