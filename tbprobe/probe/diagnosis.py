@@ -190,7 +190,7 @@ class Diagnosis:
             found += self._check_spikes(record.step, "grad", grads, allow)
             spikes = self._check_spikes(record.step, "update", updates, allow)
             found += sizes.lr_note(sizes.peak_note(spikes, updates[0], scale), record)
-            lr_groups = getattr(record, "lr_groups", ())
+            lr_groups = record.lr_groups
             if lr_groups:  # update sizes, where measured, say it with ‖Δw‖ (above)
                 found += self._lrs.feed(record.step, lr_groups, not updates[0])
         else:
@@ -235,7 +235,7 @@ class Diagnosis:
         that parameter: it turned non-finite after the forward of the last clean checked
         step (its optimizer step, or code that changed it), pass ``"update"``; at the first
         checked step it came in non-finite (a bad initialisation or checkpoint)."""
-        faults = getattr(record, "param_faults", ())
+        faults = record.param_faults
         if not faults or a.pass_ != "forward" or a.producer is not True:
             return a
         pname = next((p for m, p in faults if m == a.where), None)
@@ -266,7 +266,7 @@ class Diagnosis:
         if first is None and broken:
             first = _first_nonfinite(record.step, record.events, record.grad_norms)
         self._state["skips"] = (n + 1, first, told)
-        scale = getattr(record, "loss_scale", None)
+        scale = record.loss_scale
         if told or n + 1 < self.max_skipped or first is None or self._state["in_nonfinite"]:
             return None
         if scale is not None and scale > 1.0:  # the backoff is still at work
@@ -377,7 +377,7 @@ def _first_nonfinite(step: int, events, grad_norms) -> Anomaly:
 def _rank_note(found: list[Anomaly], record: StepRecord) -> list[Anomaly]:
     """Under torch.distributed, say on which ranks a non-finite value was (``record.ranks``):
     a bad sample in one rank's data shard, or every rank (all-reduced gradients)."""
-    ranks = getattr(record, "ranks", None)
+    ranks = record.ranks
     if not found or not ranks:
         return found
     n, lo, hi, world = ranks

@@ -66,7 +66,7 @@ class UpdateSizes:
             peak = self.peak_by_name
             for k, v in zip(known, peaks.tolist(), strict=True):  # sync-ok: numpy
                 peak[k] = v
-            for _, group, *hint in getattr(record, "lr_groups", ()):  # the schedules' peaks
+            for _, group, *hint in record.lr_groups:  # the schedules' peaks
                 for k in group if hint else ():
                     if k not in peak and math.isfinite(hint[0]):
                         peak[k] = hint[0]

@@ -20,14 +20,14 @@ def pack_step(probe, st: StepState):
     meta.snap_modules = st.snap or frozenset()
     meta.volume = st.volume
     meta.param_faults = tuple(st.param_faults)
+    if probe.optimizer is not None and (st.checked or st.scheduled):
+        meta.lr_groups = lr_groups(probe)
     if probe._dist is not None:  # first: a later failure must not keep a rank from the gather
         from tbprobe.probe.dist_pack import pack_distributed
 
         pack_distributed(probe, st, pk, meta)
     else:
         _pack_local(probe, st, pk, meta)
-    if probe.optimizer is not None and (st.checked or st.scheduled):
-        meta.lr_groups = lr_groups(probe)
     skip = probe.amp.found_inf()
     if skip is not None:
         pk.add("skip", skip)
@@ -210,8 +210,8 @@ def _params_and_updates(probe, st: StepState, meta: StepMeta) -> tuple[list, lis
         cur = [ps[at[n]] for n in prev[0]]
     torch._foreach_sub_(prev[1], cur)  # -Δw, in place
     meta.updates = list(prev[0])
-    if probe.optimizer is not None:
-        meta.lrs = group_lrs(probe.optimizer, probe._params)
+    if probe.optimizer is not None:  # pack_step read the groups' rates first
+        meta.lrs = {n: lr for lr, names, _ in meta.lr_groups for n in names}
     return _stat_views(ps), _stat_views(list(prev[1]))
 
 
@@ -247,22 +247,6 @@ def _host_lr(lr) -> float | None:
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         return float(lr)
     return None
-
-
-def group_lrs(optimizer, params: list) -> dict:
-    """``{name: learning rate}`` of ``params`` ``[(name, parameter)]`` that ``optimizer``'s
-    groups hold with a number (or CPU tensor) as ``lr``: the diagnosis says when an update
-    spike came with a learning-rate jump. A CUDA tensor ``lr`` is skipped (no sync)."""
-    names = {id(p): n for n, p in params}
-    out = {}
-    for group in optimizer.param_groups:
-        lr = _host_lr(group.get("lr"))
-        if lr is not None:
-            for p in group["params"]:
-                n = names.get(id(p))
-                if n is not None:
-                    out[n] = lr
-    return out
 
 
 def _stat_views(ts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -330,17 +330,23 @@ def test_module_called_in_a_loop_is_not_blamed_for_another_modules_nan(pass_):
     assert (a.step, a.kind, a.pass_, a.module, a.producer) == (4, "nonfinite", pass_, "mix", True)
 
 
-def test_all_nonfinite_output_has_nan_absmax_not_zero(tmp_path):
-    """A module output with no finite element: act_rms and act_absmax are NaN (nothing to
-    measure), not the 0.0 of an all-zero output."""
+def _one_step_planted(tmp_path, plant) -> dict:
+    """One probed step of Linear(4, 4) -> Linear(4, 2), ``plant`` a forward hook on the first
+    (returning its output); the scalars written."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    model[0].register_forward_hook(lambda m, a, out: torch.full_like(out, math.nan))
+    model[0].register_forward_hook(plant)
     writer = tbprobe.SummaryWriter(str(tmp_path))
     probe = tbprobe.Probe(model, writer, every=1, watch_requests=False, on_anomaly=lambda a: None)
     model(torch.randn(3, 4)).sum().backward()
     probe.step()
     _close(writer, probe)
-    scalars = read_run(str(tmp_path))["scalars"]
+    return read_run(str(tmp_path))["scalars"]
+
+
+def test_all_nonfinite_output_has_nan_absmax_not_zero(tmp_path):
+    """A module output with no finite element: act_rms and act_absmax are NaN (nothing to
+    measure), not the 0.0 of an all-zero output."""
+    scalars = _one_step_planted(tmp_path, lambda m, a, out: torch.full_like(out, math.nan))
     assert math.isnan(scalars["act_absmax/0"][0]) and math.isnan(scalars["act_rms/0"][0])
 
 
@@ -349,20 +355,13 @@ def test_an_output_with_one_nonfinite_element_shows_it(tmp_path, bad):
     """One element of a module's output is +inf (or NaN): its act_absmax and act_rms are inf
     (NaN), as a gradient norm with one is, not the moments of the finite elements
     (act_absmax was 1.2, hiding the inf from the chart)."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
 
     def plant(m, a, out):
         out = out.clone()
         out[0, 0] = bad
         return out
 
-    model[0].register_forward_hook(plant)
-    writer = tbprobe.SummaryWriter(str(tmp_path))
-    probe = tbprobe.Probe(model, writer, every=1, watch_requests=False, on_anomaly=lambda a: None)
-    model(torch.randn(3, 4)).sum().backward()
-    probe.step()
-    _close(writer, probe)
-    scalars = read_run(str(tmp_path))["scalars"]
+    scalars = _one_step_planted(tmp_path, plant)
     for tag in ("act_absmax/0", "act_rms/0"):
         got = scalars[tag][0]
         assert math.isnan(got) if bad != bad else got == math.inf, (tag, got)
